@@ -1,0 +1,75 @@
+"""The ``pdserve`` command: one entry point, one sub-command per concern.
+
+Each concern registers its own sub-commands (``register(subparsers)``) so this file stays a
+table of contents. Sub-commands return an exit code; a :class:`PdserveError` is printed as one
+message without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pdserve import __version__
+from pdserve.errors import ConfigErrors, PdserveError
+
+# module that provides ``register(subparsers)`` for each top-level command group
+_COMMAND_MODULES = (
+    "pdserve.ranktable.cli",
+    "pdserve.model.cli",
+    "pdserve.scheduler.cli",
+    "pdserve.worker.cli",
+    "pdserve.up",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description="Prefill/decode disaggregated LLM serving on vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+        help="logging level (env PDSERVE_LOG_LEVEL, default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a concern not built yet must not break the others
+            if exc.name and exc.name.startswith("pdserve"):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.func(args) or 0)
+    except ConfigErrors as exc:  # already one "error:" block per problem
+        print(f"{exc}\npdserve: {len(exc.errors)} error(s)", file=sys.stderr)
+        return exc.exit_code
+    except PdserveError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

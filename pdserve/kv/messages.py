@@ -1,0 +1,80 @@
+"""Side-channel wire format: one msgpack header frame, then raw payload frames.
+
+Kept tiny and explicit (like SGLang's disaggregation ``conn`` state machine): every message has
+an ``op``; pulls carry a transfer id so a late reply to an abandoned pull is recognised and
+dropped instead of being mistaken for the answer to the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+OP_PULL = "pull"  # decode → prefill: send me these blocks of this request
+OP_DONE = "done"  # decode → prefill: I have them (or gave up); free the lease
+OP_RELEASE = "release"  # decode → prefill: I will not pull (prefix hit / aborted); free the lease
+OP_REPLY = "reply"  # prefill → decode: answer to a pull (payload frames follow for tcp)
+
+
+class ProtocolError(RuntimeError):
+    """A malformed or unexpected side-channel message."""
+
+
+@dataclass
+class PullRequest:
+    xfer_id: str
+    req_id: str  # the prefill instance's request id (remote_request_id)
+    block_ids: list[int]  # prefill-side block ids to send, in order
+    transport: str
+    layout: str  # fingerprint of the decode side's KV layout, must equal the prefill side's
+    tp_rank: int = 0
+    peer: str = ""  # decode engine id, for logs and torch_dist pairing
+    op: str = OP_PULL
+
+
+@dataclass
+class PullReply:
+    xfer_id: str
+    ok: bool
+    error: str = ""
+    nbytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # transport-specific (shm name, tag...)
+    op: str = OP_REPLY
+
+
+@dataclass
+class Done:
+    xfer_id: str
+    req_id: str
+    ok: bool = True
+    op: str = OP_DONE
+
+
+@dataclass
+class Release:
+    req_id: str
+    reason: str = ""
+    op: str = OP_RELEASE
+
+
+_TYPES: dict[str, type] = {OP_PULL: PullRequest, OP_REPLY: PullReply, OP_DONE: Done, OP_RELEASE: Release}
+
+
+def encode(msg: PullRequest | PullReply | Done | Release) -> bytes:
+    return msgpack.packb(asdict(msg), use_bin_type=True)
+
+
+def decode(data: bytes | memoryview) -> PullRequest | PullReply | Done | Release:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable side-channel header: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("op") not in _TYPES:
+        raise ProtocolError(f"unknown side-channel message: {str(raw)[:200]}")
+    cls = _TYPES[raw["op"]]
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ProtocolError(f"bad {raw['op']} message: {exc}") from exc

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the scheduler (one CollectorRegistry per app, so tests and several apps
+in one process do not collide). Names start with ``pdserve_scheduler_``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class SchedulerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "pdserve_scheduler_"
+        self.requests = Counter(p + "requests_total", "Requests answered, by endpoint, HTTP status and model",
+                                ["endpoint", "status", "model"], registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from request arrival to the first token "
+                              "sent to the client", ["endpoint"], buckets=_LAT, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Gap between stream chunks relayed to the client",
+                             ["endpoint"], buckets=_ITL, registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request arrival to last byte",
+                             ["endpoint"], buckets=_LAT, registry=r)
+        self.prefill = Histogram(p + "prefill_seconds", "Duration of the prefill call (max_tokens=1)",
+                                 ["instance"], buckets=_LAT, registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens (from usage)", registry=r)
+        self.cached_tokens = Counter(p + "cached_prompt_tokens_total", "Prompt tokens served from the prefill "
+                                     "instance's prefix cache", registry=r)
+        self.completion_tokens = Counter(p + "completion_tokens_total", "Generated tokens", registry=r)
+        self.inflight = Gauge(p + "inflight_requests", "Requests being processed", registry=r)
+        self.instance_inflight = Gauge(p + "instance_inflight_requests", "Requests in flight per instance",
+                                       ["role", "instance"], registry=r)
+        self.instance_healthy = Gauge(p + "instance_healthy", "1 when the instance passes health checks",
+                                      ["role", "instance"], registry=r)
+        self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free slot", registry=r)
+        self.retries = Counter(p + "retries_total", "Requests retried on another instance",
+                               ["stage", "reason"], registry=r)
+        self.rejected = Counter(p + "rejected_total", "Requests refused before routing", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,207 @@
+"""Request models: validate what the scheduler must understand, pass everything else through.
+
+The models check the types and ranges of the fields the scheduler reads or that would make an
+instance fail (so bad input gets a 400 here and never costs a prefill), and use
+``extra="allow"`` so every other sampling parameter vLLM accepts reaches the instances. The
+models are used only for validation: the original JSON object is what gets forwarded, never a
+re-serialised model (that would add defaults or coerce values).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from pdserve.scheduler.errors import ApiError, bad_request
+
+
+class _Model(BaseModel):
+    # vLLM validates with pydantic in lax mode too; we reject NaN/inf which vLLM would turn into
+    # an engine error (a 500) rather than a 400.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class StreamOptions(_Model):
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
+
+
+class SamplingFields(_Model):
+    """Sampling parameters common to /v1/completions, /v1/chat/completions and /generate."""
+
+    model: StrictStr | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1)
+    use_beam_search: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    length_penalty: float | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: bool | None = None
+    seed: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    # vLLM also accepts prompt_embeds instead of a prompt; checked in validate_completion.
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0)
+    suffix: StrictStr | None = None
+
+
+class ChatMessage(_Model):
+    role: StrictStr
+    content: StrictStr | list[Any] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class GenerateRequest(SamplingFields):
+    """vLLM's plain ``/generate`` API: ``{"prompt": ..., "stream": ..., **SamplingParams}``."""
+
+    prompt: StrictStr
+    logprobs: int | None = Field(default=None, ge=0)
+
+
+Endpoint = Literal["completions", "chat", "generate"]
+_MODELS: dict[str, type[SamplingFields]] = {
+    "completions": CompletionRequest,
+    "chat": ChatCompletionRequest,
+    "generate": GenerateRequest,
+}
+
+
+def _first_error(exc: ValidationError) -> ApiError:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or None
+    msg = err.get("msg", "invalid value")
+    if loc:
+        msg = f"{loc}: {msg}"
+    return bad_request(msg, param=loc)
+
+
+def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
+    """Validate a parsed JSON body; raise :class:`ApiError` 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        req = _MODELS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    if isinstance(req, CompletionRequest):
+        if req.prompt is None and body.get("prompt_embeds") is None:
+            raise bad_request("either `prompt` or `prompt_embeds` must be provided", param="prompt")
+        if isinstance(req.prompt, list) and len(req.prompt) == 0:
+            raise bad_request("prompt must not be empty", param="prompt")
+    if req.best_of is not None and req.best_of < (req.n or 1):
+        raise bad_request("best_of must be greater than or equal to n", param="best_of")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+    return req
+
+
+def prompt_text_for_routing(endpoint: Endpoint, body: dict[str, Any], limit: int) -> str | bytes:
+    """The first ``limit`` characters of what the prefill instance will see first.
+
+    Used by prefix-affinity: requests sharing this prefix go to the same prefill instance, where
+    vLLM's prefix cache already holds its KV. For chat, role and content of the leading messages
+    stand in for the rendered chat template (the template is a deterministic function of them).
+    """
+    if endpoint == "chat":
+        parts: list[str] = []
+        size = 0
+        for m in body.get("messages") or ():
+            content = m.get("content")
+            if not isinstance(content, str):
+                content = repr(content)
+            piece = f"<{m.get('role')}>{content}"
+            parts.append(piece)
+            size += len(piece)
+            if size >= limit:
+                break
+        return "".join(parts)[:limit]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt[:limit]
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, str):
+            return first[:limit]
+        if isinstance(first, int):
+            return repr(prompt[:limit])
+        if isinstance(first, list):
+            return repr(first[:limit])
+    return ""
+
+
+def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any], chars_per_token: float) -> tuple[int, bool]:
+    """(token count, exact?) of the prompt without a tokenizer.
+
+    Token-id prompts are exact. For text the count is len/chars_per_token: a lower bound when
+    ``chars_per_token`` is an upper bound on the characters one token covers, which is how the
+    max-model-len check uses it (it must never reject a prompt that fits).
+    """
+    if endpoint == "chat":
+        chars = 0
+        for m in body.get("messages") or ():
+            c = m.get("content")
+            if isinstance(c, str):
+                chars += len(c)
+            elif isinstance(c, list):
+                for part in c:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        chars += len(part["text"])
+        return int(chars / chars_per_token), False
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return int(len(prompt) / chars_per_token), False
+    if isinstance(prompt, list) and prompt:
+        if isinstance(prompt[0], int):
+            return len(prompt), True
+        if isinstance(prompt[0], list):
+            return max(len(p) for p in prompt), True
+        if isinstance(prompt[0], str):
+            return int(max(len(p) for p in prompt) / chars_per_token), False
+    return 0, False
+
+
+def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], max_model_len: int | None,
+                 chars_per_token: float) -> int:
+    """Reject prompts (or max_tokens) that cannot fit the model's context; return the token estimate."""
+    est, exact = estimate_prompt_tokens(endpoint, body, chars_per_token)
+    if not max_model_len:
+        return est
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise bad_request(
+            f"max_tokens={max_tokens} is larger than the model's context length ({max_model_len} tokens)",
+            param="max_tokens",
+        )
+    needed = est + (max_tokens or 0) if exact else est
+    if (exact and needed > max_model_len) or (not exact and est >= max_model_len):
+        what = f"{est} prompt tokens" if exact else f"at least {est} prompt tokens (estimated)"
+        if exact and max_tokens:
+            what += f" + max_tokens={max_tokens}"
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{what}. Please reduce the length of the prompt or max_tokens.",
+            param="prompt" if endpoint != "chat" else "messages",
+        )
+    return est

@@ -1,0 +1,415 @@
+"""The prefill → decode flow of one request: routing, retries, timeouts, the streaming relay.
+
+1. prefill: the request with max_tokens=1, stream=false and
+   ``kv_transfer_params={"do_remote_decode": true, ...}`` on a prefill instance; a connection
+   error or 5xx there is retried once on another prefill instance (nothing reached the client yet).
+2. decode: the client's original JSON plus the ``kv_transfer_params`` the prefill answered with.
+   Until the first byte reaches the client a failed decode is retried once on another decode
+   instance (re-prefilling unless the first decode instance was never reached, in which case its
+   KV lease on the prefill instance is untouched).
+3. relay: SSE bytes are forwarded as they come, cut only at event boundaries; only events that
+   carry ``usage`` are parsed, to put the prefill side's cached-token count in it.
+
+Closing an upstream connection is how vLLM learns a request was aborted, so every exit path that
+did not read an answer to its end closes it (a client that leaves cancels this task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pdserve.scheduler.config import SchedulerConfig
+from pdserve.scheduler.errors import ApiError, UpstreamClientError
+from pdserve.scheduler.metrics import SchedulerMetrics
+from pdserve.scheduler.policies import RouteKey
+from pdserve.scheduler.pool import Instance, InstancePool
+from pdserve.scheduler.relay import DONE, Relay, dumps
+
+log = logging.getLogger("pdserve.scheduler.flow")
+
+_PREFILL_DROP = ("stream_options", "min_tokens", "best_of", "use_beam_search")
+_KV_PREFILL_REQUEST = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything about one client request that the flow, the metrics and the access log need."""
+
+    request_id: str
+    endpoint: str  # "completions" | "chat" | "generate" (metrics label)
+    path: str  # upstream path
+    body: dict[str, Any]
+    raw: bytes  # the JSON sent to decode (the client's bytes for the OpenAI API)
+    stream: bool
+    key: RouteKey
+    t0: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    instances: list[str] = field(default_factory=list)
+    retries: int = 0
+    prefill_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    chunks: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    inst_name: str
+    kv_transfer_params: dict[str, Any] | None
+    cached_tokens: int | None
+    prompt_tokens: int | None
+
+
+class _DecodeRetry(Exception):
+    """Decode failed before the client saw a byte; another decode instance may try."""
+
+    def __init__(self, inst: Instance, error: ApiError, reprefill: bool, reason: str) -> None:
+        super().__init__(error.message)
+        self.inst = inst
+        self.error = error
+        self.reprefill = reprefill
+        self.reason = reason
+
+
+def prefill_body(body: dict[str, Any], endpoint: str) -> bytes:
+    """The client's request made into a 1-token, non-streaming prefill call."""
+    b = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
+    b["max_tokens"] = 1
+    if "max_completion_tokens" in b:
+        b["max_completion_tokens"] = 1
+    b["stream"] = False
+    if b.get("n", 1) != 1:
+        b["n"] = 1
+    b["kv_transfer_params"] = dict(_KV_PREFILL_REQUEST)
+    return dumps(b)
+
+
+def decode_body(raw: bytes, body: dict[str, Any], kvtp: dict[str, Any] | None) -> bytes:
+    """The client's JSON plus kv_transfer_params, spliced into the original bytes (no re-encoding
+    of the prompt or of parameters the scheduler does not know)."""
+    if kvtp is None:
+        return raw
+    if "kv_transfer_params" not in body:
+        stripped = raw.rstrip()
+        if stripped.endswith(b"}"):
+            return stripped[:-1] + b',"kv_transfer_params":' + dumps(kvtp) + b"}"
+    return dumps({**body, "kv_transfer_params": kvtp})
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _snippet(payload: bytes) -> str:
+    try:
+        err = json.loads(payload)
+        if isinstance(err, dict) and isinstance(err.get("error"), dict):
+            return str(err["error"].get("message", ""))[:300]
+    except ValueError:
+        pass
+    return payload[:300].decode("utf-8", "replace")
+
+
+class PDFlow:
+    def __init__(self, cfg: SchedulerConfig, pool: InstancePool, metrics: SchedulerMetrics,
+                 session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.metrics = metrics
+        self.session = session
+
+    def _headers(self, ctx: RequestContext) -> dict[str, str]:
+        return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
+
+    # -- prefill ---------------------------------------------------------------------------------
+    async def prefill(self, ctx: RequestContext) -> PrefillResult:
+        body = prefill_body(ctx.body, ctx.endpoint)
+        tried: list[Instance] = []
+        last: ApiError | None = None
+        for attempt in range(1 + self.cfg.retries):
+            try:
+                inst = await self.pool.prefill.acquire(ctx.key, tried)
+            except ApiError as exc:
+                if last is not None and exc.status == 503:
+                    raise last from None  # nobody left to retry on: report the real failure
+                raise
+            if attempt:
+                ctx.retries += 1
+            tried.append(inst)
+            ctx.instances.append(inst.spec.name)
+            t = time.perf_counter()
+            try:
+                status, payload = await self._post_prefill(inst, body, ctx)
+            except ApiError as exc:  # connection-level failure, retryable
+                last = exc
+                self.metrics.retries.labels("prefill", "connect").inc()
+                continue
+            finally:
+                self.pool.prefill.release(inst, ctx.key.tokens)
+            if status >= 500:
+                last = ApiError(502, f"prefill instance {inst.spec.name} failed: HTTP {status}: {_snippet(payload)}")
+                self.metrics.retries.labels("prefill", f"http_{status}").inc()
+                continue
+            if status >= 400:
+                raise UpstreamClientError(status, payload, "application/json")
+            ctx.prefill_s = time.perf_counter() - t
+            self.metrics.prefill.labels(inst.spec.name).observe(ctx.prefill_s)
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                raise ApiError(502, f"prefill instance {inst.spec.name} answered invalid JSON") from None
+            kvtp = data.get("kv_transfer_params") if isinstance(data, dict) else None
+            usage = data.get("usage") if isinstance(data, dict) else None
+            cached = prompt = None
+            if isinstance(usage, dict):
+                prompt = usage.get("prompt_tokens")
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict):
+                    cached = details.get("cached_tokens")
+            if not isinstance(kvtp, dict):
+                kvtp = None
+                log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
+                          ctx.request_id, inst.spec.name)
+            return PrefillResult(inst.spec.name, kvtp, cached, prompt)
+        assert last is not None
+        raise last
+
+    async def _post_prefill(self, inst: Instance, body: bytes, ctx: RequestContext) -> tuple[int, bytes]:
+        name = inst.spec.name
+        try:
+            async with asyncio.timeout(self.cfg.prefill_timeout):
+                async with self.session.post(inst.url + ctx.path, data=body, headers=self._headers(ctx)) as resp:
+                    return resp.status, await resp.read()
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self.pool.mark_down(inst, f"connect failed: {_describe(exc)}")
+            raise ApiError(502, f"prefill instance {name} unreachable: {_describe(exc)}") from None
+        except TimeoutError:
+            raise ApiError(504, f"prefill instance {name} did not answer within "
+                                f"{self.cfg.prefill_timeout:g} s (--prefill-timeout)") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiError(502, f"prefill instance {name} failed: {_describe(exc)}") from None
+
+    # -- whole flow ------------------------------------------------------------------------------
+    async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:
+        pre = await self.prefill(ctx)
+        tried: list[Instance] = []
+        for attempt in range(1 + self.cfg.retries):
+            if request.transport is None or request.transport.is_closing():
+                ctx.error = "client disconnected before decode"
+                raise asyncio.CancelledError()
+            try:
+                return await self._decode(ctx, request, pre, relay, tried, retrying=attempt > 0)
+            except _DecodeRetry as exc:
+                tried.append(exc.inst)
+                if attempt == self.cfg.retries:
+                    raise exc.error from None
+                ctx.retries += 1
+                self.metrics.retries.labels("decode", exc.reason).inc()
+                log.warning("request %s: %s; retrying on another decode instance%s", ctx.request_id,
+                            exc.error.message, " after a new prefill" if exc.reprefill else "")
+                if exc.reprefill:
+                    pre = await self.prefill(ctx)
+        raise AssertionError("unreachable")
+
+    # -- decode ----------------------------------------------------------------------------------
+    async def _decode(self, ctx: RequestContext, request: web.Request, pre: PrefillResult, relay: Relay,
+                      tried: list[Instance], retrying: bool) -> web.StreamResponse:
+        try:
+            inst = await self.pool.decode.acquire(ctx.key, tried)
+        except ApiError as exc:
+            if retrying and exc.status == 503:
+                raise _DecodeRetry(tried[-1], ApiError(502, "decode failed and no other decode instance is "
+                                                       "healthy"), False, "none") from None
+            raise
+        name = inst.spec.name
+        ctx.instances.append(name)
+        body = decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
+        resp: aiohttp.ClientResponse | None = None
+        finished = False
+        try:
+            first = b""
+            payload = b""
+            try:
+                async with asyncio.timeout(self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout):
+                    resp = await self.session.post(inst.url + ctx.path, data=body, headers=self._headers(ctx))
+                    if ctx.stream and resp.status == 200:
+                        first = await resp.content.readany()
+                    else:
+                        payload = await resp.read()
+                        finished = True
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                self.pool.mark_down(inst, f"connect failed: {_describe(exc)}")
+                raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} unreachable: {_describe(exc)}"),
+                                   False, "connect") from None
+            except TimeoutError:
+                which = "--first-token-timeout" if ctx.stream else "--decode-timeout"
+                limit = self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout
+                raise ApiError(504, f"decode instance {name} sent no {'token' if ctx.stream else 'answer'} "
+                                    f"within {limit:g} s ({which})") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} failed: {_describe(exc)}"),
+                                   True, "disconnect") from None
+            status = resp.status
+            if status >= 500:
+                raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} failed: HTTP {status}: "
+                                                  f"{_snippet(payload)}"), True, f"http_{status}")
+            if status >= 400:
+                raise UpstreamClientError(status, payload, resp.headers.get("Content-Type"))
+            if not ctx.stream:
+                return self._json_answer(ctx, pre, payload, relay, resp.headers.get("Content-Type"))
+            if not first:
+                finished = True
+                raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} closed the stream before the "
+                                                  "first token"), True, "empty_stream")
+            out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
+            out.content_type = (relay.stream_content_type or resp.headers.get("Content-Type", "text/event-stream")
+                                ).split(";")[0]
+            await out.prepare(request)
+            finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name)
+            return out
+        finally:
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()  # vLLM aborts the request when its connection closes
+            self.pool.decode.release(inst, ctx.key.tokens)
+
+    def _json_answer(self, ctx: RequestContext, pre: PrefillResult, payload: bytes, relay: Relay,
+                     content_type: str | None) -> web.Response:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise ApiError(502, "decode instance answered invalid JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise ApiError(502, f"decode instance answered without choices: {payload[:200]!r}")
+        fixed = False
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            fixed = self._fix_usage(ctx, pre, usage)
+        self._observe_tokens(ctx)
+        ctx.ttft_s = time.perf_counter() - ctx.t0
+        if relay.passthrough and not fixed:
+            body = payload
+        else:
+            body = relay.json_body(data)
+        resp = web.Response(body=body, headers={"X-Request-Id": ctx.request_id})
+        resp.content_type = "application/json"
+        return resp
+
+    def _fix_usage(self, ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any]) -> bool:
+        """Record the token counts and put the prefill side's cached tokens in (the decode side
+        counts the transferred KV as cached, which says nothing about the prefix cache)."""
+        ctx.prompt_tokens = usage.get("prompt_tokens")
+        ctx.completion_tokens = usage.get("completion_tokens")
+        if pre.cached_tokens is None or pre.kv_transfer_params is None:
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                ctx.cached_tokens = details.get("cached_tokens")
+            return False
+        ctx.cached_tokens = pre.cached_tokens
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            if details.get("cached_tokens") == pre.cached_tokens:
+                return False
+            details["cached_tokens"] = pre.cached_tokens
+        else:
+            usage["prompt_tokens_details"] = {"cached_tokens": pre.cached_tokens}
+        return True
+
+    def _fix_usage_events(self, ctx: RequestContext, pre: PrefillResult, events: bytes) -> bytes:
+        parts = events.split(b"\n\n")
+        changed = False
+        for i, ev in enumerate(parts):
+            if b'"usage"' not in ev or not ev.startswith(b"data: {"):
+                continue
+            try:
+                obj = json.loads(ev[6:])
+            except ValueError:
+                continue
+            usage = obj.get("usage") if isinstance(obj, dict) else None
+            if isinstance(usage, dict) and self._fix_usage(ctx, pre, usage):
+                parts[i] = b"data: " + dumps(obj)
+                changed = True
+        return b"\n\n".join(parts) if changed else events
+
+    def _observe_tokens(self, ctx: RequestContext) -> None:
+        if ctx.prompt_tokens:
+            self.metrics.prompt_tokens.inc(ctx.prompt_tokens)
+        if ctx.cached_tokens:
+            self.metrics.cached_tokens.inc(ctx.cached_tokens)
+        if ctx.completion_tokens:
+            self.metrics.completion_tokens.inc(ctx.completion_tokens)
+
+    async def _relay_stream(self, ctx: RequestContext, pre: PrefillResult, resp: aiohttp.ClientResponse,
+                            first: bytes, out: web.StreamResponse, relay: Relay, name: str) -> bool:
+        """Forward SSE events until [DONE]; on upstream failure end the stream with an error event.
+        Returns True when the upstream answer was read to its end."""
+        itl = self.metrics.itl.labels(ctx.endpoint)
+        buf = first
+        last = 0.0
+        saw_done = False
+        err: ApiError | None = None
+        content = resp.content
+        idle = self.cfg.idle_timeout
+        while True:
+            cut = buf.rfind(b"\n\n")
+            if cut >= 0:
+                events, buf = buf[: cut + 2], buf[cut + 2:]
+                if b'"usage"' in events:
+                    events = self._fix_usage_events(ctx, pre, events)
+                n = events.count(b"data: ")
+                if events.endswith(DONE):
+                    saw_done = True
+                    n -= 1
+                now = time.perf_counter()
+                if ctx.ttft_s is None:
+                    ctx.ttft_s = now - ctx.t0
+                    self.metrics.ttft.labels(ctx.endpoint).observe(ctx.ttft_s)
+                elif n:
+                    itl.observe(now - last)
+                last = now
+                ctx.chunks += n
+                data = relay.transform(events)
+                if data:
+                    await out.write(data)
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                err = ApiError(504, f"decode instance {name} sent nothing for {idle:g} s (--idle-timeout)")
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                err = ApiError(502, f"decode instance {name} failed mid-stream: {_describe(exc)}")
+                break
+            if not chunk:
+                break
+            buf += chunk
+        if err is None and not saw_done:
+            err = ApiError(502, f"decode instance {name} ended the stream without [DONE]")
+        if err is not None:
+            ctx.error = err.message
+            log.warning("request %s: %s", ctx.request_id, err.message)
+            await out.write(relay.error(err))
+        self._observe_tokens(ctx)
+        await out.write_eof()
+        return err is None
