@@ -113,7 +113,7 @@ def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
 def build_parser(parser: argparse.ArgumentParser | None = None,
                  environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """Add the scheduler's flags; defaults can come from PDSERVE_* environment variables."""
-    p = parser or argparse.ArgumentParser(prog="pdserve scheduler")
+    p = parser or argparse.ArgumentParser(prog="pdserve scheduler", allow_abbrev=False)
     d = SchedulerConfig(instances=[])
     ev = environ.get
     g = p.add_argument_group("scheduler (vLLM-compatible)")

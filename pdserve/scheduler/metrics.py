@@ -35,7 +35,7 @@ class SchedulerMetrics:
         self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free slot", registry=r)
         self.retries = Counter(p + "retries_total", "Requests retried on another instance",
                                ["stage", "reason"], registry=r)
-        self.rejected = Counter(p + "rejected_total", "Requests refused before routing", ["reason"], registry=r)
+        self.rejected = Counter(p + "rejected_total", "Requests refused before reaching an instance (bad input, unknown model, too large, overload), by HTTP status", ["status"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,11 +9,15 @@ re-serialised model (that would add defaults or coerce values).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from pdserve.scheduler.errors import ApiError, bad_request
+
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds; beyond them the engine overflows (a 500)
+TokenId = Annotated[StrictInt, Field(ge=0, le=_I64_MAX)]
 
 
 class _Model(BaseModel):
@@ -33,32 +37,32 @@ class SamplingFields(_Model):
     model: StrictStr | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1, le=_I64_MAX)
+    min_tokens: int | None = Field(default=None, ge=0, le=_I64_MAX)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=_I64_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1)
-    best_of: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=_I64_MAX)
+    best_of: int | None = Field(default=None, ge=1, le=_I64_MAX)
     use_beam_search: bool | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
     length_penalty: float | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
-    seed: int | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=_I64_MIN, le=_I64_MAX)
+    top_logprobs: int | None = Field(default=None, ge=0, le=_I64_MAX)
     kv_transfer_params: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
     # vLLM also accepts prompt_embeds instead of a prompt; checked in validate_completion.
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
+    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] | None = None
     echo: bool | None = None
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=_I64_MAX)
     suffix: StrictStr | None = None
 
 
@@ -70,14 +74,14 @@ class ChatMessage(_Model):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_I64_MAX)
 
 
 class GenerateRequest(SamplingFields):
     """vLLM's plain ``/generate`` API: ``{"prompt": ..., "stream": ..., **SamplingParams}``."""
 
     prompt: StrictStr
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=_I64_MAX)
 
 
 Endpoint = Literal["completions", "chat", "generate"]

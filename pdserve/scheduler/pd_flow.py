@@ -78,6 +78,12 @@ class PrefillResult:
     prompt_tokens: int | None
 
 
+class _PrefillRetry(Exception):
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class _DecodeRetry(Exception):
     """Decode failed before the client saw a byte; another decode instance may try."""
 
@@ -145,6 +151,7 @@ class PDFlow:
         body = prefill_body(ctx.body, ctx.endpoint)
         tried: list[Instance] = []
         last: ApiError | None = None
+        reason = ""
         for attempt in range(1 + self.cfg.retries):
             try:
                 inst = await self.pool.prefill.acquire(ctx.key, tried)
@@ -154,20 +161,22 @@ class PDFlow:
                 raise
             if attempt:
                 ctx.retries += 1
+                self.metrics.retries.labels("prefill", reason).inc()
+                log.warning("request %s: %s; retrying on %s", ctx.request_id, last.message if last else "",
+                            inst.spec.name)
             tried.append(inst)
             ctx.instances.append(inst.spec.name)
             t = time.perf_counter()
             try:
                 status, payload = await self._post_prefill(inst, body, ctx)
-            except ApiError as exc:  # connection-level failure, retryable
-                last = exc
-                self.metrics.retries.labels("prefill", "connect").inc()
+            except _PrefillRetry as exc:  # connection-level failure: another instance may do
+                last, reason = exc.error, "connect"
                 continue
             finally:
                 self.pool.prefill.release(inst, ctx.key.tokens)
             if status >= 500:
                 last = ApiError(502, f"prefill instance {inst.spec.name} failed: HTTP {status}: {_snippet(payload)}")
-                self.metrics.retries.labels("prefill", f"http_{status}").inc()
+                reason = f"http_{status}"
                 continue
             if status >= 400:
                 raise UpstreamClientError(status, payload, "application/json")
@@ -201,12 +210,12 @@ class PDFlow:
                     return resp.status, await resp.read()
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             self.pool.mark_down(inst, f"connect failed: {_describe(exc)}")
-            raise ApiError(502, f"prefill instance {name} unreachable: {_describe(exc)}") from None
+            raise _PrefillRetry(ApiError(502, f"prefill instance {name} unreachable: {_describe(exc)}")) from None
         except TimeoutError:
             raise ApiError(504, f"prefill instance {name} did not answer within "
                                 f"{self.cfg.prefill_timeout:g} s (--prefill-timeout)") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ApiError(502, f"prefill instance {name} failed: {_describe(exc)}") from None
+            raise _PrefillRetry(ApiError(502, f"prefill instance {name} failed: {_describe(exc)}")) from None
 
     # -- whole flow ------------------------------------------------------------------------------
     async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:

@@ -68,7 +68,7 @@ class Transport(ABC):
     def finish(self, xfer: Transfer) -> None:
         """Prefill side: the puller confirmed (or the lease ended): drop held resources."""
 
-    def before_reply(self, xfer: Transfer, peer_addr: tuple[str, int], peer: str) -> None:
+    def before_reply(self, xfer: Transfer, layout: BlockLayout, store_addr: tuple[str, int]) -> None:
         """Decode side: the pull went out; prepare to receive (torch_dist pairs up here)."""
 
     @abstractmethod

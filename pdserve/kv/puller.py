@@ -1,0 +1,135 @@
+"""Decode side: pull a request's blocks from the prefill worker of the same TP rank.
+
+Runs in a small thread pool next to the engine: a pull never blocks the engine's step loop,
+and it is bounded by ``load_timeout_seconds`` so a dead or slow prefill instance fails the
+request (or makes it recompute) instead of hanging it. After copying, the decode side confirms
+with ``done`` so the prefill side frees the blocks at once instead of at lease expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from pdserve.kv import messages as m
+from pdserve.kv.layout import BlockLayout
+from pdserve.kv.transports import Transport
+from pdserve.kv.transports.base import Transfer, TransferState
+
+log = logging.getLogger(__name__)
+
+
+class PullError(RuntimeError):
+    """A pull failed; the message says why, for the request's error."""
+
+
+@dataclass
+class PullTask:
+    req_id: str  # our (decode) request id
+    remote_req_id: str
+    remote_host: str
+    remote_port: int  # base side-channel port; rank r adds r
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    transport: str
+
+
+class Puller:
+    def __init__(self, layout: BlockLayout, transports: dict[str, Transport], tp_rank: int,
+                 engine_id: str, timeout: float, torch_dist_port_offset: int = 100) -> None:
+        self.layout = layout
+        self.transports = transports
+        self.tp_rank = tp_rank
+        self.engine_id = engine_id
+        self.timeout = timeout
+        self.torch_dist_port_offset = torch_dist_port_offset
+        self._ctx = zmq.Context.instance()
+        self._local = threading.local()
+
+    def _socket(self, host: str, port: int) -> zmq.Socket:
+        """One DEALER per (thread, peer), reused: no reconnect per pull."""
+        socks = getattr(self._local, "socks", None)
+        if socks is None:
+            socks = self._local.socks = {}
+        key = (host, port)
+        sock = socks.get(key)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{host}:{port}")
+            socks[key] = sock
+        return sock
+
+    def _drop_socket(self, host: str, port: int) -> None:
+        sock = getattr(self._local, "socks", {}).pop((host, port), None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def pull(self, task: PullTask) -> Transfer:
+        """Copy the blocks; raise :class:`PullError` on failure or timeout."""
+        port = task.remote_port + self.tp_rank
+        xfer = Transfer(uuid.uuid4().hex, task.req_id, len(task.local_block_ids),
+                        peer=f"{self.engine_id}/{self.tp_rank}")
+        transport = self.transports[task.transport]
+        sock = self._socket(task.remote_host, port)
+        req = m.PullRequest(xfer.xfer_id, task.remote_req_id, task.remote_block_ids, task.transport,
+                            self.layout.fingerprint, self.tp_rank, self.engine_id)
+        deadline = time.monotonic() + self.timeout
+        ok = False
+        try:
+            sock.send(m.encode(req))
+            xfer.mark(TransferState.RECEIVING)
+            transport.before_reply(xfer, self.layout,
+                                   (task.remote_host, port + self.torch_dist_port_offset))
+            frames = self._await_reply(sock, xfer.xfer_id, deadline, task)
+            reply = m.decode(frames[0].buffer)
+            assert isinstance(reply, m.PullReply)
+            if not reply.ok:
+                raise PullError(f"prefill instance {task.remote_host}:{port} refused: {reply.error}")
+            transport.receive(xfer, self.layout, task.local_block_ids, reply.extra, frames[1:])
+            xfer.nbytes = reply.nbytes
+            ok = True
+            xfer.mark(TransferState.DONE)
+            return xfer
+        except PullError:
+            xfer.mark(TransferState.FAILED)
+            raise
+        except Exception as exc:
+            xfer.mark(TransferState.FAILED, str(exc))
+            self._drop_socket(task.remote_host, port)
+            raise PullError(f"KV pull from {task.remote_host}:{port} failed: {exc}") from exc
+        finally:
+            try:  # confirm either way: the prefill side frees the blocks now, not at expiry
+                self._socket(task.remote_host, port).send(
+                    m.encode(m.Done(xfer.xfer_id, task.remote_req_id, ok)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
+                raise PullError(
+                    f"KV pull of request {task.remote_req_id} from "
+                    f"{task.remote_host}:{task.remote_port + self.tp_rank} timed out after "
+                    f"{self.timeout:.0f}s (prefill instance dead or overloaded?)"
+                )
+            frames = sock.recv_multipart(copy=False)
+            header = m.decode(frames[0].buffer)
+            if isinstance(header, m.PullReply) and header.xfer_id == xfer_id:
+                return frames
+            log.debug("dropping stale side-channel reply %s", getattr(header, "xfer_id", "?"))
+
+    def release(self, remote_host: str, remote_port: int, remote_req_id: str, reason: str) -> None:
+        """Tell the prefill side we will not pull (full local prefix hit, abort)."""
+        try:
+            self._socket(remote_host, remote_port + self.tp_rank).send(
+                m.encode(m.Release(remote_req_id, reason)), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("release of %s not sent: %s", remote_req_id, exc)

@@ -1,0 +1,218 @@
+"""Prefill side: serve leased blocks to decode workers over a ZMQ ROUTER socket.
+
+One thread per worker, blocked in ``zmq.Poller.poll`` — event-driven, never spinning, so it
+costs no CPU the engine needs. A pull for a lease that the engine has not registered yet (the
+decode side can be faster than the next engine step) is parked and retried when the lease
+arrives. Peers outside ``allowed_peers`` are refused by a ZAP authenticator (pyzmq's own).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from pdserve.kv import messages as m
+from pdserve.kv.layout import BlockLayout
+from pdserve.kv.leases import LeaseTable
+from pdserve.kv.transports import Transport
+from pdserve.kv.transports.base import Transfer, TransferState
+
+log = logging.getLogger(__name__)
+
+_WAKE = b"wake"
+
+
+class SideChannelServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        layout: BlockLayout,
+        leases: LeaseTable,
+        transports: dict[str, Transport],
+        lease_wait_seconds: float = 10.0,
+        allowed_peers: list[str] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.layout = layout
+        self.leases = leases
+        self.transports = transports
+        self.lease_wait_seconds = lease_wait_seconds
+        self.allowed_peers = [p for p in (allowed_peers or []) if p]
+        self.on_bytes = on_bytes
+        self._ctx = zmq.Context.instance()
+        self._auth = None
+        self._inflight: dict[str, tuple[Transfer, Transport]] = {}  # xfer_id → held resources
+        self._inflight_lock = threading.Lock()
+        self._parked: list[tuple[float, list[Any], m.PullRequest]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._wake_addr = f"inproc://pdserve-wake-{id(self)}"
+        self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-side-{port}", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise RuntimeError(
+                f"KV side channel cannot listen on {self.host}:{self.port}: {self._error}. "
+                "Pick another port (kv_connector_extra_config.side_channel_port / --kv-port)."
+            ) from self._error
+
+    def wake(self) -> None:
+        """Tell the server thread a lease was added (parked pulls can proceed)."""
+        sock = self._ctx.socket(zmq.PAIR)
+        try:
+            sock.connect(self._wake_addr)
+            sock.send(_WAKE, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            sock.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake()
+        self._thread.join(5)
+        if self._auth is not None:
+            self._auth.stop()
+
+    def _start_auth(self, sock: zmq.Socket) -> None:
+        if not self.allowed_peers:
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.allow(*self.allowed_peers)
+        sock.zap_domain = b"pdserve"
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        router = self._ctx.socket(zmq.ROUTER)
+        wake = self._ctx.socket(zmq.PAIR)
+        try:
+            router.setsockopt(zmq.LINGER, 0)
+            self._start_auth(router)
+            router.bind(f"tcp://{self.host}:{self.port}")
+            wake.bind(self._wake_addr)
+        except Exception as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        log.info("KV side channel listening on %s:%d", self.host, self.port)
+        try:
+            while not self._stop.is_set():
+                timeout = 1000 if self._parked else None  # parked pulls time out; else sleep
+                events = dict(poller.poll(timeout))
+                if wake in events:
+                    while wake.poll(0):
+                        wake.recv()
+                if router in events:
+                    while router.poll(0):
+                        self._handle(router, router.recv_multipart(copy=False))
+                if self._parked:
+                    self._retry_parked(router)
+        finally:
+            router.close(linger=0)
+            wake.close(linger=0)
+
+    def _handle(self, router: zmq.Socket, frames: list[Any]) -> None:
+        ident, header = frames[0], frames[1]
+        try:
+            msg = m.decode(header.buffer)
+        except m.ProtocolError as exc:
+            log.warning("dropping malformed side-channel message: %s", exc)
+            return
+        if isinstance(msg, m.PullRequest):
+            self._pull(router, [ident], msg, deadline=time.monotonic() + self.lease_wait_seconds)
+        elif isinstance(msg, m.Done):
+            self._done(msg)
+        elif isinstance(msg, m.Release):
+            if self.leases.complete(msg.req_id):
+                log.debug("lease of %s released by decode side (%s)", msg.req_id, msg.reason)
+
+    def _reply(self, router: zmq.Socket, route: list[Any], reply: m.PullReply, frames=()) -> None:
+        router.send_multipart([*route, m.encode(reply), *frames], copy=False)
+
+    def _pull(self, router: zmq.Socket, route: list[Any], msg: m.PullRequest, deadline: float) -> None:
+        lease = self.leases.get(msg.req_id)
+        if lease is None:
+            if time.monotonic() < deadline:
+                self._parked.append((deadline, route, msg))
+                return
+            self._reply(router, route, m.PullReply(msg.xfer_id, False,
+                        error=f"no KV lease for request {msg.req_id} (expired or never granted)"))
+            return
+        error = self._check(msg, lease.block_ids)
+        if error:
+            self._reply(router, route, m.PullReply(msg.xfer_id, False, error=error))
+            return
+        transport = self.transports[msg.transport]
+        xfer = Transfer(msg.xfer_id, msg.req_id, len(msg.block_ids), peer=f"{msg.peer}/{msg.tp_rank}")
+        try:
+            out = transport.send(xfer, self.layout, msg.block_ids)
+        except Exception as exc:
+            log.exception("gathering KV blocks of %s failed", msg.req_id)
+            self._reply(router, route, m.PullReply(msg.xfer_id, False, error=f"gather failed: {exc}"))
+            return
+        xfer.nbytes = out.nbytes
+        xfer.mark(TransferState.SENDING)
+        lease.pulls += 1
+        with self._inflight_lock:
+            self._inflight[msg.xfer_id] = (xfer, transport)
+        self._reply(router, route, m.PullReply(msg.xfer_id, True, nbytes=out.nbytes, extra=out.extra),
+                    out.frames)
+        transport.after_reply(xfer)
+        if self.on_bytes:
+            self.on_bytes(out.nbytes)
+
+    def _check(self, msg: m.PullRequest, leased: list[int]) -> str:
+        if msg.transport not in self.transports:
+            return f"unknown transport {msg.transport!r}"
+        if msg.layout != self.layout.fingerprint:
+            return ("KV cache layouts differ between prefill and decode instance (model, dtype, "
+                    "block size or tensor-parallel size); serve the same model with the same "
+                    "--tensor-parallel-size, --block-size and --dtype on both")
+        allowed = set(leased)
+        stray = [b for b in msg.block_ids if b not in allowed]
+        if stray:
+            return f"blocks {stray[:8]} are not leased to request {msg.req_id}"
+        return ""
+
+    def _retry_parked(self, router: zmq.Socket) -> None:
+        parked, self._parked = self._parked, []
+        for deadline, route, msg in parked:
+            self._pull(router, route, msg, deadline)
+
+    def _done(self, msg: m.Done) -> None:
+        with self._inflight_lock:
+            held = self._inflight.pop(msg.xfer_id, None)
+        if held is not None:
+            xfer, transport = held
+            transport.finish(xfer)
+            xfer.mark(TransferState.DONE if msg.ok else TransferState.FAILED)
+        self.leases.complete(msg.req_id)
+
+    def forget(self, req_ids: set[str]) -> None:
+        """Leases ended without a confirmation (expired): drop what their pulls still hold."""
+        if not req_ids:
+            return
+        with self._inflight_lock:
+            gone = [k for k, (x, _) in self._inflight.items() if x.req_id in req_ids]
+            held = [self._inflight.pop(k) for k in gone]
+        for xfer, transport in held:
+            transport.finish(xfer)
+            xfer.mark(TransferState.FAILED, "lease expired")

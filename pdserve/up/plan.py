@@ -1,0 +1,115 @@
+"""What ``pdserve up`` will start: devices, ports and ranktables of a one-host cluster (pure).
+
+Devices: each instance gets its own ranktable device ids (role resolution needs every instance
+to be unique). On a CPU host they are core ids when there are enough cores (1P1D on 2 cores:
+prefill core 0, decode core 1). With more instances than cores the ids become logical and each
+instance is bound explicitly (``PDSERVE_CPU_BIND``) to cores reused round-robin. GPUs and NPUs
+cannot be shared that way, so too few of them is a ConfigError.
+
+Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV side channel on
+that + 10000; the scheduler on ``--port``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdserve.errors import ConfigError
+from pdserve.platform import Platform
+from pdserve.worker.command import SIDE_PORT_OFFSET
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    role: str  # "prefill" | "decode"
+    index: int
+    global_index: int
+    devices: tuple[int, ...]  # ranktable device ids
+    port: int
+    cpu_bind: str | None = None  # explicit VLLM_CPU_OMP_THREADS_BIND when devices are logical ids
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.index}"
+
+    @property
+    def side_port(self) -> int:
+        return self.port + SIDE_PORT_OFFSET
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    platform: Platform
+    tp: int
+    scheduler_port: int
+    instances: list[InstancePlan] = field(default_factory=list)
+    host: str = HOST
+
+    @property
+    def prefill(self) -> list[InstancePlan]:
+        return [i for i in self.instances if i.role == "prefill"]
+
+    @property
+    def decode(self) -> list[InstancePlan]:
+        return [i for i in self.instances if i.role == "decode"]
+
+    @property
+    def node_ports(self) -> str:
+        return ",".join(str(i.port) for i in self.instances)
+
+    def ports(self) -> list[int]:
+        """Every TCP port the cluster will listen on (for the free-port check)."""
+        out = [self.scheduler_port]
+        for inst in self.instances:
+            out += [inst.port, *(inst.side_port + r for r in range(self.tp))]
+        return out
+
+
+def plan_cluster(prefill: int, decode: int, platform: Platform, devices_available: int,
+                 scheduler_port: int = 9000, base_port: int = 8100, tp: int = 1) -> ClusterPlan:
+    """Device ids and ports of N prefill + M decode instances of TP ``tp`` on this host."""
+    if prefill < 1 or decode < 1:
+        raise ConfigError("flags", "--prefill/--decode", f"{prefill} prefill and {decode} decode instances",
+                          "a PD cluster needs at least one of each (--prefill 1 --decode 1)")
+    if tp < 1:
+        raise ConfigError("flags", "--tensor-parallel-size", f"{tp}", "use 1 or more")
+    count = prefill + decode
+    slots = count * tp
+    have = max(1, devices_available)
+    if platform != "cpu" and slots > have:
+        raise ConfigError("flags", "--prefill/--decode",
+                          f"{count} instances x TP {tp} need {slots} {platform.upper()} devices, this host has {have}",
+                          "start fewer instances or a smaller --tensor-parallel-size (devices are not shared)")
+    logical = platform == "cpu" and slots > have
+    roles = [("prefill", i) for i in range(prefill)] + [("decode", j) for j in range(decode)]
+    out: list[InstancePlan] = []
+    for g, (role, index) in enumerate(roles):
+        ids = tuple(range(g * tp, (g + 1) * tp))
+        bind = "|".join(str(d % have) for d in ids) if logical else None
+        out.append(InstancePlan(role, index, g, ids, base_port + g, bind))
+    plan = ClusterPlan(platform=platform, tp=tp, scheduler_port=scheduler_port, instances=out)
+    _check_ports(plan, base_port)
+    return plan
+
+
+def _check_ports(plan: ClusterPlan, base_port: int) -> None:
+    ports = plan.ports()
+    bad = [p for p in ports if not 1024 <= p <= 65535]
+    if bad:
+        raise ConfigError("flags", "--port/--base-port", f"port(s) {', '.join(map(str, bad))} out of range",
+                          "use ports between 1024 and 65535 (instances use base+i and base+i+10000)")
+    if plan.scheduler_port in ports[1:]:
+        raise ConfigError("flags", "--port", f"scheduler port {plan.scheduler_port} is also an instance or KV "
+                          f"side-channel port (instances use {base_port}.., side channels {base_port + SIDE_PORT_OFFSET}..)",
+                          "choose another --port or --base-port")
+
+
+def ranktable_paths(paths: list[Path], plan: ClusterPlan) -> tuple[Path, dict[str, Path], Path]:
+    """Split ``ranktable.generate``'s output (global, instances in order, host) by instance name."""
+    global_path, *rest = paths
+    host_path = rest[-1]
+    locals_ = {inst.name: p for inst, p in zip(plan.instances, rest[:-1], strict=True)}
+    return global_path, locals_, host_path

@@ -1,0 +1,114 @@
+"""``pdserve serve [vLLM flags...]``: the role daemon behind ``scripts/start_servers.sh``.
+
+One command line for every host, as with AscendCloud's ``PD_separate``: the ranktables in
+``GLOBAL_RANK_TABLE_FILE_PATH`` / ``RANK_TABLE_FILE_PATH`` say whether this process is the
+scheduler (run in-process) or a prefill/decode instance (vLLM's OpenAI server as a supervised
+child with the KV connector, the identity middleware and its devices). Flags the daemon does not
+own are vLLM's and pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from pdserve import ranktable
+from pdserve.platform import detect_platform
+from pdserve.worker import command as cmd
+
+log = logging.getLogger("pdserve.worker")
+
+ENV_DRAIN = "PDSERVE_DRAIN_SECONDS"
+ENV_LOG_PREFIX = "PDSERVE_LOG_PREFIX"
+
+
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "serve",
+        allow_abbrev=False,  # a vLLM flag must never be taken for an abbreviation of ours
+        help="role daemon: run this host's role (scheduler, prefill or decode) from the ranktables",
+        description="Read GLOBAL_RANK_TABLE_FILE_PATH and RANK_TABLE_FILE_PATH, decide the role and run it: the "
+                    "scheduler (NODE_PORTS, USE_OPENAI) or a vLLM OpenAI server for the prefill/decode "
+                    "instance, with pdserve's KV connector, the identity middleware and the instance's devices. "
+                    "All other flags are vLLM's (--model, --port, --max-model-len, ...) and pass through.",
+        epilog="example: GLOBAL_RANK_TABLE_FILE_PATH=global_ranktable_merge.json "
+               "RANK_TABLE_FILE_PATH=local_ranktable_10.0.0.18_45.json pdserve serve --model /models/qwen "
+               "--port 8001 --max-model-len 4096")
+    g = p.add_argument_group("KV transfer (prefill/decode instances)")
+    g.add_argument("--kv-connector", default=os.environ.get(cmd.ENV_KV_CONNECTOR, cmd.DEFAULT_CONNECTOR),
+                   metavar="NAME",
+                   help=f"vLLM KV connector (default {cmd.DEFAULT_CONNECTOR}, env {cmd.ENV_KV_CONNECTOR}); another "
+                        "vLLM connector such as NixlConnector to front stock setups; 'none' starts the instance "
+                        "without a connector (debugging: decode recomputes the prompt)")
+    g.add_argument("--kv-connector-module-path", default=None, metavar="MODULE",
+                   help="module of a third-party connector class (pdserve's own is found automatically)")
+    g.add_argument("--kv-port", type=int, default=None, metavar="PORT",
+                   help=f"KV side-channel base port; TP rank r uses PORT+r (default env {cmd.ENV_KV_PORT}, else "
+                        f"--port + {cmd.SIDE_PORT_OFFSET})")
+    g.add_argument("--kv-transport", choices=cmd.TRANSPORTS, default=None,
+                   help=f"pdserve connector transport (default env {cmd.ENV_KV_TRANSPORT}, else auto: shm on one "
+                        "host, tcp across hosts)")
+    g.add_argument("--kv-lease-seconds", type=float, default=30.0, metavar="S",
+                   help="prefill-side KV blocks not fetched within S seconds are freed (default 30)")
+    g = p.add_argument_group("daemon")
+    g.add_argument("--drain-seconds", type=float, default=_float_env(ENV_DRAIN, 30.0), metavar="S",
+                   help=f"on SIGTERM/SIGINT, give the server S seconds to finish before SIGKILL "
+                        f"(default 30, env {ENV_DRAIN})")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the role, the command line and the environment it would set, then exit")
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = list(getattr(args, "extra", []) or [])
+    role = ranktable.resolve_role_from_env(os.environ)
+    if role.kind == "scheduler":
+        return _run_scheduler(extra, args.dry_run)
+    global_path = os.environ[ranktable.roles.ENV_GLOBAL]
+    rt = ranktable.load_global(global_path)
+    ctx = cmd.InstanceContext(role=role, ranktable=rt, digest=ranktable.digest(rt),
+                              local_source=cmd.local_source(os.environ), platform=detect_platform())
+    opts = cmd.ServeOptions(vllm_args=extra, kv_connector=args.kv_connector,
+                            kv_connector_module_path=args.kv_connector_module_path, kv_port=args.kv_port,
+                            kv_transport=args.kv_transport, kv_lease_seconds=args.kv_lease_seconds)
+    argv, env = cmd.build_instance_command(ctx, opts, os.environ)
+    inst = role.instance
+    assert inst is not None
+    name = f"{inst.role}{inst.index}"
+    print(f"pdserve serve: {role.describe()} (platform {ctx.platform}, ranktable digest {ctx.digest})",
+          file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(shlex.join(argv))
+        for key in sorted(env):
+            if os.environ.get(key) != env[key]:
+                print(f"{key}={env[key]}")
+        return 0
+    from pdserve.worker.daemon import supervise
+
+    prefix = os.environ.get(ENV_LOG_PREFIX)
+    return supervise(name, argv, env, args.drain_seconds, prefix=f"[{name}] " if prefix is None else prefix)
+
+
+def _run_scheduler(extra: list[str], dry_run: bool) -> int:
+    """The scheduler runs in this process: it reads NODE_PORTS/USE_OPENAI itself."""
+    from pdserve.scheduler import config_from_argv, run_scheduler
+
+    cfg = config_from_argv(extra, os.environ)
+    print(f"pdserve serve: scheduler on {cfg.host}:{cfg.port} for {len(cfg.instances)} instances "
+          f"({'OpenAI API' if cfg.use_openai else '/generate'})", file=sys.stderr, flush=True)
+    if dry_run:
+        for spec in cfg.instances:
+            print(f"{spec.name} -> {spec.url}")
+        return 0
+    return run_scheduler(cfg)

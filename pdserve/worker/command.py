@@ -1,0 +1,250 @@
+"""The vLLM command line and environment of one prefill/decode instance -- a pure function.
+
+Everything the daemon adds to the operator's vLLM flags is decided here, from the role the
+ranktables give and the daemon's own options, without starting anything, so every rule is unit
+tested: the KV connector config, the identity middleware, device visibility, the TP check, the
+CPU eager default and the ``--host`` default. The operator's vLLM flags pass through unchanged
+and in order; pdserve only appends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pdserve import identity as ident
+from pdserve.errors import ConfigError
+from pdserve.platform import Platform, visible_devices_env
+from pdserve.ranktable.roles import ENV_LOCAL, Role
+from pdserve.ranktable.schema import GlobalRanktable
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+MIDDLEWARE = "pdserve.worker.middleware.IdentityMiddleware"
+DEFAULT_CONNECTOR = "PdserveConnector"
+CONNECTOR_MODULE = "pdserve.kv.connector"
+NO_CONNECTOR = "none"
+VLLM_DEFAULT_PORT = 8000
+SIDE_PORT_OFFSET = 10000
+
+ENV_KV_PORT = "PDSERVE_KV_PORT"
+ENV_KV_TRANSPORT = "PDSERVE_KV_TRANSPORT"
+ENV_KV_CONNECTOR = "PDSERVE_KV_CONNECTOR"
+ENV_NO_EAGER = "PDSERVE_NO_EAGER"
+ENV_CPU_BIND = "PDSERVE_CPU_BIND"  # explicit VLLM_CPU_OMP_THREADS_BIND instead of the ranktable's cores
+TRANSPORTS = ("auto", "tcp", "shm", "torch_dist")
+# stock connectors that expect one symmetric role on both sides
+_KV_BOTH = {"NixlConnector", "MooncakeConnector", "MooncakeConnectorV1", "LMCacheConnectorV1"}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The daemon's own options plus the operator's vLLM flags (passed through)."""
+
+    vllm_args: Sequence[str] = ()
+    kv_connector: str = DEFAULT_CONNECTOR
+    kv_connector_module_path: str | None = None
+    kv_port: int | None = None
+    kv_transport: str | None = None
+    kv_lease_seconds: float = 30.0
+    python: str = field(default_factory=lambda: sys.executable)
+
+
+@dataclass(frozen=True)
+class InstanceContext:
+    """What the ranktables say about this instance (inputs to the builder, no I/O)."""
+
+    role: Role
+    ranktable: GlobalRanktable
+    digest: str
+    local_source: str  # the local ranktable path, for error messages
+    platform: Platform
+    cpu_count: int | None = None
+
+
+def flag_value(argv: Sequence[str], *names: str) -> str | None:
+    """The value of the last ``--name V`` / ``--name=V`` in argv (vLLM: the last one wins)."""
+    value: str | None = None
+    for i, tok in enumerate(argv):
+        for name in names:
+            if tok == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif tok.startswith(name + "="):
+                value = tok[len(name) + 1:]
+    return value
+
+
+def has_flag(argv: Sequence[str], *names: str) -> bool:
+    return any(tok in names or any(tok.startswith(n + "=") for n in names) for tok in argv)
+
+
+def _served_names(argv: Sequence[str]) -> list[str]:
+    """--served-model-name takes several values (nargs '+'); else vLLM serves the --model path."""
+    for i, tok in enumerate(argv):
+        if tok == "--served-model-name":
+            names = []
+            for nxt in argv[i + 1:]:
+                if nxt.startswith("-"):
+                    break
+                names.append(nxt)
+            return names
+        if tok.startswith("--served-model-name="):
+            return [tok.split("=", 1)[1]]
+    model = flag_value(argv, "--model")
+    return [model] if model else []
+
+
+def _int_flag(argv: Sequence[str], names: tuple[str, ...], default: int) -> int:
+    raw = flag_value(argv, *names)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError("vLLM flags", names[0], f"{raw!r} is not an integer",
+                          f"write e.g. {names[0]} {default}") from None
+
+
+def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: int) -> int:
+    """--kv-port, else PDSERVE_KV_PORT, else the HTTP port + 10000; rank r uses + r."""
+    if opts.kv_port is not None:
+        port, where = opts.kv_port, "--kv-port"
+    elif env.get(ENV_KV_PORT, "").strip():
+        raw = env[ENV_KV_PORT].strip()
+        if not raw.isdigit():
+            raise ConfigError("environment", ENV_KV_PORT, f"{raw!r} is not a port", f"export {ENV_KV_PORT}=18000")
+        port, where = int(raw), ENV_KV_PORT
+    else:
+        port, where = http_port + SIDE_PORT_OFFSET, f"--port {http_port} + {SIDE_PORT_OFFSET}"
+    if not 1024 <= port <= 65535 - (tp - 1):
+        raise ConfigError("flags", "--kv-port", f"KV side-channel port {port} ({where}) is out of range "
+                          f"for TP {tp} (ranks use port..port+{tp - 1})",
+                          "give --kv-port (or PDSERVE_KV_PORT) between 1024 and 65535 - TP")
+    return port
+
+
+def allowed_peers(rt: GlobalRanktable) -> list[str]:
+    """Every host of the deployment plus loopback: who may pull KV from this instance."""
+    ips = [s.server_ip for g in rt.server_group_list for s in g.server_list]
+    return list(dict.fromkeys([*ips, "127.0.0.1"]))
+
+
+def kv_transfer_config(ctx: InstanceContext, opts: ServeOptions, host_ip: str, port: int,
+                       env: Mapping[str, str]) -> dict | None:
+    """The ``--kv-transfer-config`` document (None with ``--kv-connector none``)."""
+    name = opts.kv_connector
+    if name.lower() == NO_CONNECTOR:
+        return None
+    inst = ctx.role.instance
+    assert inst is not None
+    cfg: dict = {
+        "kv_connector": name,
+        "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
+        "engine_id": f"{inst.role}{inst.index}-{ctx.digest}",
+        # vLLM 0.32's KVTransferConfig has no kv_ip (it rejects unknown keys): the host is in the extra config
+        "kv_port": port,
+    }
+    if name == DEFAULT_CONNECTOR:
+        transport = (opts.kv_transport or env.get(ENV_KV_TRANSPORT, "").strip() or "auto").lower()
+        if transport not in TRANSPORTS:
+            raise ConfigError("flags", "--kv-transport", f"{transport!r} is not a transport",
+                              f"use one of {', '.join(TRANSPORTS)} (or unset {ENV_KV_TRANSPORT})")
+        cfg["kv_connector_module_path"] = opts.kv_connector_module_path or CONNECTOR_MODULE
+        cfg["kv_connector_extra_config"] = {
+            "side_channel_host": host_ip,
+            "side_channel_port": port,
+            "allowed_peers": allowed_peers(ctx.ranktable),
+            "transport": transport,
+            "lease_seconds": opts.kv_lease_seconds,
+        }
+    else:
+        if opts.kv_connector_module_path:
+            cfg["kv_connector_module_path"] = opts.kv_connector_module_path
+        if name in _KV_BOTH:
+            cfg["kv_role"] = "kv_both"
+    return cfg
+
+
+def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
+                           env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of the vLLM OpenAI server for this prefill/decode instance.
+
+    Raises ConfigError for a TP size that disagrees with the local ranktable, a missing device,
+    or a bad KV option -- before anything is started.
+    """
+    inst = ctx.role.instance
+    if inst is None:
+        raise ValueError("build_instance_command is for prefill/decode instances, not the scheduler")
+    user = list(opts.vllm_args)
+    devices = list(inst.device_ids)
+    argv = [opts.python, "-m", VLLM_MODULE, *user]
+
+    tp_names = ("--tensor-parallel-size", "-tp")
+    if has_flag(user, *tp_names):
+        tp = _int_flag(user, tp_names, len(devices))
+        if tp != len(devices):
+            raise ConfigError(ctx.local_source, "server_list[0].device",
+                              f"--tensor-parallel-size {tp} but the local ranktable has {len(devices)} "
+                              f"device(s) ({','.join(map(str, devices))}) for {inst.name}",
+                              f"pass --tensor-parallel-size {len(devices)}, or regenerate the ranktables with "
+                              f"{tp} device(s) per instance")
+    else:
+        argv += ["--tensor-parallel-size", str(len(devices))]
+
+    host_ip = inst.server_ip
+    if not has_flag(user, "--host"):
+        argv += ["--host", host_ip]
+    http_port = _int_flag(user, ("--port",), VLLM_DEFAULT_PORT)
+
+    child_env = dict(env)
+    kv_port: int | None = None
+    if opts.kv_connector.lower() != NO_CONNECTOR:
+        kv_port = side_port(opts, http_port, env, len(devices))
+    if has_flag(user, "--kv-transfer-config"):
+        # the operator wrote the whole config: theirs wins, ours would be a second, conflicting one
+        pass
+    else:
+        kvc = kv_transfer_config(ctx, opts, host_ip, kv_port or 0, env)
+        if kvc is not None:
+            argv += ["--kv-transfer-config", json.dumps(kvc, separators=(",", ":"))]
+            if kvc["kv_connector"] == "NixlConnector":
+                child_env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", host_ip)
+                child_env.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(kv_port))
+
+    argv += ["--middleware", MIDDLEWARE]
+
+    if ctx.platform == "cpu" and not has_flag(user, "--enforce-eager", "--no-enforce-eager") \
+            and env.get(ENV_NO_EAGER, "").strip() not in ("1", "true", "yes"):
+        argv.append("--enforce-eager")  # compiled mode gives wrong text with vllm-cpu 0.32 (DESIGN.md)
+
+    explicit_bind = env.get(ENV_CPU_BIND, "").strip() if ctx.platform == "cpu" else ""
+    if explicit_bind:
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = explicit_bind
+    else:
+        child_env.update(visible_devices_env(ctx.platform, devices, ctx.local_source,
+                                             cpu_count=ctx.cpu_count))
+
+    child_env.update({
+        ident.ENV_ROLE: inst.role,
+        ident.ENV_INDEX: str(inst.index),
+        ident.ENV_GLOBAL_INDEX: str(inst.global_index),
+        ident.ENV_DIGEST: ctx.digest,
+        ident.ENV_SERVER_IP: inst.server_ip,
+        ident.ENV_DEVICES: ",".join(map(str, devices)),
+        ident.ENV_MODEL: ",".join(_served_names(user)),
+        "PYTHONUNBUFFERED": "1",  # the daemon tees the child's log line by line
+    })
+    if kv_port is not None and not has_flag(user, "--kv-transfer-config"):
+        child_env[ident.ENV_SIDE_CHANNEL] = f"{host_ip}:{kv_port}"
+    else:
+        child_env.pop(ident.ENV_SIDE_CHANNEL, None)
+    return argv, child_env
+
+
+def local_source(env: Mapping[str, str]) -> str:
+    return env.get(ENV_LOCAL, "local ranktable") or "local ranktable"
+
+
+__all__ = ["ServeOptions", "InstanceContext", "build_instance_command", "flag_value", "has_flag",
+           "kv_transfer_config", "allowed_peers", "side_port"]

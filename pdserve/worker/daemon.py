@@ -1,0 +1,70 @@
+"""The role daemon's supervision loop: run one vLLM server, forward stop signals, report deaths.
+
+SIGTERM/SIGINT → SIGTERM to the server's process group, up to ``--drain-seconds`` for in-flight
+requests, then SIGKILL; exit 0. A server that dies on its own makes the daemon exit non-zero with
+the last lines of the server's log on stderr, so the reason is on screen even when the full log
+scrolled away or went to a file nobody reads.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+from pdserve.worker.process import ManagedProcess
+
+TAIL_LINES = 40
+
+
+def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seconds: float,
+              prefix: str | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+    """Run the child until it exits or a stop signal arrives; return the daemon's exit code."""
+    err = err or sys.stderr
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    child = ManagedProcess(name, argv, env, prefix=prefix, out=out, ring=TAIL_LINES)
+    try:
+        child.start()
+        print(f"pdserve serve: started {name} (pid {child.pid})", file=err, flush=True)
+        last_scan = 0.0
+        while not stop.is_set():
+            if child.wait(0.5) is not None:
+                break
+            if time.monotonic() - last_scan > 5.0:  # vLLM forks its engine core after start
+                child.remember_descendants()
+                last_scan = time.monotonic()
+        if stop.is_set():
+            print(f"pdserve serve: {received[0]}: stopping {name}, draining up to {drain_seconds:g}s",
+                  file=err, flush=True)
+            t0 = time.monotonic()
+            rc = child.stop(drain_seconds)
+            print(f"pdserve serve: {name} stopped (exit {rc}) in {time.monotonic() - t0:.1f}s",
+                  file=err, flush=True)
+            return 0
+        rc = child.poll()
+        child.reap_group()
+        child.join_tee(2.0)
+        tail = child.tail(TAIL_LINES)
+        print(f"pdserve serve: {name} exited on its own with code {rc}; last {len(tail)} log lines:",
+              file=err)
+        for line in tail:
+            print(f"  | {line}", file=err)
+        err.flush()
+        if rc is not None and rc < 0:  # killed by a signal: shell convention 128 + signal
+            return 128 - rc
+        return rc or 1
+    finally:
+        if child.proc is not None and child.poll() is None:  # an exception in the loop: no orphan
+            child.stop(min(drain_seconds, 5.0))
+        for s, h in previous.items():
+            signal.signal(s, h)

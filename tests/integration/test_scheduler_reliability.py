@@ -1,0 +1,229 @@
+"""Retries, failures mid-stream, client disconnects, timeouts and overload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import Cluster, MakeCluster
+from tests.integration.test_scheduler_api import sse_events
+
+pytestmark = pytest.mark.integration
+
+
+def reqs(fakes: list) -> list[dict]:
+    return [r for f in fakes for r in f.inference_requests()]
+
+
+async def post(c: Cluster, body: dict, path: str = "/v1/completions") -> tuple[int, bytes, dict]:
+    async with c.post(path, json=body) as r:
+        return r.status, await r.read(), dict(r.headers)
+
+
+async def test_prefill_5xx_retried_on_other_instance(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(2, 1, prefill_policy="round-robin")
+    c.prefill[0].configure(fail_status=500)
+    for i in range(2):
+        status, body, _ = await post(c, {"prompt": f"a{i}", "max_tokens": 2})
+        assert status == 200, body
+    assert all(r["status"] == 500 for r in c.prefill[0].inference_requests())
+    assert len(c.prefill[1].inference_requests()) == 2
+    async with c.get("/metrics") as r:
+        assert 'pdserve_scheduler_retries_total{reason="http_500",stage="prefill"} 2.0' in await r.text()
+
+
+async def test_prefill_dropped_connection_retried(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(2, 1, prefill_policy="round-robin")
+    c.prefill[0].configure(refuse=True)
+    for i in range(2):
+        status, body, _ = await post(c, {"prompt": f"b{i}", "max_tokens": 2, "stream": True})
+        assert status == 200 and sse_events(body)[-1] == "[DONE]"
+
+
+async def test_prefill_fails_everywhere_502(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(2, 1)
+    for f in c.prefill:
+        f.configure(fail_status=503)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 502
+    assert "prefill instance" in json.loads(body)["error"]["message"]
+    assert reqs(c.decode) == []
+    assert len(reqs(c.prefill)) == 2  # one try + one retry, no more
+
+
+async def test_prefill_4xx_relayed_not_retried(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(2, 1)
+    for f in c.prefill:
+        f.configure(fail_status=400)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 400 and json.loads(body)["error"]["message"] == "injected failure 400"
+    assert len(reqs(c.prefill)) == 1 and reqs(c.decode) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_decode_5xx_before_first_byte_retried_with_new_prefill(make_cluster: MakeCluster, stream: bool) -> None:
+    c = await make_cluster(1, 2, decode_policy="round-robin")
+    c.decode[0].configure(fail_status=500)
+    status, body, _ = await post(c, {"prompt": "r s", "max_tokens": 2, "stream": stream})
+    assert status == 200, body
+    assert len(reqs(c.prefill)) == 2  # re-prefilled: the failed decode may have consumed the KV
+    assert len(c.decode[1].inference_requests()) == 1
+
+
+async def test_decode_unreachable_retried_without_new_prefill(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 2, decode_policy="round-robin", health_interval=30)
+    await c.decode[0].stop()
+    status, body, _ = await post(c, {"prompt": "r s", "max_tokens": 2})
+    assert status == 200, body
+    assert len(reqs(c.prefill)) == 1  # KV untouched: the same kv_transfer_params are reused
+
+
+async def test_decode_fails_everywhere_non_stream_502(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 2)
+    for f in c.decode:
+        f.configure(fail_status=500)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 502
+    assert json.loads(body)["error"]["type"] == "BadGatewayError"
+
+
+async def test_non_stream_decode_dies_is_5xx_not_200(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.decode[0].configure(die_after_tokens=1)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 4})
+    assert status == 502, body
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_decode_dies_mid_stream_error_event_then_done(make_cluster: MakeCluster, path: str) -> None:
+    c = await make_cluster(1, 1)
+    c.decode[0].configure(die_after_tokens=2)
+    body = {"max_tokens": 5, "stream": True}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"})
+    status, raw, _ = await post(c, body, path)
+    assert status == 200
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    err = events[-2]["error"]
+    assert err["code"] == 502 and "mid-stream" in err["message"]
+    assert len(reqs(c.decode)) == 1  # no retry once bytes reached the client
+
+
+async def test_client_disconnect_during_prefill_aborts_and_skips_decode(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.prefill[0].configure(hang=True)
+    with pytest.raises(asyncio.TimeoutError):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(c.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3},
+                              timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+                await r.read()
+    await asyncio.sleep(0.3)
+    assert reqs(c.prefill)[0]["aborted"] is True
+    assert reqs(c.decode) == []
+
+
+async def test_client_disconnect_after_prefill_before_decode(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.prefill[0].configure(ttft=0.4)  # the client leaves while prefill runs; prefill finishes
+    with pytest.raises(asyncio.TimeoutError):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(c.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3},
+                              timeout=aiohttp.ClientTimeout(total=0.15)) as r:
+                await r.read()
+    await asyncio.sleep(0.6)
+    assert reqs(c.decode) == []  # never sent
+
+
+async def test_client_disconnect_mid_stream_aborts_decode(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.decode[0].configure(token_latency=0.05)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(c.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100, "stream": True}) as r:
+            await r.content.readuntil(b"\n\n")
+            await r.content.readuntil(b"\n\n")
+        # leaving the block closes the connection mid-stream
+    await asyncio.sleep(0.3)
+    d = reqs(c.decode)[0]
+    assert d["aborted"] is True and d["tokens_sent"] < 100
+    assert reqs(c.prefill)[0]["status"] == 200
+
+
+async def test_prefill_timeout_504(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, prefill_timeout=0.2)
+    c.prefill[0].configure(hang=True)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 504 and "--prefill-timeout" in json.loads(body)["error"]["message"]
+    await asyncio.sleep(0.1)
+    assert reqs(c.prefill)[0]["aborted"] is True
+
+
+async def test_first_token_timeout_504(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, first_token_timeout=0.2)
+    c.decode[0].configure(ttft=2)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2, "stream": True})
+    assert status == 504 and "--first-token-timeout" in json.loads(body)["error"]["message"]
+
+
+async def test_decode_timeout_non_stream_504(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, decode_timeout=0.2)
+    c.decode[0].configure(ttft=2)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 504 and "--decode-timeout" in json.loads(body)["error"]["message"]
+    await asyncio.sleep(0.1)
+    assert reqs(c.decode)[0]["aborted"] is True
+
+
+async def test_idle_timeout_mid_stream_error_event(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, idle_timeout=0.15)
+    c.decode[0].configure(token_latency=1.0)
+    status, raw, _ = await post(c, {"prompt": "x", "max_tokens": 3, "stream": True})
+    assert status == 200
+    events = sse_events(raw)
+    assert events[-2]["error"]["code"] == 504 and "--idle-timeout" in events[-2]["error"]["message"]
+    assert events[-1] == "[DONE]"
+    await asyncio.sleep(0.1)
+    assert reqs(c.decode)[0]["aborted"] is True
+
+
+async def test_global_overload_429_with_retry_after(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, max_inflight=2, max_queue=1, queue_timeout=5)
+    c.decode[0].configure(ttft=0.5)
+    tasks = [asyncio.create_task(post(c, {"prompt": f"x{i}", "max_tokens": 1})) for i in range(4)]
+    await asyncio.sleep(0.2)
+    async with c.get("/metrics") as r:
+        assert "pdserve_scheduler_queue_length 1.0" in await r.text()
+    results = await asyncio.gather(*tasks)
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses == [200, 200, 200, 429]
+    rejected = next(r for r in results if r[0] == 429)
+    assert rejected[2]["Retry-After"] == "5"
+    assert json.loads(rejected[1])["error"]["type"] == "RateLimitError"
+
+
+async def test_queue_timeout_429(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, max_inflight=1, max_queue=10, queue_timeout=0.2)
+    c.decode[0].configure(ttft=0.6)
+    first = asyncio.create_task(post(c, {"prompt": "a", "max_tokens": 1}))
+    await asyncio.sleep(0.05)
+    status, body, headers = await post(c, {"prompt": "b", "max_tokens": 1})
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert (await first)[0] == 200
+
+
+async def test_per_instance_bound_waits_then_proceeds(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, max_inflight_per_instance=1, queue_timeout=3)
+    c.decode[0].configure(ttft=0.2)
+    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 1}) for i in range(3)))
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    starts = sorted(r["t_start"] for r in reqs(c.decode))
+    assert starts[2] - starts[0] >= 0.35  # served one at a time
+
+
+async def test_per_instance_bound_429_after_queue_timeout(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, max_inflight_per_instance=1, queue_timeout=0.2)
+    c.decode[0].configure(ttft=1.0)
+    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 1}) for i in range(2)))
+    assert sorted(s for s, _, _ in results) == [200, 429]

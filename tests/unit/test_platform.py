@@ -1,0 +1,101 @@
+"""Platform detection with faked boundaries, and the device-visibility variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pdserve import platform as plat
+from pdserve.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def fake_tool(bin_dir: Path, name: str, rc: int = 0, out: str = "") -> None:
+    tool = bin_dir / name
+    tool.write_text(f"#!/bin/sh\nprintf '%s' '{out}'\nexit {rc}\n")
+    tool.chmod(0o755)
+
+
+@pytest.fixture()
+def bare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A PATH with only our fakes, no torch_npu, no CUDA torch, no davinci devices."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("PDSERVE_PLATFORM", raising=False)
+    monkeypatch.setattr(plat, "_module_available", lambda name: False)
+    monkeypatch.setattr(plat, "_torch_cuda", lambda: False)
+    monkeypatch.setattr(plat.glob, "glob", lambda pattern: [])
+    return bin_dir
+
+
+def detect() -> str:
+    return plat.detect_platform(os.environ, torch_cuda=plat._torch_cuda)
+
+
+def test_cpu_when_nothing(bare: Path) -> None:
+    assert detect() == "cpu"
+
+
+def test_cuda_from_nvidia_smi(bare: Path) -> None:
+    fake_tool(bare, "nvidia-smi", 0, "GPU 0: A100\nGPU 1: A100\n")
+    assert detect() == "cuda"
+    assert plat.device_count("cuda") == 2
+
+
+def test_broken_nvidia_smi_is_not_cuda(bare: Path) -> None:
+    fake_tool(bare, "nvidia-smi", 9)
+    assert detect() == "cpu"
+
+
+def test_cuda_from_torch(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plat, "_torch_cuda", lambda: True)
+    assert detect() == "cuda"
+
+
+def test_npu_needs_device_nodes_and_npu_smi(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_tool(bare, "npu-smi")
+    assert detect() == "cpu"  # the tool alone is not a device
+    monkeypatch.setattr(plat.glob, "glob", lambda pattern: ["/dev/davinci0", "/dev/davinci1"])
+    assert detect() == "npu"
+    assert plat.device_count("npu") == 2
+
+
+def test_npu_from_torch_npu(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plat, "_module_available", lambda name: name == "torch_npu")
+    fake_tool(bare, "nvidia-smi", 0)
+    assert detect() == "npu"
+
+
+@pytest.mark.parametrize("value", ["npu", "cuda", "cpu", "CUDA"])
+def test_env_override(bare: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PDSERVE_PLATFORM", value)
+    assert detect() == value.lower()
+
+
+def test_env_override_typo(bare: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDSERVE_PLATFORM", "gpu")
+    with pytest.raises(ConfigError, match="PDSERVE_PLATFORM"):
+        detect()
+
+
+def test_visible_devices() -> None:
+    assert plat.visible_devices_env("npu", [4, 5], "l.json") == {"ASCEND_RT_VISIBLE_DEVICES": "4,5"}
+    assert plat.visible_devices_env("cuda", [1], "l.json") == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert plat.visible_devices_env("cpu", [0, 1], "l.json", cpu_count=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+def test_cpu_core_missing() -> None:
+    with pytest.raises(ConfigError) as exc:
+        plat.visible_devices_env("cpu", [1, 5], "local_ranktable_x_15.json", cpu_count=2)
+    e = exc.value
+    assert e.source == "local_ranktable_x_15.json" and e.field == "server_list[0].device"
+    assert "5" in e.found and "missing device" in e.found and "2 core" in e.found and e.fix
+
+
+def test_no_devices() -> None:
+    with pytest.raises(ConfigError, match="no devices"):
+        plat.visible_devices_env("npu", [], "l.json")

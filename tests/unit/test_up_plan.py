@@ -1,0 +1,108 @@
+"""``pdserve up`` planning: devices, ports, ranktables and daemon commands (nothing started)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from pdserve import ranktable
+from pdserve.errors import ConfigError
+from pdserve.up import register
+from pdserve.up.plan import plan_cluster
+from pdserve.up.runner import UpSettings, curl_line, daemon_commands, write_ranktables
+
+pytestmark = pytest.mark.unit
+
+
+def test_1p1d_on_two_cores() -> None:
+    plan = plan_cluster(1, 1, "cpu", 2)
+    p, d = plan.instances
+    assert (p.name, p.devices, p.port, p.cpu_bind) == ("prefill0", (0,), 8100, None)
+    assert (d.name, d.devices, d.port, d.cpu_bind) == ("decode0", (1,), 8101, None)
+    assert plan.node_ports == "8100,8101" and plan.scheduler_port == 9000
+    assert p.side_port == 18100
+
+
+def test_more_instances_than_cores_reuse_round_robin() -> None:
+    plan = plan_cluster(2, 3, "cpu", 2, base_port=8200)
+    assert [i.devices for i in plan.instances] == [(0,), (1,), (2,), (3,), (4,)]  # unique for role resolution
+    assert [i.cpu_bind for i in plan.instances] == ["0", "1", "0", "1", "0"]
+    assert [i.name for i in plan.instances] == ["prefill0", "prefill1", "decode0", "decode1", "decode2"]
+    assert plan.node_ports == "8200,8201,8202,8203,8204"
+
+
+def test_tp2_on_cpu() -> None:
+    plan = plan_cluster(1, 1, "cpu", 2, tp=2)
+    assert [i.devices for i in plan.instances] == [(0, 1), (2, 3)]
+    assert [i.cpu_bind for i in plan.instances] == ["0|1", "0|1"]
+    assert plan_cluster(1, 1, "cpu", 4, tp=2).instances[1].cpu_bind is None
+
+
+def test_gpus_are_not_shared() -> None:
+    assert [i.devices for i in plan_cluster(1, 1, "cuda", 2).instances] == [(0,), (1,)]
+    with pytest.raises(ConfigError, match="need 3 CUDA devices, this host has 2"):
+        plan_cluster(2, 1, "cuda", 2)
+
+
+@pytest.mark.parametrize(("p", "d"), [(0, 1), (1, 0)])
+def test_needs_both_roles(p: int, d: int) -> None:
+    with pytest.raises(ConfigError, match="at least one of each"):
+        plan_cluster(p, d, "cpu", 2)
+
+
+def test_port_collisions() -> None:
+    with pytest.raises(ConfigError, match="scheduler port 8101"):
+        plan_cluster(1, 1, "cpu", 2, scheduler_port=8101)
+    with pytest.raises(ConfigError, match="scheduler port 18100"):
+        plan_cluster(1, 1, "cpu", 2, scheduler_port=18100)
+    with pytest.raises(ConfigError, match="out of range"):
+        plan_cluster(1, 1, "cpu", 2, base_port=60000)
+
+
+def test_ranktables_resolve_to_the_planned_instances(tmp_path: Path) -> None:
+    plan = plan_cluster(2, 2, "cpu", 2)
+    g, locals_, host = write_ranktables(plan, tmp_path)
+    for inst in plan.instances:
+        role = ranktable.resolve_role(g, locals_[inst.name])
+        assert role.instance is not None and (role.kind, role.instance.index) == (inst.role, inst.index)
+        assert role.instance.global_index == inst.global_index
+    assert ranktable.resolve_role(g, host).kind == "scheduler"
+
+
+def test_daemon_commands_are_the_operator_path(tmp_path: Path) -> None:
+    plan = plan_cluster(2, 1, "cpu", 2)
+    g, locals_, host = write_ranktables(plan, tmp_path)
+    s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, max_model_len=2048,
+                   kv_connector="none", vllm_args=["--max-num-seqs", "4"], env={"PATH": "/bin"})
+    cmds = daemon_commands(plan, s, g, locals_, host, python="py")
+    names = [c[0] for c in cmds]
+    assert names == ["prefill0", "prefill1", "decode0", "scheduler"]
+    name, argv, env = cmds[0]
+    assert argv[:4] == ["py", "-m", "pdserve", "serve"]
+    assert argv[argv.index("--port") + 1] == "8100" and argv[argv.index("--max-model-len") + 1] == "2048"
+    assert argv[-2:] == ["--max-num-seqs", "4"] and "--kv-connector" in argv
+    assert env["GLOBAL_RANK_TABLE_FILE_PATH"] == str(g) and env["RANK_TABLE_FILE_PATH"] == str(locals_["prefill0"])
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PDSERVE_PLATFORM"] == "cpu"
+    # 3 instances on 2 cores: logical device ids, explicit round-robin binding
+    assert [c[2].get("PDSERVE_CPU_BIND") for c in cmds] == ["0", "1", "0", None]
+    one_each = daemon_commands(plan_cluster(1, 1, "cpu", 2), s, g, locals_, host, python="py")
+    assert all("PDSERVE_CPU_BIND" not in c[2] for c in one_each)
+    _, sargv, senv = cmds[-1]
+    assert senv["NODE_PORTS"] == "8100,8101,8102" and senv["RANK_TABLE_FILE_PATH"] == str(host)
+    assert senv["USE_OPENAI"] == "1" and sargv[sargv.index("--port") + 1] == "9000"
+
+
+def test_curl_line_targets_the_scheduler() -> None:
+    line = curl_line(plan_cluster(1, 1, "cpu", 2, scheduler_port=9100), "demo")
+    assert line.startswith("curl http://127.0.0.1:9100/v1/chat/completions") and '"model": "demo"' in line
+
+
+def test_cli_flags() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args, extra = parser.parse_known_args(["up", "--demo", "--prefill", "2", "--ask", "q", "--once",
+                                           "--max-num-seqs", "4"])
+    assert (args.demo, args.prefill, args.decode, args.port, args.timeout) == (True, 2, 1, 9000, 300.0)
+    assert args.ask == "q" and args.once and extra == ["--max-num-seqs", "4"]
