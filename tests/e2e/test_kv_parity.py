@@ -1,0 +1,119 @@
+"""Greedy output through prefill→decode equals one ordinary vLLM server, token for token.
+
+The decode instance must not recompute the prompt: vLLM's own per-source prompt-token counter
+shows the tokens arriving by external KV transfer, and pdserve's pull counter moves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.e2e._vllm import metric, start_reference, stop, wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+_SENTENCE = "In the quiet valley the river carried stories of old kingdoms to the sea. "
+# 1 token up to ~1500 tokens, including block-boundary neighbours (block size 128 on CPU)
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Write a haiku about the ocean:",
+    "List three prime numbers: 2, 3,",
+    _SENTENCE * 7,
+    _SENTENCE * 8,
+    _SENTENCE * 9 + "What happened next?",
+    _SENTENCE * 25,
+    _SENTENCE * 45 + "Summarize:",
+    _SENTENCE * 70,
+    _SENTENCE * 95 + "The end. Moral:",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}],
+    [{"role": "user", "content": _SENTENCE * 30 + " Retell this in one sentence."}],
+]
+
+
+@pytest.fixture(scope="module")
+def reference(pd_cluster, tmp_path_factory):
+    port = pd_cluster.free_port()
+    proc = start_reference(pd_cluster.model, port, "1", tmp_path_factory.mktemp("ref") / "vllm.log",
+                           pd_cluster.served_model_name)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _complete(url: str, model: str, prompt: str, **extra) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "return_token_ids": True, **extra}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _tokens(answer: dict) -> tuple[str, list[int] | None]:
+    choice = answer["choices"][0]
+    return choice["text"], choice.get("token_ids")
+
+
+def test_handover_parity_direct(pd_cluster, reference):
+    """prefill (max_tokens=1, do_remote_decode) → decode with the returned params == reference."""
+    model = pd_cluster.served_model_name
+    pulled_before = metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total",
+                           source="external_kv_transfer")
+    expected_external = 0
+    for prompt in PROMPTS:
+        pre = _complete(pd_cluster.prefill_url, model, prompt, max_tokens=1,
+                        kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
+        params = pre["kv_transfer_params"]
+        assert params and params["remote_block_ids"], pre
+        got = _complete(pd_cluster.decode_url, model, prompt, kv_transfer_params=params)
+        want = _complete(reference, model, prompt)
+        assert _tokens(got) == _tokens(want), f"prompt of {pre['usage']['prompt_tokens']} tokens"
+        expected_external += pre["usage"]["prompt_tokens"]
+    pulled = metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total",
+                    source="external_kv_transfer") - pulled_before
+    # every prompt token but the ones a local prefix-cache hit supplied came over the wire
+    assert pulled >= 0.5 * expected_external, (pulled, expected_external)
+    assert metric(pd_cluster.decode_url, "pdserve:kv_pulls_total") >= 1
+
+
+def test_completions_parity_through_scheduler(pd_cluster, reference):
+    model = pd_cluster.served_model_name
+    pulls_before = metric(pd_cluster.decode_url, "pdserve:kv_pulls_total")
+    for prompt in PROMPTS[::2]:
+        got = _complete(pd_cluster.scheduler_url, model, prompt)
+        want = _complete(reference, model, prompt)
+        assert _tokens(got)[0] == _tokens(want)[0]
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+    assert metric(pd_cluster.decode_url, "pdserve:kv_pulls_total") > pulls_before
+
+
+def test_chat_parity_through_scheduler(pd_cluster, reference):
+    model = pd_cluster.served_model_name
+    for messages in CHATS:
+        body = {"model": model, "messages": messages, "max_tokens": 32, "temperature": 0}
+        got = requests.post(f"{pd_cluster.scheduler_url}/v1/chat/completions", json=body, timeout=120)
+        want = requests.post(f"{reference}/v1/chat/completions", json=body, timeout=120)
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["message"]["content"] == \
+            want.json()["choices"][0]["message"]["content"]
+
+
+def test_prefill_blocks_freed_after_handover(pd_cluster):
+    """No KV stays held on the prefill side once the decode side confirmed."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(pd_cluster.prefill_url, "vllm:kv_cache_usage_perc") == 0.0:
+            break
+        time.sleep(0.5)
+    assert metric(pd_cluster.prefill_url, "vllm:kv_cache_usage_perc") == 0.0
+    assert metric(pd_cluster.prefill_url, "pdserve:kv_lease_expiries_total") == 0
