@@ -93,6 +93,7 @@ class Result:
     rps: float = 0.0
     errors: int = 0
     note: str = ""
+    cpu_ms: float | None = None  # CPU time of the router process per request (immune to a busy host)
 
     @staticmethod
     def pct(xs: list[float], q: float) -> float:
@@ -131,11 +132,11 @@ def make_calls(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     raw = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
 
-    async def read_ok(r: aiohttp.ClientResponse) -> bytes:
+    async def read_ok(r: aiohttp.ClientResponse, streamed: bool = stream) -> bytes:
         data = await r.read()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {data[:200]!r}")
-        if stream and not data.endswith(b"data: [DONE]\n\n"):
+        if streamed and not data.endswith(b"data: [DONE]\n\n"):
             raise RuntimeError("stream did not end with [DONE]")
         return data
 
@@ -152,7 +153,7 @@ def make_calls(body: dict[str, Any], stream: bool) -> dict[str, Any]:
 
         async def call(s: aiohttp.ClientSession) -> None:
             async with s.post(prefill + "/v1/completions", data=pre_raw, headers=headers) as r:
-                kv = json.loads(await read_ok(r)).get("kv_transfer_params")
+                kv = json.loads(await read_ok(r, streamed=False)).get("kv_transfer_params")
             dec = raw if kv is None else json.dumps(dict(body, kv_transfer_params=kv)).encode()
             async with s.post(decode + "/v1/completions", data=dec, headers=headers) as r:
                 await read_ok(r)
@@ -161,11 +162,21 @@ def make_calls(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     return {"simple": simple, "client_pd": client_pd}
 
 
-async def measure(name: str, call: Call, args: argparse.Namespace, note: str = "") -> Result:
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its threads, from /proc (Linux)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(name: str, call: Call, args: argparse.Namespace, note: str = "", pid: int | None = None) -> Result:
     await run_load(call, min(100, args.requests), 4)  # warm-up: connections, caches
+    cpu0 = proc_cpu_seconds(pid) if pid else 0.0
     lat1, e1, _ = await run_load(call, args.latency_requests, 1)
     latc, e2, wall = await run_load(call, args.requests, args.concurrency)
-    return Result(name, lat1, latc, len(latc) / wall if wall else 0.0, e1 + e2, note)
+    res = Result(name, lat1, latc, len(latc) / wall if wall else 0.0, e1 + e2, note)
+    if pid:
+        res.cpu_ms = (proc_cpu_seconds(pid) - cpu0) / max(1, len(lat1) + len(latc)) * 1e3
+    return res
 
 
 def router_binary() -> tuple[str | None, str]:
@@ -214,7 +225,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         procs.append(sched)
         await wait_http(f"http://{HOST}:{sp}", sched)
         results.append(await measure("pdserve", calls["simple"](f"http://{HOST}:{sp}"), args,
-                                     "policies prefix-affinity / least-load"))
+                                     "policies prefix-affinity / least-load", pid=sched.p.pid))
         sched.stop()
 
         exe, why = (None, "skipped (--skip-router)") if args.skip_router else router_binary()
@@ -230,7 +241,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
             try:
                 await wait_http(f"http://{HOST}:{rp}", router, timeout=60)
                 results.append(await measure("vllm-router", calls["simple"](f"http://{HOST}:{rp}"), args,
-                                             "--vllm-pd-disaggregation, default policies"))
+                                             "--vllm-pd-disaggregation, default policies", pid=router.p.pid))
             except RuntimeError as exc:
                 results.append(Result("vllm-router", note=f"unavailable: {exc}"))
     finally:
@@ -245,18 +256,26 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
     print(f"\nscheduler overhead: {args.requests} requests at concurrency {args.concurrency}, "
           f"{args.latency_requests} at concurrency 1, stream={args.stream}, max_tokens={args.max_tokens}\n")
     hdr = (f"{'target':<12} {'p50 ms c=1':>10} {'p99 ms c=1':>10} {'added p50':>10} {'req/s':>9} "
-           f"{'p50 ms c=N':>10} {'p99 ms c=N':>10} {'errors':>6}  note")
+           f"{'p50 ms c=N':>10} {'p99 ms c=N':>10} {'cpu ms/req':>10} {'errors':>6}  note")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if not r.lat1 and not r.latc:
-            print(f"{r.target:<12} {'-':>10} {'-':>10} {'-':>10} {'-':>9} {'-':>10} {'-':>10} {'-':>6}  {r.note}")
+            print(f"{r.target:<12} {'-':>10} {'-':>10} {'-':>10} {'-':>9} {'-':>10} {'-':>10} {'-':>10} {'-':>6}  "
+                  f"{r.note}")
             continue
         p50 = Result.pct(r.lat1, 0.5)
         added = f"{p50 - base_p50:+.3f}" if r.target not in ("direct", "direct-pd") else "-"
         print(f"{r.target:<12} {p50:>10.3f} {Result.pct(r.lat1, 0.99):>10.3f} {added:>10} {r.rps:>9.0f} "
-              f"{Result.pct(r.latc, 0.5):>10.3f} {Result.pct(r.latc, 0.99):>10.3f} {r.errors:>6}  {r.note}")
+              f"{Result.pct(r.latc, 0.5):>10.3f} {Result.pct(r.latc, 0.99):>10.3f} "
+              f"{'-' if r.cpu_ms is None else f'{r.cpu_ms:.3f}':>10} {r.errors:>6}  {r.note}")
     print("\nadded p50 = target p50 - direct-pd p50 at concurrency 1 (the scheduler's own cost per request)")
+    print("cpu ms/req = CPU time of the router process per request (does not depend on other load on the host)")
+    try:
+        print(f"host: {os.cpu_count()} CPUs, load average {open('/proc/loadavg').read().split()[0]} "
+              "(other processes make the latency columns noisy)")
+    except OSError:
+        pass
 
 
 def plot(results: list[Result], path: str) -> None:

@@ -136,6 +136,10 @@ class PdserveConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._scheduler is not None
         return self._scheduler.build_connector_meta()
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_connector_output(getattr(connector_output, "finished_recving", None))
+
     def request_finished(self, request: "Request", block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         if isinstance(block_ids, tuple):  # one list per KV cache group

@@ -5,9 +5,15 @@ depends on the platform's attention backend (e.g. ``[2, num_blocks, heads, block
 CPU, ``[num_blocks, 2, block, heads, dim]`` for some GPU backends). Rather than hard-coding
 one, the block axis is found as the axis whose size is the engine's block count, so the same
 code serves CPU, CUDA and Ascend layouts. A block set is moved as one flat byte buffer: for
-each layer in name order, ``index_select`` of the blocks along the block axis. Both sides
+each layer in name order, the blocks along the block axis, in the order given. Both sides
 compute the same offsets; a fingerprint of shapes and dtypes guards against pairing instances
 whose layouts differ (other model, dtype, block size or TP).
+
+Copies go run by run: consecutive block ids (the usual case: vLLM hands out fresh blocks in
+order) are one ``narrow(...).copy_()`` per layer, which runs at memcpy speed. On CPU this is
+always used: ``index_copy_`` on bf16 5-D tensors measured ~50x slower than memcpy (35 MB
+scattered in ~100 ms). On accelerators a heavily fragmented block set uses one index kernel
+per layer instead of many small copies.
 """
 
 from __future__ import annotations
@@ -83,6 +89,26 @@ class BlockLayout:
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
 
+    def _runs(self, block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(first block id, position in ``block_ids``, length) of each run of consecutive ids."""
+        limit = min(p.tensor.shape[p.block_dim] for p in self.planes)
+        runs: list[tuple[int, int, int]] = []
+        for pos, b in enumerate(block_ids):
+            b = int(b)
+            if not 0 <= b < limit:
+                raise LayoutError(f"block id {b} is out of range (0..{limit - 1})")
+            if runs and runs[-1][0] + runs[-1][2] == b:
+                start, at, k = runs[-1]
+                runs[-1] = (start, at, k + 1)
+            else:
+                runs.append((b, pos, 1))
+        return runs
+
+    def _by_runs(self, runs: list[tuple[int, int, int]]) -> bool:
+        # CPU index kernels are slow for these shapes; on accelerators, per-run copies cost a
+        # kernel launch each, so a fragmented set is better served by one index kernel
+        return self.device.type == "cpu" or len(runs) <= 8
+
     def _views(self, buf: torch.Tensor, n: int):
         """Yield (plane, view of buf shaped like the gathered blocks of that plane)."""
         offset = 0
@@ -97,9 +123,16 @@ class BlockLayout:
         n = len(block_ids)
         if out.numel() < self.nbytes(n):
             raise LayoutError(f"buffer of {out.numel()} bytes is smaller than {self.nbytes(n)}")
-        idx = self._index(block_ids)
-        for p, view in self._views(out, n):
-            torch.index_select(p.tensor, p.block_dim, idx, out=view)
+        runs = self._runs(block_ids)
+        if self._by_runs(runs):
+            for p, view in self._views(out, n):
+                d, t = p.block_dim, p.tensor
+                for start, at, k in runs:
+                    view.narrow(d, at, k).copy_(t.narrow(d, start, k))
+        else:
+            idx = self._index(block_ids)
+            for p, view in self._views(out, n):
+                torch.index_select(p.tensor, p.block_dim, idx, out=view)
 
     def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
         out = torch.empty(self.nbytes(len(block_ids)), dtype=torch.uint8, device=self.device)
@@ -113,8 +146,15 @@ class BlockLayout:
             raise LayoutError(
                 f"received {buf.numel()} bytes for {n} blocks, expected {self.nbytes(n)}"
             )
+        runs = self._runs(block_ids)
         if buf.device != self.device:
             buf = buf.to(self.device, non_blocking=True)
-        idx = self._index(block_ids)
-        for p, view in self._views(buf, n):
-            p.tensor.index_copy_(p.block_dim, idx, view)
+        if self._by_runs(runs):
+            for p, view in self._views(buf, n):
+                d, t = p.block_dim, p.tensor
+                for start, at, k in runs:
+                    t.narrow(d, start, k).copy_(view.narrow(d, at, k))
+        else:
+            idx = self._index(block_ids)
+            for p, view in self._views(buf, n):
+                p.tensor.index_copy_(p.block_dim, idx, view)

@@ -42,6 +42,11 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self._releases: list[ReleaseSpec] = []
         self._load_errors: dict[str, str] = {}
+        # n>1 sampling fans one decode request out into children that share one lease: the
+        # first child pulls, the others wait for it and then hit the local prefix cache.
+        self._loading: dict[str, str] = {}  # remote request id → local request id pulling it
+        self._loading_by_local: dict[str, str] = {}
+        self._pulled: dict[str, None] = {}  # recently pulled remote request ids (bounded)
 
     # ------------------------------------------------------------------ decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
@@ -52,6 +57,13 @@ class SchedulerSide:
         if missing:
             log.warning("request %s: kv_transfer_params lack %s; computing the prompt locally",
                         request.request_id, missing)
+            return 0, False
+        remote_id = str(params["remote_request_id"])
+        owner = self._loading.get(remote_id)
+        if owner is not None and owner != request.request_id:
+            return None, False  # a sibling is pulling this lease; ask again next step
+        if remote_id in self._pulled:
+            params["do_remote_prefill"] = False  # sibling pulled it: its blocks are cached here
             return 0, False
         remote_tokens = min(int(params.get("remote_num_tokens") or 0), request.num_prompt_tokens)
         error = self._check_compatible(request, params)
@@ -104,6 +116,18 @@ class SchedulerSide:
             transport=choose_transport(self.settings.transport, same_host=self._same_host(host)),
         )
         self._loads.append(LoadSpec(task, self._load_errors.pop(request.request_id, "")))
+        self._loading[task.remote_req_id] = request.request_id
+        self._loading_by_local[request.request_id] = task.remote_req_id
+
+    def update_connector_output(self, finished_recving: set[str] | None) -> None:
+        for local_id in finished_recving or ():
+            remote_id = self._loading_by_local.pop(local_id, None)
+            if remote_id is None:
+                continue
+            self._loading.pop(remote_id, None)
+            self._pulled[remote_id] = None
+            while len(self._pulled) > 4096:
+                self._pulled.pop(next(iter(self._pulled)))
 
     def _same_host(self, host: str) -> bool:
         return host == self.host or host in ("127.0.0.1", "localhost", "::1")
@@ -123,6 +147,9 @@ class SchedulerSide:
                                                   "request ended before its KV was pulled"))
                 params["do_remote_prefill"] = False
             self._load_errors.pop(request.request_id, None)
+            remote_id = self._loading_by_local.pop(request.request_id, None)
+            if remote_id is not None:
+                self._loading.pop(remote_id, None)
             return False, None
         if not params.get("do_remote_decode"):
             return False, None
