@@ -7,7 +7,7 @@ dropped instead of being mistaken for the answer to the next one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -63,7 +63,8 @@ _TYPES: dict[str, type] = {OP_PULL: PullRequest, OP_REPLY: PullReply, OP_DONE: D
 
 
 def encode(msg: PullRequest | PullReply | Done | Release) -> bytes:
-    return msgpack.packb(asdict(msg), use_bin_type=True)
+    # vars(), not dataclasses.asdict: no deep copy (asdict cost ~30 us a message, per pull x3)
+    return msgpack.packb(vars(msg), use_bin_type=True)
 
 
 def decode(data: bytes | memoryview) -> PullRequest | PullReply | Done | Release:
@@ -75,6 +76,25 @@ def decode(data: bytes | memoryview) -> PullRequest | PullReply | Done | Release
         raise ProtocolError(f"unknown side-channel message: {str(raw)[:200]}")
     cls = _TYPES[raw["op"]]
     try:
-        return cls(**raw)
+        msg = cls(**raw)
     except TypeError as exc:
         raise ProtocolError(f"bad {raw['op']} message: {exc}") from exc
+    for f in fields(cls):  # a peer must not crash the server thread with a wrongly typed field
+        value, check = getattr(msg, f.name), _CHECKS.get(str(f.type))
+        if check is not None and not check(value):
+            raise ProtocolError(f"bad {raw['op']} message: field {f.name} = {str(value)[:80]!r}")
+    return msg
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "bool": lambda v: isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "list[int]": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+}

@@ -122,7 +122,11 @@ class SideChannelServer:
                         wake.recv()
                 if router in events:
                     while router.poll(0):
-                        self._handle(router, router.recv_multipart(copy=False))
+                        frames = router.recv_multipart(copy=False)
+                        try:
+                            self._handle(router, frames)
+                        except Exception:  # never let one bad message stop the side channel
+                            log.exception("KV side channel: handling a message failed")
                 if self._parked:
                     self._retry_parked(router)
         finally:
@@ -130,6 +134,9 @@ class SideChannelServer:
             wake.close(linger=0)
 
     def _handle(self, router: zmq.Socket, frames: list[Any]) -> None:
+        if len(frames) < 2:
+            log.warning("dropping side-channel message without a header frame")
+            return
         ident, header = frames[0], frames[1]
         try:
             msg = m.decode(header.buffer)

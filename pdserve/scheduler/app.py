@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 import uuid
@@ -21,11 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.scheduler import models
 from pdserve.scheduler.admission import Admission
+from pdserve.scheduler.affinity import AffinityFirst, PrefixTracker, prompt_upper_tokens, upper_tokens
+from pdserve.scheduler.auth import ApiKeys, instance_headers
+from pdserve.scheduler.capture import CaptureRecord, CaptureSink
 from pdserve.scheduler.config import SchedulerConfig
+from pdserve.scheduler.drain import Drain
 from pdserve.scheduler.errors import ApiError, UpstreamClientError, bad_request, model_not_found
+from pdserve.scheduler.features import RequestShaper
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import PDFlow, RequestContext
-from pdserve.scheduler.policies import RouteKey, make_policy
+from pdserve.scheduler.policies import Policy, RouteKey, make_policy
 from pdserve.scheduler.pool import InstancePool
 from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps
 
@@ -41,21 +47,32 @@ _ENDPOINTS = {
     "/health": "health",
     "/metrics": "metrics",
 }
+_UNTRACKED = frozenset({"/health", "/metrics"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
 
 
 class Scheduler:
-    """State shared by the routes of one app: config, pool, session, metrics, admission."""
+    """State shared by the routes of one app: config, pool, session, metrics, admission, and the
+    per-deployment features (API keys, drain, request shaping, decode affinity, capture)."""
 
     def __init__(self, cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None) -> None:
         self.cfg = cfg
         self.metrics = SchedulerMetrics()
+        self.tracker: PrefixTracker | None = None
+        decode_policy: Policy = make_policy(cfg.decode_policy, cfg.affinity_load_factor)
+        if cfg.decode_affinity or cfg.decode_only_uncached_below:
+            self.tracker = PrefixTracker(cfg.affinity_chunk_chars)
+            self.affinity: AffinityFirst | None = AffinityFirst(decode_policy, cfg.affinity_load_factor)
+            if cfg.decode_affinity:
+                decode_policy = self.affinity
+        else:
+            self.affinity = None
         self.pool = InstancePool(
             cfg.instances,
             make_policy(cfg.prefill_policy, cfg.affinity_load_factor),
-            make_policy(cfg.decode_policy, cfg.affinity_load_factor),
+            decode_policy,
             self.metrics,
             max_per_instance=cfg.max_inflight_per_instance,
             max_queue=cfg.max_queue,
@@ -63,22 +80,42 @@ class Scheduler:
             health_interval=cfg.health_interval,
             health_timeout=cfg.health_timeout,
         )
+        if self.tracker is not None:
+            tracker = self.tracker
+            self.pool.on_down.append(lambda inst: tracker.forget(inst.spec.name))
         self.admission = Admission(cfg.max_inflight, self.pool.queue, cfg.queue_timeout)
+        self.keys = ApiKeys(cfg.api_keys, cfg.protect_metrics)
+        self.drain = Drain(self.metrics.draining)
+        self.shaper = RequestShaper(cfg)
+        up = self.shaper.upstream_bytes()
+        self.rename_prefix = up
+        self.capture: CaptureSink | None = None
         self._own_session = session is None
         self.session = session
         self.flow: PDFlow | None = None
         self.created = int(time.time())
+        # hot-path metric children, resolved once
+        self._e2e = {e: self.metrics.e2e.labels(e) for e in ("completions", "chat", "generate")}
 
     async def start(self) -> None:
         if self.session is None:
             self.session = make_session(self.cfg)
-        self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session)
+        if self.cfg.capture is not None and self.capture is None:
+            self.capture = CaptureSink(self.cfg.capture, on_drop=self.metrics.capture_dropped.inc)
+        self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session, self.tracker)
         self.pool.start(self.session)
 
     async def close(self) -> None:
         await self.pool.stop()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
         if self._own_session and self.session is not None:
             await self.session.close()
+
+    def relay_for(self, answer_model: str | None) -> OpenAIRelay:
+        if answer_model is None or self.rename_prefix is None:
+            return OpenAIRelay()
+        return OpenAIRelay((self.rename_prefix, b'"model":' + dumps(answer_model)))
 
 
 def make_session(cfg: SchedulerConfig) -> aiohttp.ClientSession:
@@ -90,6 +127,7 @@ def make_session(cfg: SchedulerConfig) -> aiohttp.ClientSession:
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
         auto_decompress=False,
+        headers=instance_headers(cfg.instance_api_key),  # never the client's Authorization
     )
 
 
@@ -109,7 +147,7 @@ def _client_error(exc: web.HTTPException) -> ApiError:
 
 @web.middleware
 async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Request id, error shaping, metrics and the access-log line — for every route."""
+    """Request id, API key, drain, error shaping, metrics and the access-log line — for every route."""
     state = _state(request)
     rid = request.headers.get("X-Request-Id", "")
     if not _RID_OK.match(rid):
@@ -117,12 +155,19 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     request[RID] = rid
     t0 = time.perf_counter()
     status = 500
+    tracked = request.path not in _UNTRACKED
+    if tracked:
+        state.drain.enter()
     try:
+        state.keys.check(request.path, request.headers)
+        if tracked and state.drain.draining:
+            raise ApiError(503, "the scheduler is draining (shutting down); retry on another replica",
+                           headers={"Retry-After": "1"})
         resp = await handler(request)
         status = resp.status
     except ApiError as exc:
         resp, status = exc.response(rid), exc.status
-        if status in (400, 404, 413, 429):
+        if status in (400, 401, 404, 413, 429) or (status == 503 and state.drain.draining):
             state.metrics.rejected.labels(str(status)).inc()
     except UpstreamClientError as exc:
         resp, status = exc.response(rid), exc.status
@@ -138,8 +183,13 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("request %s failed", rid)
         err = ApiError(500, f"internal scheduler error: {type(exc).__name__}")
         resp, status = err.response(rid), 500
+    finally:
+        if tracked:
+            state.drain.leave()
     if not resp.prepared:
         resp.headers["X-Request-Id"] = rid
+        if state.drain.draining:
+            resp.force_close()  # keep-alive clients reconnect (to another replica)
     _finish(state, request, status, t0)
     return resp
 
@@ -152,10 +202,15 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float) -> N
     state.metrics.requests.labels(endpoint, str(status), model).inc()
     if ctx is None:
         return
-    state.metrics.e2e.labels(endpoint).observe(e2e)
+    e2e_child = state._e2e.get(endpoint)
+    (e2e_child or state.metrics.e2e.labels(endpoint)).observe(e2e)
+    if ctx.capture is not None and state.capture is not None:
+        ctx.capture.meta.update(status=status, e2e_ms=round(e2e * 1e3, 2), **_timings(ctx))
+        state.capture.offer(ctx.capture)
     if state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
         access_log.info(json.dumps({
             "request_id": ctx.request_id, "endpoint": endpoint, "status": status, "stream": ctx.stream,
+            "model": ctx.model or None, "decode_only": ctx.decode_only,
             "instances": ctx.instances, "retries": ctx.retries,
             "prefill_ms": None if ctx.prefill_s is None else round(ctx.prefill_s * 1e3, 2),
             "ttft_ms": None if ctx.ttft_s is None else round(ctx.ttft_s * 1e3, 2),
@@ -163,6 +218,14 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float) -> N
             "cached_tokens": ctx.cached_tokens, "completion_tokens": ctx.completion_tokens,
             "error": ctx.error,
         }, separators=(",", ":")))
+
+
+def _timings(ctx: RequestContext) -> dict[str, Any]:
+    return {"ttft_ms": None if ctx.ttft_s is None else round(ctx.ttft_s * 1e3, 2),
+            "prefill_ms": None if ctx.prefill_s is None else round(ctx.prefill_s * 1e3, 2),
+            "instances": ctx.instances, "retries": ctx.retries, "decode_only": ctx.decode_only,
+            "usage": {"prompt_tokens": ctx.prompt_tokens, "cached_tokens": ctx.cached_tokens,
+                      "completion_tokens": ctx.completion_tokens}, "error": ctx.error}
 
 
 async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.StreamResponse:
@@ -173,11 +236,15 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"invalid JSON body: {exc}") from None
+    client_model = body.get("model") if isinstance(body, dict) else None
+    if isinstance(client_model, str) and cfg.served_model_names and client_model not in cfg.served_model_names:
+        raise model_not_found(client_model)
+    shaped = state.shaper.shape(endpoint, body)  # aliases, defaults, system prompt (no-op when unset)
     req = models.validate(endpoint, body)
-    if req.model is not None and cfg.served_model_names and req.model not in cfg.served_model_names:
-        raise model_not_found(req.model)
+    if shaped.changed:
+        raw = dumps(body)
     est = models.check_length(endpoint, req, body, cfg.max_model_len, cfg.chars_per_token_bound)
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or 16
+    max_tokens = models.max_tokens_of(endpoint, req) or 16
     prefix = models.prompt_text_for_routing(endpoint, body, cfg.prefix_chars)
     key = RouteKey(prefix.encode("utf-8", "surrogatepass") if isinstance(prefix, str) else prefix,
                    est + max_tokens * (req.n or 1))
@@ -185,15 +252,24 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     if endpoint == "generate":
         relay = GenerateRelay(body["prompt"])
         upstream = dict(body)
-        if "model" not in upstream and cfg.served_model_names:
-            upstream["model"] = cfg.served_model_names[0]
+        default_model = cfg.upstream_model or (cfg.served_model_names[0] if cfg.served_model_names else None)
+        if "model" not in upstream and default_model:
+            upstream["model"] = default_model
         body, raw, path = upstream, dumps(upstream), "/v1/completions"
     else:
-        relay = OpenAIRelay()
+        relay = state.relay_for(shaped.answer_model)
         path = request.path
     ctx = RequestContext(request_id=request[RID], endpoint=endpoint, path=path, body=body, raw=raw,
-                         stream=bool(req.stream), key=key, model=req.model or "")
+                         stream=bool(req.stream), key=key,
+                         model=client_model if isinstance(client_model, str) else "")
+    ctx.model_alias = shaped.answer_model
     request[CTX] = ctx
+    _route_decode(state, ctx)
+    if state.capture is not None and (cfg.capture is not None and random.random() < cfg.capture.sample_rate):
+        ctx.capture = CaptureRecord(meta={"ts": time.time(), "request_id": ctx.request_id, "endpoint": endpoint,
+                                          "model": ctx.model or shaped.answer_model or cfg.upstream_model,
+                                          "stream": ctx.stream},
+                                    request=body, stream=ctx.stream)
     await state.admission.acquire()
     state.metrics.inflight.inc()
     try:
@@ -205,6 +281,42 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     finally:
         state.metrics.inflight.dec()
         state.admission.release()
+
+
+def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
+    """Decode-side cache awareness: the prompt's prefix hashes (for conversation affinity) and
+    whether the request can skip the prefill instance (``--decode-only-below`` /
+    ``--decode-only-uncached-below``)."""
+    cfg = state.cfg
+    if cfg.decode_only_below:
+        if prompt_upper_tokens(ctx.endpoint, ctx.body, cfg.decode_only_below) < cfg.decode_only_below:
+            ctx.decode_only = "short"
+    if state.tracker is None:
+        if ctx.decode_only:
+            state.metrics.decode_only.labels(ctx.decode_only).inc()
+        return
+    pp = ctx.points = state.tracker.points(ctx.endpoint, ctx.body)
+    healthy = state.pool.decode.healthy()
+    affinity = {}
+    for inst in healthy:
+        n = state.tracker.matched(inst.spec.name, pp)
+        if n:
+            affinity[inst.spec.name] = n
+    if affinity:
+        ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, affinity)
+    if not ctx.decode_only and affinity and cfg.decode_only_uncached_below and state.affinity is not None:
+        cap = cfg.max_inflight_per_instance
+        avail = [i for i in healthy if cap <= 0 or i.inflight < cap]
+        best = state.affinity.preferred(avail, healthy, ctx.key)
+        if best is not None:
+            uncached = pp.suffix(affinity[best.spec.name])
+            extra = 8 * max(0, len(pp.pieces) - 1) if ctx.endpoint == "chat" else 0
+            if upper_tokens(uncached) + extra < cfg.decode_only_uncached_below:
+                ctx.decode_only = "cached"
+                if not cfg.decode_affinity:  # the decode policy must still pick the cached instance
+                    ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, {best.spec.name: 1})
+    if ctx.decode_only:
+        state.metrics.decode_only.labels(ctx.decode_only).inc()
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

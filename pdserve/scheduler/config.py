@@ -1,20 +1,29 @@
-"""Scheduler settings from environment variables and flags.
+"""Scheduler settings: flags > environment variables > deployment file > built-in defaults.
 
 The scheduler is started with the same command line and environment as the closed
 AscendCloud-LLM tooling (``GLOBAL_RANK_TABLE_FILE_PATH``, ``RANK_TABLE_FILE_PATH``,
 ``NODE_PORTS``, ``USE_OPENAI`` and vLLM's ``--host/--port/--served-model-name``), so vLLM flags it
 does not use are accepted and ignored (logged at debug level): one command line serves all roles.
+
+Every flag is declared once in :data:`OPTIONS`; the argparse flags, the ``PDSERVE_*`` environment
+variables and the keys of the YAML deployment file (``--config deploy.yaml``, see
+:mod:`pdserve.scheduler.deploy_config`) are all derived from that table, so they cannot drift
+apart. The parser records only what was given (every default is ``None``); :func:`resolve` then
+layers the sources, which is how "flags override the file" is known without guessing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.errors import ConfigError
+from pdserve.scheduler.capture import CaptureSettings
 
 log = logging.getLogger("pdserve.scheduler")
 
@@ -22,8 +31,17 @@ ENV_GLOBAL = "GLOBAL_RANK_TABLE_FILE_PATH"
 ENV_LOCAL = "RANK_TABLE_FILE_PATH"
 ENV_NODE_PORTS = "NODE_PORTS"
 ENV_USE_OPENAI = "USE_OPENAI"
+ENV_CONFIG = "PDSERVE_CONFIG"
+ENV_API_KEYS = "PDSERVE_API_KEYS"
+ENV_API_KEY_FILE = "PDSERVE_API_KEY_FILE"
 
 POLICIES = ("prefix-affinity", "least-load", "round-robin", "power-of-two")
+SYSTEM_PROMPT_MODES = ("if-missing", "prepend", "replace")
+# sampling defaults with their own flag (--default-<name>); any other one via --default KEY=JSON
+DEFAULT_FLAGS: dict[str, type] = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "max_tokens": int, "seed": int,
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,8 @@ class SchedulerConfig:
     instances: list[InstanceSpec]
     host: str = "0.0.0.0"
     port: int = 8000
-    served_model_names: list[str] = field(default_factory=list)
+    served_model_names: list[str] = field(default_factory=list)  # what clients may call the model
+    upstream_model: str | None = None  # the instances' own served name (learned at start-up)
     use_openai: bool = True
     ranktable_digest: str | None = None  # expected in every identity answer (None: not checked)
     identity_check: bool = True
@@ -79,6 +98,21 @@ class SchedulerConfig:
     retries: int = 1  # extra attempts on another instance (prefill and decode)
     per_host_connections: int = 0  # aiohttp connector limit per instance (0: unlimited)
     access_log: bool = True
+    # access control and shutdown
+    api_keys: list[str] = field(default_factory=list, repr=False)  # never printed
+    protect_metrics: bool = False
+    instance_api_key: str | None = field(default=None, repr=False)
+    drain_seconds: float = 30.0
+    # serving features
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling parameters applied when missing
+    system_prompt: str | None = None
+    system_prompt_mode: str = "if-missing"
+    capture: CaptureSettings | None = None
+    decode_only_below: int = 0  # prompts estimated below this many tokens skip the prefill instance
+    decode_only_uncached_below: int = 0  # ... or whose part not cached on a decode instance is below it
+    decode_affinity: bool = True  # prefer the decode instance that holds the conversation's history
+    affinity_chunk_chars: int = 256  # granularity of the decode-side prefix tracker
+    config_file: str | None = None
 
     @property
     def prefill(self) -> list[InstanceSpec]:
@@ -87,6 +121,157 @@ class SchedulerConfig:
     @property
     def decode(self) -> list[InstanceSpec]:
         return [i for i in self.instances if i.role == "decode"]
+
+
+# -- the option table ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opt:
+    """One scheduler setting: its flag(s), type, environment variable and deployment-file key (= dest)."""
+
+    dest: str
+    flags: tuple[str, ...]
+    kind: str  # "str" | "int" | "float" | "bool" (a store_true flag) | "list" (repeatable / nargs=+)
+    group: str
+    help: str = ""
+    env: str | None = None
+    choices: tuple[str, ...] | None = None
+    nargs: str | None = None  # "+" for --served-model-name
+    metavar: str | None = None
+    in_file: bool = True  # may appear in the deployment file
+
+
+_D = SchedulerConfig(instances=[])
+OPTIONS: tuple[Opt, ...] = (
+    Opt("config", ("--config", "--deploy-config"), "str", "scheduler (vLLM-compatible)", env=ENV_CONFIG,
+        metavar="DEPLOY.yaml", in_file=False,
+        help="deployment file (YAML) whose keys mirror these flags; flags and PDSERVE_* variables override it"),
+    Opt("host", ("--host",), "str", "scheduler (vLLM-compatible)", env="PDSERVE_SCHEDULER_HOST",
+        help=f"listen address (default {_D.host})"),
+    Opt("port", ("--port",), "int", "scheduler (vLLM-compatible)", env="PDSERVE_SCHEDULER_PORT",
+        help=f"listen port (default {_D.port})"),
+    Opt("served_model_name", ("--served-model-name",), "list", "scheduler (vLLM-compatible)", nargs="+",
+        help="name(s) clients use for the model (aliases; /v1/models lists all); requests are forwarded "
+             "with the instances' own name. Default: what the instances report, else --model"),
+    Opt("model", ("--model",), "str", "scheduler (vLLM-compatible)",
+        help="vLLM's --model; its name is the served name if none is given"),
+    Opt("max_model_len", ("--max-model-len",), "int", "scheduler (vLLM-compatible)",
+        help="context length; prompts that cannot fit get 400 here (default: asked from the instances)"),
+    Opt("prefill_url", ("--prefill-url",), "list", "instances", metavar="HOST:PORT",
+        help="a prefill instance, instead of the ranktable + NODE_PORTS (repeatable)"),
+    Opt("decode_url", ("--decode-url",), "list", "instances", metavar="HOST:PORT",
+        help="a decode instance, instead of the ranktable + NODE_PORTS (repeatable)"),
+    Opt("no_identity_check", ("--no-identity-check",), "bool", "instances", env="PDSERVE_NO_IDENTITY_CHECK",
+        help="do not check GET /pdserve/v1/identity (instances that are stock vLLM servers)"),
+    Opt("instance_api_key", ("--instance-api-key",), "str", "access control", env="PDSERVE_INSTANCE_API_KEY",
+        metavar="KEY", help="sent to the instances as 'Authorization: Bearer KEY' (their vLLM --api-key); "
+                            "the client's own Authorization header is never forwarded"),
+    Opt("api_key", ("--api-key",), "list", "access control", metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1/* and /generate "
+             f"(repeatable; also {ENV_API_KEYS}=k1,k2 and {ENV_API_KEY_FILE}=FILE, one key a line)"),
+    Opt("api_key_file", ("--api-key-file",), "str", "access control", env=ENV_API_KEY_FILE, metavar="FILE",
+        help="file with one API key per line (blank lines and # comments ignored)"),
+    Opt("protect_metrics", ("--protect-metrics",), "bool", "access control", env="PDSERVE_PROTECT_METRICS",
+        help="require an API key for /metrics too (/health always stays open)"),
+    Opt("drain_seconds", ("--drain-seconds",), "float", "access control", env="PDSERVE_DRAIN_SECONDS",
+        help=f"on SIGTERM/SIGINT, refuse new requests (503) and let in-flight ones finish for up to this "
+             f"long, then exit 0 (default {_D.drain_seconds:g})"),
+    Opt("prefill_policy", ("--prefill-policy",), "str", "routing", env="PDSERVE_PREFILL_POLICY", choices=POLICIES,
+        help=f"default {_D.prefill_policy}"),
+    Opt("decode_policy", ("--decode-policy",), "str", "routing", env="PDSERVE_DECODE_POLICY", choices=POLICIES,
+        help=f"default {_D.decode_policy}"),
+    Opt("prefix_chars", ("--prefix-chars",), "int", "routing",
+        help=f"prefix-affinity hashes this many leading prompt characters (default {_D.prefix_chars})"),
+    Opt("affinity_load_factor", ("--affinity-load-factor",), "float", "routing",
+        help="affinity (prefill prefix, decode conversation) leaves its instance when it has more than this "
+             f"factor of the mean load (default {_D.affinity_load_factor:g})"),
+    Opt("no_decode_affinity", ("--no-decode-affinity",), "bool", "routing",
+        help="do not prefer the decode instance that already holds a conversation's earlier turns"),
+    Opt("affinity_chunk_chars", ("--affinity-chunk-chars",), "int", "routing",
+        help=f"granularity of the decode-side prefix tracker, in characters (default {_D.affinity_chunk_chars})"),
+    Opt("decode_only_below", ("--decode-only-below",), "int", "cache-aware disaggregation", metavar="TOKENS",
+        help="prompts of fewer tokens (conservative estimate) are served by a decode instance alone, without "
+             "a remote prefill (0: off)"),
+    Opt("decode_only_uncached_below", ("--decode-only-uncached-below",), "int", "cache-aware disaggregation",
+        metavar="TOKENS", help="serve a request on a decode instance alone when the part of its prompt that "
+                               "instance has not cached is below this many tokens (0: off)"),
+    Opt("max_inflight", ("--max-inflight",), "int", "overload and limits", env="PDSERVE_MAX_INFLIGHT",
+        help="requests in flight at once (0: unbounded)"),
+    Opt("max_inflight_per_instance", ("--max-inflight-per-instance",), "int", "overload and limits",
+        help="requests in flight per instance (0: unbounded)"),
+    Opt("max_queue", ("--max-queue",), "int", "overload and limits",
+        help=f"requests waiting for a slot; beyond: 429 (default {_D.max_queue})"),
+    Opt("queue_timeout", ("--queue-timeout",), "float", "overload and limits",
+        help=f"seconds a request waits; then 429 (default {_D.queue_timeout:g})"),
+    Opt("max_body_bytes", ("--max-body-bytes",), "int", "overload and limits",
+        help="larger request bodies get 413 (default 32 MiB)"),
+    Opt("chars_per_token_bound", ("--chars-per-token-bound",), "float", "overload and limits",
+        help="upper bound of characters per token for the prompt-length estimate"),
+    Opt("connect_timeout", ("--connect-timeout",), "float", "timeouts (seconds)"),
+    Opt("prefill_timeout", ("--prefill-timeout",), "float", "timeouts (seconds)"),
+    Opt("first_token_timeout", ("--first-token-timeout",), "float", "timeouts (seconds)"),
+    Opt("idle_timeout", ("--idle-timeout",), "float", "timeouts (seconds)", help="longest gap between stream chunks"),
+    Opt("decode_timeout", ("--decode-timeout",), "float", "timeouts (seconds)", help="whole non-streaming decode"),
+    Opt("health_interval", ("--health-interval",), "float", "timeouts (seconds)"),
+    Opt("health_timeout", ("--health-timeout",), "float", "timeouts (seconds)"),
+    Opt("startup_timeout", ("--startup-timeout",), "float", "timeouts (seconds)", env="PDSERVE_STARTUP_TIMEOUT",
+        help="how long to wait for the instances to become healthy at start-up"),
+    Opt("retries", ("--retries",), "int", "timeouts (seconds)", help="extra attempts on another instance (default 1)"),
+    Opt("no_access_log", ("--no-access-log",), "bool", "timeouts (seconds)",
+        help="no structured access-log line per request"),
+    Opt("system_prompt", ("--system-prompt",), "str", "serving features", metavar="TEXT",
+        help="system prompt added to chat requests (see --system-prompt-mode)"),
+    Opt("system_prompt_mode", ("--system-prompt-mode",), "str", "serving features", choices=SYSTEM_PROMPT_MODES,
+        help="if-missing (default): only when the request has no system message; prepend: before existing "
+             "ones; replace: instead of them"),
+    Opt("default", ("--default",), "list", "serving features", metavar="KEY=JSON", in_file=False,
+        help="default sampling parameter applied when a request leaves it out (repeatable), e.g. "
+             "--default stop='[\"###\"]'"),
+    Opt("capture_path", ("--capture-path",), "str", "data capture", metavar="FILE.jsonl", in_file=False,
+        help="write each request and its answer as JSON lines to this (rotating) file; off by default"),
+    Opt("capture_sample_rate", ("--capture-sample-rate",), "float", "data capture", in_file=False,
+        help="fraction of requests captured, 0..1 (default 1)"),
+    Opt("capture_max_bytes", ("--capture-max-bytes",), "int", "data capture", in_file=False,
+        help="rotate the capture file at this size (default 100 MiB)"),
+    Opt("capture_backups", ("--capture-backups",), "int", "data capture", in_file=False,
+        help="rotated files kept (FILE.1 .. FILE.N, default 5)"),
+    Opt("capture_redact", ("--capture-redact",), "list", "data capture", metavar="FIELD", in_file=False,
+        help="replace this field's value with [REDACTED] wherever it occurs (repeatable), e.g. messages"),
+    Opt("capture_redact_pattern", ("--capture-redact-pattern",), "list", "data capture", metavar="REGEX",
+        in_file=False, help="replace matches of this regex in captured strings with [REDACTED] (repeatable)"),
+    Opt("capture_queue_size", ("--capture-queue-size",), "int", "data capture", in_file=False,
+        help="records waiting for the writer thread; beyond it records are dropped, never waited for"),
+)
+for _name, _t in DEFAULT_FLAGS.items():
+    OPTIONS += (Opt(f"default_{_name}", (f"--default-{_name.replace('_', '-')}",), _t.__name__, "serving features",
+                    in_file=False, help=f"default {_name} when a request leaves it out"),)
+OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
+_CAPTURE_FLAGS = {"capture_path": "path", "capture_sample_rate": "sample_rate", "capture_max_bytes": "max_bytes",
+                  "capture_backups": "backups", "capture_redact": "redact",
+                  "capture_redact_pattern": "redact_patterns", "capture_queue_size": "queue_size"}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None,
+                 environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """Add the scheduler's flags. Every default is None ("not given"); :func:`resolve` layers in
+    the environment, the deployment file and the built-in defaults. ``environ`` is unused and kept
+    for callers of the old signature."""
+    p = parser or argparse.ArgumentParser(prog="pdserve scheduler", allow_abbrev=False)
+    groups: dict[str, Any] = {}
+    for o in OPTIONS:
+        g = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))
+        help_ = o.help + (f" [env {o.env}]" if o.env else "")
+        if o.kind == "bool":
+            g.add_argument(*o.flags, dest=o.dest, action="store_true", default=None, help=help_)
+        elif o.kind == "list":
+            if o.nargs:
+                g.add_argument(*o.flags, dest=o.dest, nargs=o.nargs, default=None, metavar=o.metavar, help=help_)
+            else:
+                g.add_argument(*o.flags, dest=o.dest, action="append", default=None, metavar=o.metavar, help=help_)
+        else:
+            conv = {"int": int, "float": float, "str": str}[o.kind]
+            g.add_argument(*o.flags, dest=o.dest, type=conv, default=None, choices=o.choices,
+                           metavar=o.metavar, help=help_)
+    return p
 
 
 def _env_bool(value: str | None, default: bool, name: str) -> bool:
@@ -100,69 +285,36 @@ def _env_bool(value: str | None, default: bool, name: str) -> bool:
     raise ConfigError("environment", name, f"{value!r} is not a boolean", f"export {name}=1 or {name}=0")
 
 
-def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError("environment", name, f"{raw!r} is not a number", f"export {name}=<seconds>") from None
+def _from_env(o: Opt, raw: str) -> Any:
+    name = o.env or ""
+    if o.kind == "bool":
+        return _env_bool(raw, False, name)
+    if o.kind in ("int", "float"):
+        try:
+            return int(raw) if o.kind == "int" else float(raw)
+        except ValueError:
+            raise ConfigError("environment", name, f"{raw!r} is not a{'n integer' if o.kind == 'int' else ' number'}",
+                              f"export {name}=<{'integer' if o.kind == 'int' else 'number'}>") from None
+    if o.choices and raw not in o.choices:
+        raise ConfigError("environment", name, f"{raw!r} is not one of {', '.join(o.choices)}",
+                          f"export {name}={o.choices[0]}")
+    return raw
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None,
-                 environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
-    """Add the scheduler's flags; defaults can come from PDSERVE_* environment variables."""
-    p = parser or argparse.ArgumentParser(prog="pdserve scheduler", allow_abbrev=False)
-    d = SchedulerConfig(instances=[])
-    ev = environ.get
-    g = p.add_argument_group("scheduler (vLLM-compatible)")
-    g.add_argument("--host", default=ev("PDSERVE_SCHEDULER_HOST", d.host), help="listen address (default 0.0.0.0)")
-    g.add_argument("--port", type=int, default=int(ev("PDSERVE_SCHEDULER_PORT", d.port)), help="listen port (default 8000)")
-    g.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model name(s) clients use; default: what the instances report, else --model")
-    g.add_argument("--model", default=None, help="vLLM's --model; its name is the served name if none is given")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length; prompts that cannot fit get 400 here (default: asked from the instances)")
-    g = p.add_argument_group("instances")
-    g.add_argument("--prefill-url", action="append", default=[], metavar="HOST:PORT",
-                   help="a prefill instance, instead of the ranktable + NODE_PORTS (repeatable)")
-    g.add_argument("--decode-url", action="append", default=[], metavar="HOST:PORT",
-                   help="a decode instance, instead of the ranktable + NODE_PORTS (repeatable)")
-    g.add_argument("--no-identity-check", action="store_true",
-                   default=_env_bool(ev("PDSERVE_NO_IDENTITY_CHECK"), False, "PDSERVE_NO_IDENTITY_CHECK"),
-                   help="do not check GET /pdserve/v1/identity (instances that are stock vLLM servers)")
-    g = p.add_argument_group("routing")
-    g.add_argument("--prefill-policy", choices=POLICIES, default=ev("PDSERVE_PREFILL_POLICY", d.prefill_policy))
-    g.add_argument("--decode-policy", choices=POLICIES, default=ev("PDSERVE_DECODE_POLICY", d.decode_policy))
-    g.add_argument("--prefix-chars", type=int, default=d.prefix_chars,
-                   help="prefix-affinity hashes this many leading prompt characters (default 2048)")
-    g.add_argument("--affinity-load-factor", type=float, default=d.affinity_load_factor,
-                   help="prefix-affinity leaves its instance when it has more than this factor of the mean load")
-    g = p.add_argument_group("overload and limits")
-    g.add_argument("--max-inflight", type=int, default=int(ev("PDSERVE_MAX_INFLIGHT", d.max_inflight)),
-                   help="requests in flight at once (0: unbounded)")
-    g.add_argument("--max-inflight-per-instance", type=int, default=d.max_inflight_per_instance,
-                   help="requests in flight per instance (0: unbounded)")
-    g.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for a slot; beyond: 429")
-    g.add_argument("--queue-timeout", type=float, default=d.queue_timeout, help="seconds a request waits; then 429")
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
-    g.add_argument("--chars-per-token-bound", type=float, default=d.chars_per_token_bound,
-                   help="upper bound of characters per token for the prompt-length estimate")
-    g = p.add_argument_group("timeouts (seconds)")
-    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
-    g.add_argument("--prefill-timeout", type=float, default=d.prefill_timeout)
-    g.add_argument("--first-token-timeout", type=float, default=d.first_token_timeout)
-    g.add_argument("--idle-timeout", type=float, default=d.idle_timeout, help="longest gap between stream chunks")
-    g.add_argument("--decode-timeout", type=float, default=d.decode_timeout, help="whole non-streaming decode")
-    g.add_argument("--health-interval", type=float, default=d.health_interval)
-    g.add_argument("--health-timeout", type=float, default=d.health_timeout)
-    g.add_argument("--startup-timeout", type=float,
-                   default=_env_float(environ, "PDSERVE_STARTUP_TIMEOUT", d.startup_timeout),
-                   help="how long to wait for the instances to become healthy at start-up")
-    g.add_argument("--retries", type=int, default=d.retries, help="extra attempts on another instance (default 1)")
-    g.add_argument("--no-access-log", action="store_true", help="no structured access-log line per request")
-    return p
+def resolve(args: argparse.Namespace, environ: Mapping[str, str], file_values: Mapping[str, Any]) -> dict[str, Any]:
+    """dest → value: the flag if given, else the environment variable, else the deployment file;
+    None where none of them sets it (the built-in default applies)."""
+    out: dict[str, Any] = {}
+    for o in OPTIONS:
+        value = getattr(args, o.dest, None)
+        if value is None and o.env:
+            raw = environ.get(o.env)
+            if raw is not None and raw.strip() != "":
+                value = _from_env(o, raw.strip())
+        if value is None:
+            value = file_values.get(o.dest)
+        out[o.dest] = value
+    return out
 
 
 def _parse_url(text: str, flag: str) -> tuple[str, int]:
@@ -206,64 +358,143 @@ def instances_from_ranktable(environ: Mapping[str, str]) -> tuple[list[InstanceS
     return specs, ranktable.digest(rt)
 
 
+def _api_keys(v: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Every key from --api-key / the file's api_key, PDSERVE_API_KEYS and the key file (union: a
+    new key can be added through one source while the old one is still accepted from another)."""
+    from pdserve.scheduler.auth import read_key_file
+
+    keys = list(v.get("api_key") or [])
+    keys += [k.strip() for k in environ.get(ENV_API_KEYS, "").split(",") if k.strip()]
+    if v.get("api_key_file"):
+        keys += read_key_file(v["api_key_file"])
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def _defaults(v: dict[str, Any], file_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(file_defaults)
+    for item in v.get("default") or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("flags", "--default", f"{item!r} is not KEY=VALUE", "--default seed=42")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw  # a bare string: --default stop=###
+    for name in DEFAULT_FLAGS:
+        value = v.get(f"default_{name}")
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _capture(v: dict[str, Any], file_capture: Mapping[str, Any] | None) -> CaptureSettings | None:
+    merged: dict[str, Any] = dict(file_capture or {})
+    for dest, key in _CAPTURE_FLAGS.items():
+        if v.get(dest) is not None:
+            merged[key] = v[dest]
+    if not merged.get("path"):
+        if merged:
+            raise ConfigError("flags", "--capture-path", "capture settings given without a file to write to",
+                              "add --capture-path /var/log/pdserve/capture.jsonl (or capture: {path: ...})")
+        return None
+    from pdserve.scheduler.deploy_config import capture_settings
+
+    return capture_settings(merged, "flags")
+
+
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
                      extra: Sequence[str] = ()) -> SchedulerConfig:
-    """Build the config from parsed flags and the environment (NODE_PORTS, ranktables, USE_OPENAI)."""
+    """Build the config from parsed flags, the environment (NODE_PORTS, ranktables, USE_OPENAI,
+    PDSERVE_*) and the deployment file (``--config`` / ``PDSERVE_CONFIG``)."""
+    from pdserve.scheduler.deploy_config import DeployFile, load_deploy_file
+
     for arg in extra:
         log.debug("ignoring flag the scheduler does not use: %s", arg)
+    config_path = getattr(args, "config", None) or (environ.get(ENV_CONFIG) or "").strip() or None
+    deploy = load_deploy_file(config_path) if config_path else DeployFile()
+    v = resolve(args, environ, deploy.flag_values())
     digest: str | None = None
-    if args.prefill_url or args.decode_url:
-        if not (args.prefill_url and args.decode_url):
+    if v["prefill_url"] or v["decode_url"]:
+        if not (v["prefill_url"] and v["decode_url"]):
             raise ConfigError("flags", "--prefill-url/--decode-url", "only one role given",
                               "give at least one --prefill-url and one --decode-url")
         specs: list[InstanceSpec] = []
-        for role, urls, flag in (("prefill", args.prefill_url, "--prefill-url"),
-                                 ("decode", args.decode_url, "--decode-url")):
+        for role, urls, flag in (("prefill", v["prefill_url"], "--prefill-url"),
+                                 ("decode", v["decode_url"], "--decode-url")):
             for i, u in enumerate(urls):
                 host, port = _parse_url(u, flag)
                 specs.append(InstanceSpec(role, i, len(specs), host, port))
     else:
         specs, digest = instances_from_ranktable(environ)
-    names = list(args.served_model_name or [])
-    if not names and args.model:
-        names = [args.model]
+    names = list(v["served_model_name"] or [])
+    if not names and v["model"]:
+        names = [v["model"]]
+
+    def pick(dest: str, default: Any) -> Any:
+        return default if v[dest] is None else v[dest]
+
+    d = SchedulerConfig(instances=[])
     cfg = SchedulerConfig(
         instances=specs,
-        host=args.host,
-        port=args.port,
+        host=pick("host", d.host),
+        port=pick("port", d.port),
         served_model_names=names,
         use_openai=_env_bool(environ.get(ENV_USE_OPENAI), True, ENV_USE_OPENAI),
         ranktable_digest=digest,
-        identity_check=not args.no_identity_check,
-        prefill_policy=args.prefill_policy,
-        decode_policy=args.decode_policy,
-        prefix_chars=args.prefix_chars,
-        affinity_load_factor=args.affinity_load_factor,
-        max_inflight=args.max_inflight,
-        max_inflight_per_instance=args.max_inflight_per_instance,
-        max_queue=args.max_queue,
-        queue_timeout=args.queue_timeout,
-        max_body_bytes=args.max_body_bytes,
-        max_model_len=args.max_model_len,
-        chars_per_token_bound=args.chars_per_token_bound,
-        connect_timeout=args.connect_timeout,
-        prefill_timeout=args.prefill_timeout,
-        first_token_timeout=args.first_token_timeout,
-        idle_timeout=args.idle_timeout,
-        decode_timeout=args.decode_timeout,
-        health_interval=args.health_interval,
-        health_timeout=args.health_timeout,
-        startup_timeout=args.startup_timeout,
-        retries=args.retries,
-        access_log=not args.no_access_log,
+        identity_check=not v["no_identity_check"],
+        prefill_policy=pick("prefill_policy", d.prefill_policy),
+        decode_policy=pick("decode_policy", d.decode_policy),
+        prefix_chars=pick("prefix_chars", d.prefix_chars),
+        affinity_load_factor=pick("affinity_load_factor", d.affinity_load_factor),
+        max_inflight=pick("max_inflight", d.max_inflight),
+        max_inflight_per_instance=pick("max_inflight_per_instance", d.max_inflight_per_instance),
+        max_queue=pick("max_queue", d.max_queue),
+        queue_timeout=pick("queue_timeout", d.queue_timeout),
+        max_body_bytes=pick("max_body_bytes", d.max_body_bytes),
+        max_model_len=v["max_model_len"],
+        chars_per_token_bound=pick("chars_per_token_bound", d.chars_per_token_bound),
+        connect_timeout=pick("connect_timeout", d.connect_timeout),
+        prefill_timeout=pick("prefill_timeout", d.prefill_timeout),
+        first_token_timeout=pick("first_token_timeout", d.first_token_timeout),
+        idle_timeout=pick("idle_timeout", d.idle_timeout),
+        decode_timeout=pick("decode_timeout", d.decode_timeout),
+        health_interval=pick("health_interval", d.health_interval),
+        health_timeout=pick("health_timeout", d.health_timeout),
+        startup_timeout=pick("startup_timeout", d.startup_timeout),
+        retries=pick("retries", d.retries),
+        access_log=not v["no_access_log"],
+        api_keys=_api_keys(v, environ),
+        protect_metrics=bool(v["protect_metrics"]),
+        instance_api_key=v["instance_api_key"] or None,
+        drain_seconds=pick("drain_seconds", d.drain_seconds),
+        defaults=_defaults(v, deploy.defaults or {}),
+        system_prompt=v["system_prompt"],
+        system_prompt_mode=pick("system_prompt_mode", d.system_prompt_mode),
+        capture=_capture(v, deploy.capture.model_dump(exclude_unset=True) if deploy.capture else None),
+        decode_only_below=pick("decode_only_below", d.decode_only_below),
+        decode_only_uncached_below=pick("decode_only_uncached_below", d.decode_only_uncached_below),
+        decode_affinity=not v["no_decode_affinity"],
+        affinity_chunk_chars=pick("affinity_chunk_chars", d.affinity_chunk_chars),
+        config_file=config_path,
     )
     check(cfg)
     return cfg
 
 
 def config_from_argv(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> SchedulerConfig:
-    """For ``pdserve serve``: the role daemon's whole command line (vLLM flags included)."""
-    args, extra = build_parser(environ=environ).parse_known_args(list(argv))
+    """For ``pdserve serve``: the role daemon's whole command line (vLLM flags included).
+
+    vLLM has a ``--config`` flag of its own (a YAML file of vLLM arguments) and this command line
+    also reaches the instances, so here only ``--deploy-config`` / ``PDSERVE_CONFIG`` name the
+    scheduler's deployment file; a ``--config`` is left to vLLM.
+    """
+    argv = list(argv)
+    parser = build_parser(environ=environ)
+    args, extra = parser.parse_known_args(argv)
+    if args.config is not None and not any(a == "--deploy-config" or a.startswith("--deploy-config=")
+                                           for a in argv):
+        extra = [*extra, "--config", args.config]
+        args.config = None
     return config_from_args(args, environ, extra)
 
 
@@ -273,11 +504,20 @@ def check(cfg: SchedulerConfig) -> None:
                           "add instances to server_group_list groups 1 and 2")
     for flag, value in (("--max-inflight", cfg.max_inflight), ("--max-queue", cfg.max_queue),
                         ("--max-inflight-per-instance", cfg.max_inflight_per_instance),
-                        ("--retries", cfg.retries)):
+                        ("--retries", cfg.retries), ("--decode-only-below", cfg.decode_only_below),
+                        ("--decode-only-uncached-below", cfg.decode_only_uncached_below),
+                        ("--drain-seconds", cfg.drain_seconds)):
         if value < 0:
             raise ConfigError("flags", flag, f"{value} is negative", f"{flag} 0 (or a positive number)")
+    if cfg.affinity_chunk_chars < 16:
+        raise ConfigError("flags", "--affinity-chunk-chars", f"{cfg.affinity_chunk_chars} is too small",
+                          "use at least 16 (default 256)")
     if cfg.max_body_bytes < 1024:
         raise ConfigError("flags", "--max-body-bytes", f"{cfg.max_body_bytes} is too small", "use at least 1024")
+    if cfg.defaults:
+        from pdserve.scheduler.features import check_defaults
+
+        check_defaults(cfg.defaults, cfg.config_file or "flags")
     seen: dict[tuple[str, int], InstanceSpec] = {}
     for spec in cfg.instances:
         key = (spec.host, spec.port)

@@ -35,7 +35,20 @@ class SchedulerMetrics:
         self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free slot", registry=r)
         self.retries = Counter(p + "retries_total", "Requests retried on another instance",
                                ["stage", "reason"], registry=r)
-        self.rejected = Counter(p + "rejected_total", "Requests refused before reaching an instance (bad input, unknown model, too large, overload), by HTTP status", ["status"], registry=r)
+        self.rejected = Counter(p + "rejected_total", "Requests refused before reaching an instance (bad input, "
+                                "missing API key, unknown model, too large, overload, draining), by HTTP status",
+                                ["status"], registry=r)
+        self.tpot = Histogram(p + "time_per_output_token_seconds", "Streams: (last chunk - first chunk) / (completion "
+                              "tokens - 1)", ["endpoint"], buckets=_ITL, registry=r)
+        self.kv_handover = Histogram(p + "kv_handover_seconds", "Streams in PD mode: from the prefill answer to the "
+                                     "decode instance's first byte (KV pull + first decode step)", buckets=_LAT,
+                                     registry=r)
+        self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
+                                   "a remote prefill, by reason (short prompt, cached prefix)", ["reason"], registry=r)
+        self.capture_dropped = Counter(p + "capture_dropped_total", "Capture records dropped because the writer "
+                                       "queue was full (requests are never slowed down for capture)", registry=r)
+        self.draining = Gauge(p + "draining", "1 while the scheduler drains (refuses new requests) before exiting",
+                              registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,12 +26,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from pdserve.scheduler.affinity import PrefixPoints, PrefixTracker
+from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.errors import ApiError, UpstreamClientError
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
 from pdserve.scheduler.pool import Instance, InstancePool
-from pdserve.scheduler.relay import DONE, Relay, dumps
+from pdserve.scheduler.relay import DONE, OpenAIRelay, Relay, dumps
 
 log = logging.getLogger("pdserve.scheduler.flow")
 
@@ -68,6 +70,12 @@ class RequestContext:
     completion_tokens: int | None = None
     chunks: int = 0
     error: str | None = None
+    model_alias: str | None = None  # the name the answer carries, when it is not the instances' own
+    decode_only: str | None = None  # why no remote prefill ran ("short", "cached"), else None
+    points: PrefixPoints | None = None  # the prompt's prefix hashes, for the decode-side tracker
+    prefill_done: float | None = None  # perf_counter when the prefill answer arrived
+    t_last: float | None = None  # perf_counter of the last relayed chunk
+    capture: CaptureRecord | None = None  # set when this request is sampled for capture
 
 
 @dataclass(slots=True)
@@ -135,13 +143,17 @@ def _snippet(payload: bytes) -> str:
     return payload[:300].decode("utf-8", "replace")
 
 
+_NO_PREFILL = PrefillResult("", None, None, None)
+
+
 class PDFlow:
     def __init__(self, cfg: SchedulerConfig, pool: InstancePool, metrics: SchedulerMetrics,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession, tracker: PrefixTracker | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.metrics = metrics
         self.session = session
+        self.tracker = tracker
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
@@ -180,7 +192,8 @@ class PDFlow:
                 continue
             if status >= 400:
                 raise UpstreamClientError(status, payload, "application/json")
-            ctx.prefill_s = time.perf_counter() - t
+            ctx.prefill_done = time.perf_counter()
+            ctx.prefill_s = ctx.prefill_done - t
             self.metrics.prefill.labels(inst.spec.name).observe(ctx.prefill_s)
             try:
                 data = json.loads(payload)
@@ -219,7 +232,8 @@ class PDFlow:
 
     # -- whole flow ------------------------------------------------------------------------------
     async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:
-        pre = await self.prefill(ctx)
+        # decode-only: the decode instance computes the prompt itself (no kv_transfer_params)
+        pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx)
         tried: list[Instance] = []
         for attempt in range(1 + self.cfg.retries):
             if request.transport is None or request.transport.is_closing():
@@ -235,7 +249,7 @@ class PDFlow:
                 self.metrics.retries.labels("decode", exc.reason).inc()
                 log.warning("request %s: %s; retrying on another decode instance%s", ctx.request_id,
                             exc.error.message, " after a new prefill" if exc.reprefill else "")
-                if exc.reprefill:
+                if exc.reprefill and not ctx.decode_only:
                     pre = await self.prefill(ctx)
         raise AssertionError("unreachable")
 
@@ -251,6 +265,8 @@ class PDFlow:
             raise
         name = inst.spec.name
         ctx.instances.append(name)
+        if self.tracker is not None and ctx.points is not None:
+            self.tracker.record(name, ctx.points)  # its prefix cache will hold this prompt
         body = decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
         resp: aiohttp.ClientResponse | None = None
         finished = False
@@ -317,8 +333,12 @@ class PDFlow:
             fixed = self._fix_usage(ctx, pre, usage)
         self._observe_tokens(ctx)
         ctx.ttft_s = time.perf_counter() - ctx.t0
+        if ctx.capture is not None:
+            ctx.capture.response = payload
         if relay.passthrough and not fixed:
             body = payload
+        elif isinstance(relay, OpenAIRelay):
+            body = relay.transform(dumps(data) if fixed else payload)
         else:
             body = relay.json_body(data)
         resp = web.Response(body=body, headers={"X-Request-Id": ctx.request_id})
@@ -375,7 +395,7 @@ class PDFlow:
         Returns True when the upstream answer was read to its end."""
         itl = self.metrics.itl.labels(ctx.endpoint)
         buf = first
-        last = 0.0
+        last = first_at = 0.0
         saw_done = False
         err: ApiError | None = None
         content = resp.content
@@ -394,10 +414,15 @@ class PDFlow:
                 if ctx.ttft_s is None:
                     ctx.ttft_s = now - ctx.t0
                     self.metrics.ttft.labels(ctx.endpoint).observe(ctx.ttft_s)
+                    if ctx.prefill_done is not None and pre.kv_transfer_params is not None:
+                        self.metrics.kv_handover.observe(now - ctx.prefill_done)
+                    first_at = now
                 elif n:
                     itl.observe(now - last)
                 last = now
                 ctx.chunks += n
+                if ctx.capture is not None:
+                    ctx.capture.chunks.append(events)
                 data = relay.transform(events)
                 if data:
                     await out.write(data)
@@ -420,5 +445,10 @@ class PDFlow:
             log.warning("request %s: %s", ctx.request_id, err.message)
             await out.write(relay.error(err))
         self._observe_tokens(ctx)
+        if err is None and ctx.ttft_s is not None:
+            choices = ctx.body.get("n") or 1
+            per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
+            if per_choice > 1:
+                self.metrics.tpot.labels(ctx.endpoint).observe((last - first_at) / (per_choice - 1))
         await out.write_eof()
         return err is None

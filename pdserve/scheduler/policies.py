@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class RouteKey:
     prefix: bytes | None  # leading prompt bytes for prefix-affinity (None: no affinity)
     tokens: int  # estimated tokens of work (prompt + max_tokens), for least-load
+    affinity: dict[str, int] | None = None  # decode: instance name -> prompt chars it probably has cached
 
 
 class Policy(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -159,11 +159,17 @@ class InstancePool:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self._task: asyncio.Task[None] | None = None
+        self.on_down: list[Callable[[Instance], None]] = []  # e.g. forget what its cache held
+
+    def _went_down(self, inst: Instance, reason: str | None) -> None:
+        log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
+        for cb in self.on_down:
+            cb(inst)
 
     def mark_down(self, inst: Instance, reason: str) -> None:
         """Passive health: a request could not reach the instance; the health loop puts it back."""
         if inst.set_health(False, reason):
-            log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
+            self._went_down(inst, reason)
 
     async def check_one(self, session: aiohttp.ClientSession, inst: Instance) -> bool:
         try:
@@ -178,7 +184,7 @@ class InstancePool:
             if ok:
                 log.info("instance %s is healthy again; back in the pool", inst.spec.name)
             else:
-                log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
+                self._went_down(inst, reason)
         return ok
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:

@@ -22,10 +22,19 @@ def dumps(obj: Any) -> bytes:
 
 
 class OpenAIRelay:
-    passthrough = True
+    """Bytes as the decode instance wrote them; with a model alias, ``"model":"<instance name>"``
+    becomes ``"model":"<the name the client used>"`` (a byte replace: the pattern, with its
+    unescaped quotes, cannot occur inside a JSON string value such as generated text)."""
+
     stream_content_type: str | None = None  # None: copy the decode instance's
 
+    def __init__(self, rename: tuple[bytes, bytes] | None = None) -> None:
+        self.rename = rename
+        self.passthrough = rename is None
+
     def transform(self, events: bytes) -> bytes:
+        if self.rename is not None:
+            return events.replace(*self.rename)
         return events
 
     def error(self, err: ApiError) -> bytes:
@@ -33,7 +42,7 @@ class OpenAIRelay:
         return err.sse_event() + DONE
 
     def json_body(self, data: dict[str, Any]) -> bytes:
-        return dumps(data)
+        return self.transform(dumps(data))
 
 
 class GenerateRelay:

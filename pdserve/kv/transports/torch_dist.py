@@ -4,7 +4,8 @@ Each (prefill worker, decode worker) pair gets its own two-rank process group â€
 nccl on CUDA, hccl on Ascend â€” created on first use through a TCPStore that the prefill worker
 hosts at side-channel port + offset. The process group is built directly (not through
 ``init_process_group``) so it does not disturb vLLM's own distributed state. Rank 0 is the
-prefill side, rank 1 the decode side; each transfer uses its own tag.
+prefill side, rank 1 the decode side; each transfer uses its own tag. On CPU the send and
+receive buffers are pooled (fresh ones page-fault on every transfer).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from pdserve.kv.layout import BlockLayout
-from pdserve.kv.transports.base import Outgoing, Transfer, TransferState, Transport
+from pdserve.kv.transports.base import BufferPool, Outgoing, Transfer, TransferState, Transport
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class TorchDistTransport(Transport):
         self._lock = threading.Lock()
         self._sendq: queue.Queue = queue.Queue()
         self._sender: threading.Thread | None = None
+        self._pool = BufferPool()  # host buffers (gloo); device memory has its own caching
+        self._handoff = threading.Lock()  # finish() and the sender thread: one recycles a buffer
 
     # ---- pairing
     def _server_store(self):
@@ -77,9 +80,12 @@ class TorchDistTransport(Transport):
                                             timeout=timedelta(seconds=self.timeout))
             return self._store
 
-    def _group(self, key: str, rank: int, device: torch.device, host: str, port: int):
+    def _group(self, peer: str, rank: int, device: torch.device, host: str, port: int):
+        """The pair group with ``peer`` (the decode worker "engine/rank"); on the decode side it
+        is also keyed by the prefill store address, as one decode worker pulls from many."""
         import torch.distributed as dist
 
+        key = peer if rank == 0 else f"{host}:{port}/{peer}"
         with self._lock:
             group = self._groups.get(key)
         if group is not None:
@@ -88,19 +94,30 @@ class TorchDistTransport(Transport):
             store = self._server_store()
         else:
             store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.timeout))
-        group = _make_group(dist.PrefixStore(f"pdserve/{key}", store), rank, backend_for(device),
+        group = _make_group(dist.PrefixStore(f"pdserve/{peer}", store), rank, backend_for(device),
                             self.timeout)
         with self._lock:
             self._groups[key] = group
         log.info("torch_dist pair group %s ready (rank %d, %s)", key, rank, backend_for(device))
         return group
 
+    def _buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self._pool.take(nbytes)[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        if buf.device.type == "cpu":
+            self._pool.give_back(buf._base if buf._base is not None else buf)
+
     # ---- prefill side
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
-        buf = layout.gather(block_ids)
+        nbytes = layout.nbytes(len(block_ids))
+        buf = self._buffer(nbytes, layout.device)
+        layout.gather_into(block_ids, buf)
         xfer.handle = (buf, layout.device)
-        return Outgoing(extra={"tag": tag_for(xfer.xfer_id), "nbytes": buf.numel()}, frames=[],
-                        nbytes=buf.numel())
+        return Outgoing(extra={"tag": tag_for(xfer.xfer_id), "nbytes": nbytes}, frames=[],
+                        nbytes=nbytes)
 
     def after_reply(self, xfer: Transfer) -> None:
         if self._sender is None:
@@ -115,32 +132,48 @@ class TorchDistTransport(Transport):
             if xfer is None:
                 return
             buf, device = xfer.handle
+            state, error = TransferState.DONE, ""
             try:
                 group = self._group(xfer.peer, 0, device, self.store_host, self.store_port or 0)
                 if buf.numel():
                     group.send([buf], 1, tag_for(xfer.xfer_id)).wait()
-                xfer.mark(TransferState.DONE)
             except Exception as exc:  # the decode side reports the failure to its engine
                 log.warning("torch_dist send of %s to %s failed: %s", xfer.req_id, xfer.peer, exc)
-                xfer.mark(TransferState.FAILED, str(exc))
+                state, error = TransferState.FAILED, str(exc)
+            with self._handoff:
+                xfer.mark(state, error)
+                finished = xfer.handle is None
+            if finished:  # finish() came first: the buffer is ours to recycle
+                self._release(buf)
 
     def finish(self, xfer: Transfer) -> None:
-        xfer.handle = None
+        with self._handoff:
+            held, xfer.handle = xfer.handle, None
+            sent = xfer.state in (TransferState.DONE, TransferState.FAILED)
+        if held is not None and sent:
+            self._release(held[0])  # the send is over (else the sender thread recycles it)
 
     # ---- decode side
     def before_reply(self, xfer: Transfer, layout: BlockLayout, store_addr: tuple[str, int]) -> None:
         host, port = store_addr
+        xfer.handle = (host, port)
         self._group(xfer.peer, 1, layout.device, host, port)
 
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames) -> None:
         nbytes = int(extra["nbytes"])
-        group = self._groups.get(xfer.peer)
+        host, port = xfer.handle if xfer.handle else ("", 0)
+        with self._lock:
+            group = self._groups.get(f"{host}:{port}/{xfer.peer}")
         if group is None:
             raise RuntimeError("torch_dist pair group was not set up before the reply")
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=layout.device)
-        if nbytes:
+        if not nbytes:
+            return
+        buf = self._buffer(nbytes, layout.device)
+        try:
             group.recv([buf], 0, int(extra["tag"])).wait()
-        layout.scatter_from(block_ids, buf)
+            layout.scatter_from(block_ids, buf)
+        finally:
+            self._release(buf)
 
     def close(self) -> None:
         if self._sender is not None:

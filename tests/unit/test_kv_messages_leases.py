@@ -1,0 +1,119 @@
+"""Side-channel message encoding, and the prefill-side lease table."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+
+from pdserve.kv import messages as m
+from pdserve.kv.leases import LeaseTable
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("msg", [
+    m.PullRequest("x1", "req-1", [3, 4, 9], "shm", "abcd", tp_rank=1, peer="dec-0"),
+    m.PullRequest("x2", "req-2", [], "tcp", ""),
+    m.PullReply("x1", True, nbytes=123, extra={"shm": "psm_1", "nbytes": 123}),
+    m.PullReply("x1", False, error="no lease"),
+    m.Done("x1", "req-1", ok=False),
+    m.Release("req-1", reason="prefix hit"),
+])
+def test_round_trip(msg) -> None:
+    data = m.encode(msg)
+    assert isinstance(data, bytes)
+    assert m.decode(data) == msg
+    assert m.decode(memoryview(data)) == msg
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\xc1garbage",
+    msgpack.packb([1, 2, 3]),
+    msgpack.packb({"op": "nope"}),
+    msgpack.packb({"no_op": 1}),
+    msgpack.packb({"op": "pull", "xfer_id": "x"}),  # missing fields
+    msgpack.packb({"op": "done", "xfer_id": "x", "req_id": "r", "bogus": 1}),  # unknown field
+    msgpack.packb({"op": "pull", "xfer_id": "x", "req_id": "r", "block_ids": "1,2",
+                   "transport": "shm", "layout": "f"}),  # wrongly typed
+    msgpack.packb({"op": "pull", "xfer_id": "x", "req_id": "r", "block_ids": [1, "2"],
+                   "transport": "shm", "layout": "f"}),
+    msgpack.packb({"op": "reply", "xfer_id": 5, "ok": True}),
+    msgpack.packb({"op": "done", "xfer_id": "x", "req_id": "r", "ok": 1}),
+])
+def test_garbage_raises_protocol_error(data: bytes) -> None:
+    with pytest.raises(m.ProtocolError):
+        m.decode(data)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_add_get_complete_take_finished() -> None:
+    t = LeaseTable(clock=FakeClock())
+    t.add("a", [1, 2], expires_at=2000)
+    t.add("b", [3], expires_at=2000)
+    assert len(t) == 2 and t.get("a").block_ids == [1, 2]
+    assert t.complete("a") is True
+    assert t.complete("a") is False  # twice: no double free
+    assert t.complete("unknown") is False
+    assert t.get("a") is None and len(t) == 1
+    assert t.take_finished() == {"a"}
+    assert t.take_finished() == set()
+    assert t.completed_total == 1
+
+
+def test_reap_expired_with_fake_clock() -> None:
+    clock = FakeClock(1000)
+    t = LeaseTable(clock=clock)
+    t.add("early", [1], expires_at=1010)
+    t.add("late", [2], expires_at=1030)
+    assert t.reap_expired() == []
+    clock.now = 1010  # expiry is inclusive
+    assert t.reap_expired() == ["early"]
+    assert t.get("early") is None and t.get("late") is not None
+    assert t.take_finished() == {"early"}
+    clock.now = 5000
+    assert t.reap_expired() == ["late"]
+    assert t.reap_expired() == []
+    assert t.expired_total == 2 and t.take_finished() == {"late"}
+
+
+def test_wait_for_present_absent_and_finished() -> None:
+    t = LeaseTable()
+    t.add("a", [1], time.time() + 60)
+    assert t.wait_for("a", 0).req_id == "a"
+    start = time.monotonic()
+    assert t.wait_for("missing", 0.05) is None
+    assert 0.04 <= time.monotonic() - start < 1
+    t.complete("a")
+    start = time.monotonic()
+    assert t.wait_for("a", 5) is None  # already finished: no waiting
+    assert time.monotonic() - start < 0.5
+
+
+def test_wait_for_wakes_when_lease_is_added() -> None:
+    t = LeaseTable()
+    timer = threading.Timer(0.05, t.add, args=("late", [7], time.time() + 60))
+    timer.start()
+    start = time.monotonic()
+    lease = t.wait_for("late", 5)
+    assert lease is not None and lease.block_ids == [7]
+    assert time.monotonic() - start < 2
+    timer.join()
+
+
+def test_add_copies_block_ids() -> None:
+    t = LeaseTable()
+    ids = [1, 2]
+    t.add("a", ids, time.time() + 60)
+    ids.append(3)
+    assert t.get("a").block_ids == [1, 2]

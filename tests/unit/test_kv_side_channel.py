@@ -1,0 +1,253 @@
+"""SideChannelServer + Puller in one process: leases, parking, refusals, expiry, release, ZAP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+import zmq
+
+from pdserve.kv import messages as m
+from pdserve.kv.layout import BlockLayout
+from pdserve.kv.leases import LeaseTable
+from pdserve.kv.puller import Puller, PullError, PullTask
+from pdserve.kv.side_channel import SideChannelServer
+from pdserve.kv.transports import make_transports
+
+pytestmark = pytest.mark.unit
+
+HOST = "127.0.0.1"
+NB = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def make_kv(seed: int, heads: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}": torch.randn(2, NB, heads, 4, 8, generator=g).to(torch.bfloat16)
+            for i in range(3)}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Pair:
+    """A prefill side (server) and a decode side (puller) on 127.0.0.1."""
+
+    def __init__(self, lease_wait: float = 2.0, timeout: float = 5.0,
+                 allowed_peers: list[str] | None = None, decode_heads: int = 2) -> None:
+        self.port = free_port()
+        self.clock = FakeClock()
+        self.leases = LeaseTable(clock=self.clock)
+        self.src_kv, self.dst_kv = make_kv(1), make_kv(2, decode_heads)
+        self.src, self.dst = BlockLayout(self.src_kv, NB), BlockLayout(self.dst_kv, NB)
+        self.served: list[int] = []
+        self.server_transports = make_transports()
+        self.server = SideChannelServer(HOST, self.port, self.src, self.leases,
+                                        self.server_transports, lease_wait_seconds=lease_wait,
+                                        allowed_peers=allowed_peers, on_bytes=self.served.append)
+        self.server.start()
+        self.puller = Puller(self.dst, make_transports(), tp_rank=0, engine_id="dec",
+                             timeout=timeout)
+
+    def lease(self, req_id: str, block_ids: list[int], ttl: float = 60) -> None:
+        self.leases.add(req_id, block_ids, self.clock.now + ttl)
+        self.server.wake()
+
+    def task(self, req_id: str, remote: list[int], local: list[int], transport: str = "shm"):
+        return PullTask(f"d-{req_id}", req_id, HOST, self.port, remote, local, transport)
+
+    def assert_copied(self, remote: list[int], local: list[int]) -> None:
+        for name in self.src_kv:
+            assert torch.equal(self.src_kv[name][:, remote].view(torch.uint8),
+                               self.dst_kv[name][:, local].view(torch.uint8))
+
+    def wait_finished(self, req_id: str, timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            seen |= self.leases.take_finished()
+            if req_id in seen:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"lease {req_id} was not finished")
+
+    def close(self) -> None:
+        self.server.stop()
+        for t in [*self.server_transports.values(), *self.puller.transports.values()]:
+            t.close()
+
+
+@pytest.fixture()
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_pull_is_bit_exact_and_confirms(pair: Pair, transport: str) -> None:
+    remote, local = [2, 3, 4, 9], [10, 11, 0, 5]
+    pair.lease("r1", remote + [12])  # pulling a subset of the lease is fine
+    xfer = pair.puller.pull(pair.task("r1", remote, local, transport))
+    assert xfer.nbytes == pair.src.nbytes(4) and xfer.state.value == "done"
+    pair.assert_copied(remote, local)
+    pair.wait_finished("r1")  # the done message freed the lease at once
+    assert pair.leases.get("r1") is None
+    assert pair.served == [pair.src.nbytes(4)]
+
+
+def test_repeated_pulls_reuse_buffers(pair: Pair) -> None:
+    for i in range(5):
+        pair.lease(f"r{i}", [i, i + 1])
+        pair.puller.pull(pair.task(f"r{i}", [i, i + 1], [i + 5, i + 6], "shm"))
+        pair.assert_copied([i, i + 1], [i + 5, i + 6])
+        pair.wait_finished(f"r{i}")
+    assert len(pair.server_transports["shm"]._pool.names()) == 1
+
+
+def test_pull_waits_for_a_late_lease(pair: Pair) -> None:
+    """The decode side can be faster than the prefill engine's next step: the pull is parked."""
+    timer = threading.Timer(0.3, pair.lease, args=("late", [1, 2]))
+    timer.start()
+    start = time.monotonic()
+    pair.puller.pull(pair.task("late", [1, 2], [3, 4]))
+    assert time.monotonic() - start >= 0.25
+    pair.assert_copied([1, 2], [3, 4])
+    timer.join()
+
+
+def test_lease_never_granted_is_refused() -> None:
+    p = Pair(lease_wait=0.3)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PullError, match="no KV lease for request ghost"):
+            p.puller.pull(p.task("ghost", [1], [1]))
+        assert time.monotonic() - start < 3
+    finally:
+        p.close()
+
+
+def test_pull_times_out_cleanly() -> None:
+    p = Pair(lease_wait=30, timeout=0.4)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PullError, match="timed out"):
+            p.puller.pull(p.task("ghost", [1], [1]))
+        assert time.monotonic() - start < 2
+        # the puller recovers: the next pull works (a fresh socket, the stale reply is dropped)
+        p.lease("ok", [4])
+        p.puller.pull(p.task("ok", [4], [6]))
+        p.assert_copied([4], [6])
+    finally:
+        p.close()
+
+
+def test_blocks_not_leased_are_refused(pair: Pair) -> None:
+    pair.lease("r", [1, 2])
+    with pytest.raises(PullError, match=r"blocks \[3\] are not leased to request r"):
+        pair.puller.pull(pair.task("r", [1, 3], [1, 3]))
+
+
+def test_unknown_transport_is_refused(pair: Pair) -> None:
+    pair.lease("r", [1])
+    pair.puller.transports["carrier-pigeon"] = pair.puller.transports["tcp"]
+    with pytest.raises(PullError, match="unknown transport 'carrier-pigeon'"):
+        pair.puller.pull(pair.task("r", [1], [1], "carrier-pigeon"))
+
+
+def test_layout_mismatch_is_refused_with_a_clear_message() -> None:
+    p = Pair(decode_heads=1)  # another model / TP size: other KV shape
+    try:
+        p.lease("r", [1])
+        with pytest.raises(PullError, match="KV cache layouts differ between prefill and decode"):
+            p.puller.pull(p.task("r", [1], [1]))
+    finally:
+        p.close()
+
+
+def _raw_pull(port: int, req_id: str, blocks: list[int], fingerprint: str):
+    """A pull that never confirms (a decode instance that died after the reply)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{HOST}:{port}")
+    sock.send(m.encode(m.PullRequest(uuid.uuid4().hex, req_id, blocks, "shm", fingerprint)))
+    assert sock.poll(3000), "no reply"
+    reply = m.decode(sock.recv_multipart()[0])
+    sock.close()
+    return reply
+
+
+def test_lease_expiry_frees_the_shm_segment(pair: Pair) -> None:
+    pair.lease("r", [1, 2], ttl=30)
+    reply = _raw_pull(pair.port, "r", [1, 2], pair.src.fingerprint)
+    assert reply.ok and reply.extra["shm"]
+    pool = pair.server_transports["shm"]._pool
+    assert [s.name for s in pool._free] == []  # held by the unconfirmed pull
+    assert pair.leases.reap_expired() == []
+    pair.clock.now += 31
+    expired = pair.leases.reap_expired()
+    assert expired == ["r"]
+    pair.server.forget(set(expired))
+    assert [s.name for s in pool._free] == [reply.extra["shm"]]  # back in the pool
+    assert pair.server._inflight == {}
+    assert pair.leases.take_finished() == {"r"}
+
+
+def test_release_completes_the_lease(pair: Pair) -> None:
+    pair.lease("r", [1, 2])
+    pair.puller.release(HOST, pair.port, "r", "prefix cache hit")
+    pair.wait_finished("r")
+    assert pair.leases.get("r") is None
+
+
+def test_garbage_does_not_stop_the_server(pair: Pair) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{HOST}:{pair.port}")
+    sock.send(b"\xc1 not msgpack")
+    sock.send_multipart([m.encode(m.Done("x", "nobody")), b"extra"])
+    sock.close()
+    pair.lease("r", [5])
+    pair.puller.pull(pair.task("r", [5], [6]))
+    pair.assert_copied([5], [6])
+
+
+def test_out_of_range_blocks_fail_the_pull(pair: Pair) -> None:
+    pair.lease("r", [NB + 5])
+    with pytest.raises(PullError, match="out of range"):
+        pair.puller.pull(pair.task("r", [NB + 5], [1]))
+
+
+def test_allowed_peers_refuse_other_addresses() -> None:
+    p = Pair(timeout=0.5, allowed_peers=["127.0.0.2"])  # we connect from 127.0.0.1
+    try:
+        p.lease("r", [1])
+        with pytest.raises(PullError, match="timed out"):
+            p.puller.pull(p.task("r", [1], [1]))
+        assert p.leases.get("r") is not None and p.served == []
+    finally:
+        p.close()
+
+
+def test_allowed_peers_admit_listed_addresses() -> None:
+    p = Pair(allowed_peers=["127.0.0.1"])
+    try:
+        p.lease("r", [1, 2])
+        p.puller.pull(p.task("r", [1, 2], [7, 8]))
+        p.assert_copied([1, 2], [7, 8])
+    finally:
+        p.close()

@@ -1,0 +1,121 @@
+"""The daemon's supervision with a fake child (a tiny Python script, not vLLM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.unit
+
+CHILD = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    mode = sys.argv[1]
+    # a grandchild, like vLLM's engine core, in the same process group
+    sub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(f"grandchild {sub.pid}", flush=True)
+    for i in range(60):
+        print(f"line {i}", flush=True)
+    if mode == "die":
+        print("fatal: out of cheese", flush=True)
+        sys.exit(3)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *a: (print("draining", flush=True), sys.exit(0)))
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+DAEMON = textwrap.dedent("""
+    import sys
+    from pdserve.worker.daemon import supervise
+    sys.exit(supervise("prefill0", [sys.executable, sys.argv[1], sys.argv[2]], None, float(sys.argv[3]),
+                       prefix="[prefill0] "))
+""")
+
+
+def start(tmp_path: Path, mode: str, drain: float = 5.0) -> subprocess.Popen[str]:
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", DAEMON, str(child), mode, str(drain)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen[str], word: str, timeout: float = 30) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if word in line:
+            return lines
+    raise AssertionError(f"{word!r} not seen in {lines}")
+
+
+def grandchild(lines: list[str]) -> int:
+    return int(next(line for line in lines if "grandchild" in line).split()[-1])
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_forwarded_then_exit_0(tmp_path: Path) -> None:
+    d = start(tmp_path, "ok")
+    lines = wait_for(d, "ready")
+    assert all(line.startswith("[prefill0] ") for line in lines)
+    gc = grandchild(lines)
+    d.send_signal(signal.SIGTERM)
+    out, err = d.communicate(timeout=30)
+    assert d.returncode == 0, err
+    assert "[prefill0] draining" in out and "SIGTERM: stopping prefill0" in err
+    assert gone(gc)
+
+
+def test_sigint_also_stops(tmp_path: Path) -> None:
+    d = start(tmp_path, "ok")
+    wait_for(d, "ready")
+    d.send_signal(signal.SIGINT)
+    d.communicate(timeout=30)
+    assert d.returncode == 0
+
+
+def test_stubborn_child_is_killed_after_the_drain_deadline(tmp_path: Path) -> None:
+    d = start(tmp_path, "stubborn", drain=1.0)
+    lines = wait_for(d, "ready")
+    gc = grandchild(lines)
+    t0 = time.monotonic()
+    d.send_signal(signal.SIGTERM)
+    d.communicate(timeout=30)
+    assert d.returncode == 0 and time.monotonic() - t0 < 15
+    assert gone(gc)
+
+
+def test_child_death_is_non_zero_with_log_tail(tmp_path: Path) -> None:
+    d = start(tmp_path, "die")
+    out, err = d.communicate(timeout=30)
+    assert d.returncode == 3
+    assert "exited on its own with code 3" in err and "fatal: out of cheese" in err
+    tail = [line for line in err.splitlines() if line.startswith("  | ")]
+    assert len(tail) == 40 and tail[-1] == "  | fatal: out of cheese"
+    assert gone(grandchild(out.splitlines()))
