@@ -115,7 +115,10 @@ class SideChannelServer:
         log.info("KV side channel listening on %s:%d", self.host, self.port)
         try:
             while not self._stop.is_set():
-                timeout = 1000 if self._parked else None  # parked pulls time out; else sleep
+                timeout = None  # nothing parked: sleep until a message or a wake-up
+                if self._parked:  # parked pulls time out: wake up for the first deadline
+                    first = min(deadline for deadline, _, _ in self._parked)
+                    timeout = max(10, min(1000, int((first - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(timeout))
                 if wake in events:
                     while wake.poll(0):

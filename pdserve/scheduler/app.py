@@ -22,7 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.scheduler import models
 from pdserve.scheduler.admission import Admission
-from pdserve.scheduler.affinity import AffinityFirst, PrefixTracker, prompt_upper_tokens, upper_tokens
+from pdserve.scheduler.affinity import (CHAT_OVERHEAD_TOKENS, AffinityFirst, PrefixPoints, PrefixTracker,
+                                        prompt_upper_tokens, upper_tokens)
 from pdserve.scheduler.auth import ApiKeys, instance_headers
 from pdserve.scheduler.capture import CaptureRecord, CaptureSink
 from pdserve.scheduler.config import SchedulerConfig
@@ -47,7 +48,8 @@ _ENDPOINTS = {
     "/health": "health",
     "/metrics": "metrics",
 }
-_UNTRACKED = frozenset({"/health", "/metrics"})  # never refused while draining, not waited for
+_UNTRACKED = frozenset({"/health", "/metrics"})
+_INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
@@ -62,13 +64,11 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self.tracker: PrefixTracker | None = None
         decode_policy: Policy = make_policy(cfg.decode_policy, cfg.affinity_load_factor)
+        self.affinity: AffinityFirst | None = None
         if cfg.decode_affinity or cfg.decode_only_uncached_below:
             self.tracker = PrefixTracker(cfg.affinity_chunk_chars)
-            self.affinity: AffinityFirst | None = AffinityFirst(decode_policy, cfg.affinity_load_factor)
-            if cfg.decode_affinity:
-                decode_policy = self.affinity
-        else:
-            self.affinity = None
+            # the wrapper acts only on requests whose RouteKey carries affinity scores
+            decode_policy = self.affinity = AffinityFirst(decode_policy, cfg.affinity_load_factor)
         self.pool = InstancePool(
             cfg.instances,
             make_policy(cfg.prefill_policy, cfg.affinity_load_factor),
@@ -155,6 +155,7 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     request[RID] = rid
     t0 = time.perf_counter()
     status = 500
+    error: str | None = None
     tracked = request.path not in _UNTRACKED
     if tracked:
         state.drain.enter()
@@ -166,14 +167,14 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         resp = await handler(request)
         status = resp.status
     except ApiError as exc:
-        resp, status = exc.response(rid), exc.status
+        resp, status, error = exc.response(rid), exc.status, exc.message
         if status in (400, 401, 404, 413, 429) or (status == 503 and state.drain.draining):
             state.metrics.rejected.labels(str(status)).inc()
     except UpstreamClientError as exc:
         resp, status = exc.response(rid), exc.status
     except web.HTTPException as exc:
         err = _client_error(exc)
-        resp, status = err.response(rid), err.status
+        resp, status, error = err.response(rid), err.status, err.message
         state.metrics.rejected.labels(str(status)).inc()
     except asyncio.CancelledError:
         status = 499  # client closed the connection
@@ -190,17 +191,22 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         resp.headers["X-Request-Id"] = rid
         if state.drain.draining:
             resp.force_close()  # keep-alive clients reconnect (to another replica)
-    _finish(state, request, status, t0)
+    _finish(state, request, status, t0, error)
     return resp
 
 
-def _finish(state: Scheduler, request: web.Request, status: int, t0: float) -> None:
+def _finish(state: Scheduler, request: web.Request, status: int, t0: float, error: str | None = None) -> None:
     endpoint = _ENDPOINTS.get(request.path, "other")
     ctx: RequestContext | None = request.get(CTX)
     e2e = time.perf_counter() - t0
     model = ctx.model if ctx is not None else ""
     state.metrics.requests.labels(endpoint, str(status), model).inc()
     if ctx is None:
+        # refused before it became a request (bad input, API key, draining, overload): one short
+        # line, so refusals are auditable too (never with headers: no key reaches a log)
+        if status >= 400 and endpoint in _INFERENCE and state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({"request_id": request[RID], "endpoint": endpoint, "status": status,
+                                        "e2e_ms": round(e2e * 1e3, 2), "error": error}, separators=(",", ":")))
         return
     e2e_child = state._e2e.get(endpoint)
     (e2e_child or state.metrics.e2e.labels(endpoint)).observe(e2e)
@@ -283,6 +289,19 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
         state.admission.release()
 
 
+def _uncached_tokens(endpoint: str, pp: PrefixPoints, matched: int) -> int:
+    """Upper token estimate of the prompt past the ``matched`` characters, with the chat template's
+    per-message overhead for every message that starts in that part."""
+    tokens = upper_tokens(pp.suffix(matched))
+    if endpoint == "chat":
+        start = 0
+        for piece in pp.pieces:
+            if start >= matched:
+                tokens += CHAT_OVERHEAD_TOKENS
+            start += len(piece)
+    return tokens
+
+
 def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
     """Decode-side cache awareness: the prompt's prefix hashes (for conversation affinity) and
     whether the request can skip the prefill instance (``--decode-only-below`` /
@@ -302,19 +321,20 @@ def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
         n = state.tracker.matched(inst.spec.name, pp)
         if n:
             affinity[inst.spec.name] = n
-    if affinity:
-        ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, affinity)
-    if not ctx.decode_only and affinity and cfg.decode_only_uncached_below and state.affinity is not None:
+    if not affinity:
+        pass
+    elif not ctx.decode_only and cfg.decode_only_uncached_below and state.affinity is not None:
         cap = cfg.max_inflight_per_instance
         avail = [i for i in healthy if cap <= 0 or i.inflight < cap]
-        best = state.affinity.preferred(avail, healthy, ctx.key)
+        best = state.affinity.preferred(avail, healthy, RouteKey(None, 0, affinity))
         if best is not None:
-            uncached = pp.suffix(affinity[best.spec.name])
-            extra = 8 * max(0, len(pp.pieces) - 1) if ctx.endpoint == "chat" else 0
-            if upper_tokens(uncached) + extra < cfg.decode_only_uncached_below:
+            matched = affinity[best.spec.name]
+            if _uncached_tokens(ctx.endpoint, pp, matched) < cfg.decode_only_uncached_below:
                 ctx.decode_only = "cached"
-                if not cfg.decode_affinity:  # the decode policy must still pick the cached instance
-                    ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, {best.spec.name: 1})
+                # acquire() follows synchronously, so the policy picks this very instance
+                ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, {best.spec.name: matched})
+    if cfg.decode_affinity and affinity and ctx.key.affinity is None:
+        ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, affinity)
     if ctx.decode_only:
         state.metrics.decode_only.labels(ctx.decode_only).inc()
 
@@ -332,15 +352,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Every served name (alias) as its own model, as vLLM lists several --served-model-name."""
     state = _state(request)
-    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "pdserve", "root": name,
-             "parent": None, "max_model_len": state.cfg.max_model_len, "permission": []}
+    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "pdserve",
+             "root": state.cfg.upstream_model or name, "parent": None, "max_model_len": state.cfg.max_model_len,
+             "permission": []}
             for name in state.cfg.served_model_names]
     return web.json_response({"object": "list", "data": data})
 
 
 async def health(request: web.Request) -> web.Response:
-    pool = _state(request).pool
+    state = _state(request)
+    if state.drain.draining:  # load balancers take this replica out while it drains
+        raise ApiError(503, "draining")
+    pool = state.pool
     for role in (pool.prefill, pool.decode):
         if not role.healthy():
             raise ApiError(503, f"no healthy {role.role} instance")

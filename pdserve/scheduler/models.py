@@ -186,13 +186,21 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any], chars_per_t
     return 0, False
 
 
+def max_tokens_of(endpoint: Endpoint, req: SamplingFields) -> int | None:
+    """The output bound the request asks for (``max_completion_tokens`` exists only for chat: on
+    the other endpoints it is an unknown, unvalidated pass-through field)."""
+    if endpoint == "chat":
+        return req.max_completion_tokens or req.max_tokens  # type: ignore[attr-defined]
+    return req.max_tokens
+
+
 def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], max_model_len: int | None,
                  chars_per_token: float) -> int:
     """Reject prompts (or max_tokens) that cannot fit the model's context; return the token estimate."""
     est, exact = estimate_prompt_tokens(endpoint, body, chars_per_token)
     if not max_model_len:
         return est
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    max_tokens = max_tokens_of(endpoint, req)
     if max_tokens is not None and max_tokens > max_model_len:
         raise bad_request(
             f"max_tokens={max_tokens} is larger than the model's context length ({max_model_len} tokens)",

@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from pdserve.scheduler.app import build_app, make_session
+from pdserve.scheduler.app import STATE, Scheduler, build_app, make_session
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.startup import prepare
 
@@ -17,28 +17,49 @@ log = logging.getLogger("pdserve.scheduler")
 
 
 async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None:
-    """Check the instances, then serve until ``stop`` is set (or SIGINT/SIGTERM)."""
+    """Check the instances, then serve until ``stop`` is set or SIGINT/SIGTERM arrives; then drain:
+    refuse new requests with 503, give in-flight ones up to ``--drain-seconds``, and return."""
     session = make_session(cfg)
     runner: web.AppRunner | None = None
     try:
         await prepare(session, cfg)  # raises ConfigError: nothing is listening yet
         app = build_app(cfg, session)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        state: Scheduler = app[STATE]  # type: ignore[assignment]
+        # the drain below already waited for in-flight requests: cleanup then cancels what is left
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048)
         await site.start()
-        log.info("scheduler listening on http://%s:%d (%s API; policies prefill=%s decode=%s; models %s)",
+        log.info("scheduler listening on http://%s:%d (%s API; policies prefill=%s decode=%s; models %s%s)",
                  cfg.host, cfg.port, "OpenAI" if cfg.use_openai else "/generate", cfg.prefill_policy,
-                 cfg.decode_policy, ", ".join(cfg.served_model_names) or "any")
+                 cfg.decode_policy, ", ".join(cfg.served_model_names) or "any",
+                 f"; {len(cfg.api_keys)} API key(s)" if cfg.api_keys else "")
         stop = stop or asyncio.Event()
+        force = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signame: str) -> None:
+            if stop.is_set():
+                log.warning("%s again: stopping without waiting for in-flight requests", signame)
+                force.set()
+            else:
+                log.info("%s received", signame)
+                stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal, sig.name)
             except (NotImplementedError, RuntimeError):
                 pass
         await stop.wait()
-        log.info("scheduler shutting down")
+        state.drain.begin()
+        inflight = state.drain.active
+        log.info("scheduler draining: refusing new requests; %d in flight, waiting up to %g s (--drain-seconds)",
+                 inflight, cfg.drain_seconds)
+        if await state.drain.wait_idle(cfg.drain_seconds, force):
+            log.info("drained: every in-flight request finished; shutting down")
+        else:
+            log.warning("drain ended with %d request(s) still in flight; they are cut", state.drain.active)
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -101,16 +101,23 @@ async def check_identities(session: aiohttp.ClientSession, cfg: SchedulerConfig)
                               f"{expected} answered, but it was started from another global ranktable "
                               f"(digest {ident.ranktable_digest}, the scheduler's is {cfg.ranktable_digest})",
                               "start every daemon with the same GLOBAL_RANK_TABLE_FILE_PATH")
-        if cfg.served_model_names and ident.served_model_names and \
-                not set(cfg.served_model_names) & set(ident.served_model_names):
-            raise ConfigError("NODE_PORTS", where,
-                              f"{expected} serves {ident.served_model_names}, the scheduler "
-                              f"{cfg.served_model_names}", "use the same --served-model-name for every role")
+    # every instance must serve the same model: the scheduler forwards one name to all of them
+    named = [(spec, ident) for spec, ident in zip(cfg.instances, idents, strict=True) if ident.served_model_names]
+    if named:
+        first_spec, first = named[0]
+        for spec, ident in named[1:]:
+            if first.served_model_names[0] not in ident.served_model_names:
+                raise ConfigError("NODE_PORTS", f"NODE_PORTS[{spec.global_index}] (port {spec.port} on {spec.host})",
+                                  f"{spec.role} instance {spec.index} serves {ident.served_model_names}, but "
+                                  f"{first_spec.name} serves {first.served_model_names}",
+                                  "start every instance with the same model and --served-model-name")
     return list(idents)
 
 
-async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> int | None:
-    """vLLM's /v1/models reports max_model_len; the scheduler uses it to reject too-long prompts early."""
+async def model_facts_from_instances(session: aiohttp.ClientSession,
+                                     cfg: SchedulerConfig) -> tuple[int | None, str | None]:
+    """(max_model_len, served model name) from vLLM's /v1/models: the scheduler rejects too-long
+    prompts early with the first, and calls the instances by the second."""
     for spec in cfg.decode + cfg.prefill:
         try:
             async with session.get(spec.url + "/v1/models",
@@ -119,27 +126,47 @@ async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: Sche
                     continue
                 data = await resp.json(content_type=None)
             for m in data.get("data") or ():
-                if isinstance(m, dict) and isinstance(m.get("max_model_len"), int):
-                    return int(m["max_model_len"])
+                if isinstance(m, dict) and isinstance(m.get("id"), str):
+                    mml = m.get("max_model_len")
+                    return (int(mml) if isinstance(mml, int) else None), m["id"]
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
             continue
-    return None
+    return None, None
+
+
+async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> int | None:
+    return (await model_facts_from_instances(session, cfg))[0]
 
 
 async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
-    """Everything between "config parsed" and "serve": health, identities, model facts."""
+    """Everything between "config parsed" and "serve": health, identities, model facts.
+
+    ``cfg.upstream_model`` becomes the instances' own served name; ``cfg.served_model_names`` (the
+    names clients may use) defaults to the instances' names. Names the instances do not know are
+    aliases: requests are forwarded with the instances' name (see :mod:`features`)."""
     log.info("scheduler: %d prefill + %d decode instance(s): %s", len(cfg.prefill), len(cfg.decode),
              ", ".join(s.name for s in cfg.instances))
     await wait_healthy(session, cfg)
+    instance_names: list[str] = []
     if cfg.identity_check:
         idents = await check_identities(session, cfg)
-        if not cfg.served_model_names:
-            for ident in idents:
-                if ident.served_model_names:
-                    cfg.served_model_names = list(ident.served_model_names)
-                    break
+        for ident in idents:
+            if ident.served_model_names:
+                instance_names = list(ident.served_model_names)
+                break
         log.info("all %d instance identities match the ranktable", len(idents))
-    if cfg.max_model_len is None:
-        cfg.max_model_len = await max_model_len_from_instances(session, cfg)
-        if cfg.max_model_len:
+    if cfg.max_model_len is None or (not instance_names and cfg.upstream_model is None):
+        mml, name = await model_facts_from_instances(session, cfg)
+        if cfg.max_model_len is None and mml:
+            cfg.max_model_len = mml
             log.info("max model length %d (from the instances)", cfg.max_model_len)
+        if not instance_names and name:
+            instance_names = [name]
+    if cfg.upstream_model is None and instance_names:
+        cfg.upstream_model = instance_names[0]
+    if not cfg.served_model_names:
+        cfg.served_model_names = list(instance_names)
+    aliases = [n for n in cfg.served_model_names if n not in instance_names]
+    if aliases and cfg.upstream_model:
+        log.info("model name(s) %s are aliases: forwarded to the instances as %r", ", ".join(aliases),
+                 cfg.upstream_model)

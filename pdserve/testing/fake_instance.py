@@ -47,6 +47,7 @@ class FakeConfig:
     return_kv_params: bool = True  # prefill: answer kv_transfer_params
     require_kv_params: bool = True  # decode: 400 when kv_transfer_params are missing
     block_size: int = 4  # simulated prefix-cache block, in (whitespace) tokens
+    api_key: str | None = None  # like vLLM --api-key: /v1/* need "Authorization: Bearer <key>"
     identity: dict[str, Any] = field(default_factory=dict)  # override identity fields
 
 
@@ -150,7 +151,13 @@ class FakeInstance:
         ident.update(self.config.identity)
         return web.json_response(ident)
 
+    def _authorized(self, request: web.Request) -> bool:
+        key = self.config.api_key
+        return not key or request.headers.get("Authorization") == f"Bearer {key}"
+
     async def _models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
         return web.json_response({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "root": self.model,
              "max_model_len": self.max_model_len}]})
@@ -199,10 +206,15 @@ class FakeInstance:
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         rec: dict[str, Any] = {"path": request.path, "request_id": request.headers.get("X-Request-Id"),
                                "t_start": time.time(), "t_end": None, "status": None, "aborted": False,
-                               "tokens_sent": 0, "body": None, "kv_transfer_params": None}
+                               "tokens_sent": 0, "body": None, "kv_transfer_params": None,
+                               "authorization": request.headers.get("Authorization"),
+                               "x_api_key": request.headers.get("x-api-key")}
         self.requests.append(rec)
         cfg = self.config
         try:
+            if not self._authorized(request):
+                rec["status"] = 401
+                return web.json_response({"error": "Unauthorized"}, status=401)
             if cfg.refuse or cfg.die_after_tokens == 0:
                 rec["status"] = "dropped"
                 if request.transport is not None:
@@ -257,7 +269,8 @@ class FakeInstance:
                 return self._error(400, "fake decode instance: request has no kv_transfer_params from a prefill")
             # like vLLM, the decode side counts the KV it pulled as cached
             cached = n_prompt if kvtp_in else self._cached(toks)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        # like vLLM: max_completion_tokens exists for chat only (elsewhere an ignored extra field)
+        max_tokens = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens") or 16
         n_out = min(cfg.output_tokens, max_tokens) if cfg.output_tokens is not None else max_tokens
         n_choices = int(body.get("n") or 1)
         if not 1 <= n_choices <= 64 or not 1 <= int(max_tokens) <= 1_000_000:

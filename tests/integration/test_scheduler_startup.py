@@ -89,10 +89,25 @@ async def test_no_identity_endpoint(fakes) -> None:  # type: ignore[no-untyped-d
     await run_prepare(cfg_for(prefill, decode, identity_check=False))
 
 
-async def test_model_name_mismatch(fakes) -> None:  # type: ignore[no-untyped-def]
+async def test_served_name_unknown_to_instances_is_an_alias(fakes) -> None:  # type: ignore[no-untyped-def]
     prefill, decode = fakes
-    with pytest.raises(ConfigError, match="--served-model-name"):
-        await run_prepare(cfg_for(prefill, decode, served_model_names=["other"]))
+    cfg = cfg_for(prefill, decode, served_model_names=["other"])
+    await run_prepare(cfg)
+    assert cfg.served_model_names == ["other"] and cfg.upstream_model == "fake-model"
+
+
+async def test_instances_serving_different_models_rejected(fakes) -> None:  # type: ignore[no-untyped-def]
+    prefill, decode = fakes
+    decode[0].config.identity = {"served_model_names": ["another-model"]}
+    with pytest.raises(ConfigError, match=r"serves \['another-model'\].*--served-model-name"):
+        await run_prepare(cfg_for(prefill, decode))
+
+
+async def test_upstream_name_from_v1_models_without_identity(fakes) -> None:  # type: ignore[no-untyped-def]
+    prefill, decode = fakes
+    cfg = cfg_for(prefill, decode, identity_check=False, served_model_names=["alias"])
+    await run_prepare(cfg)
+    assert cfg.upstream_model == "fake-model" and cfg.max_model_len == 4096
 
 
 async def test_wait_healthy_times_out_naming_instances(fakes) -> None:  # type: ignore[no-untyped-def]

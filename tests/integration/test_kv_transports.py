@@ -1,0 +1,177 @@
+"""Each KV transport across two processes: a spawned prefill process serves random KV through a
+real SideChannelServer, this process pulls it with a real Puller and checks it bit for bit.
+
+Both sides build their tensors from seeds, so the expected bytes are recomputed here without
+shipping them back. One prefill process serves every test of the module (a spawn costs a
+torch import, ~2 s).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+
+import pytest
+import torch
+
+from pdserve.kv.layout import BlockLayout
+from pdserve.kv.puller import Puller, PullError, PullTask
+from pdserve.kv.transports import make_transports
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+NB = 24
+STORE_OFFSET = 100
+
+
+def free_port() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:  # the torch_dist store port must be free too
+            try:
+                s.bind((HOST, port + STORE_OFFSET))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def make_kv(seed: int, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.attn": torch.randn(2, NB, 3, 16, 64, generator=g).to(dtype)
+            for i in range(4)}
+
+
+def prefill_main(conn, port: int) -> None:
+    from pdserve.kv.leases import LeaseTable
+    from pdserve.kv.side_channel import SideChannelServer
+
+    layout = BlockLayout(make_kv(1), NB)
+    leases = LeaseTable()
+    transports = make_transports(store_host=HOST, store_port=port + STORE_OFFSET, timeout=20)
+    server = SideChannelServer(HOST, port, layout, leases, transports, lease_wait_seconds=5)
+    server.start()
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "lease":
+            leases.add(cmd[1], cmd[2], time.time() + 60)
+            server.wake()
+            conn.send("ok")
+        elif cmd[0] == "finished":  # leases confirmed by the decode side
+            conn.send(sorted(leases.take_finished()))
+        elif cmd[0] == "stop":
+            server.stop()
+            for t in transports.values():
+                t.close()
+            conn.send("bye")
+            return
+
+
+class Prefill:
+    def __init__(self) -> None:
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=prefill_main, args=(child, self.port), daemon=True)
+        self.proc.start()
+        assert self.conn.poll(60), "prefill process did not start"
+        assert self.conn.recv() == "ready"
+
+    def lease(self, req_id: str, block_ids: list[int]) -> None:
+        self.conn.send(("lease", req_id, block_ids))
+        assert self.conn.recv() == "ok"
+
+    def finished(self) -> list[str]:
+        self.conn.send(("finished",))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+            self.conn.poll(10) and self.conn.recv()
+        finally:
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def prefill():
+    p = Prefill()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def decode():
+    kv = make_kv(2)
+    layout = BlockLayout(kv, NB)
+    transports = make_transports(timeout=20)
+    puller = Puller(layout, transports, tp_rank=0, engine_id="decode-test", timeout=20,
+                    torch_dist_port_offset=STORE_OFFSET)
+    yield kv, puller
+    for t in transports.values():
+        t.close()
+
+
+SRC = make_kv(1)
+
+CASES = [  # (prefill block ids, decode block ids)
+    ([0, 1, 2, 3], [10, 11, 12, 13]),
+    ([5, 9, 6, 20], [0, 23, 7, 8]),
+    ([17], [4]),
+    (list(range(24)), list(range(23, -1, -1))),
+]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm", "torch_dist"])
+def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, transport: str) -> None:
+    kv, puller = decode
+    for i, (remote, local) in enumerate(CASES):
+        req = f"{transport}-{i}"
+        prefill.lease(req, remote)
+        xfer = puller.pull(PullTask(f"d-{req}", req, HOST, prefill.port, remote, local, transport))
+        assert xfer.nbytes == puller.layout.nbytes(len(remote))
+        for name, src in SRC.items():
+            assert torch.equal(src[:, remote].view(torch.uint8), kv[name][:, local].view(torch.uint8)), \
+                f"{transport}: {name} differs for blocks {remote} -> {local}"
+    deadline, done = time.monotonic() + 10, set()
+    while time.monotonic() < deadline:  # every lease was confirmed by a done message
+        done |= set(prefill.finished())
+        if all(f"{transport}-{i}" in done for i in range(len(CASES))):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"{transport}: leases not confirmed: {done}")
+
+
+def test_missing_lease_is_refused_across_processes(prefill: Prefill, decode) -> None:
+    _, puller = decode
+    puller_timeout, puller.timeout = puller.timeout, 0.5
+    try:
+        with pytest.raises(PullError):
+            puller.pull(PullTask("d-x", "never-leased", HOST, prefill.port, [1], [1], "shm"))
+    finally:
+        puller.timeout = puller_timeout
+
+
+def test_torch_dist_one_decode_worker_two_prefill_instances(prefill: Prefill, decode) -> None:
+    """The decode side keeps one pair group per prefill instance (not one per decode worker)."""
+    kv, puller = decode
+    other = Prefill()
+    try:
+        for i, p in enumerate([prefill, other, prefill, other]):
+            req = f"two-{i}"
+            remote, local = [i, i + 1], [20 - i, 21 - i]
+            p.lease(req, remote)
+            puller.pull(PullTask(f"d-{req}", req, HOST, p.port, remote, local, "torch_dist"))
+            for name, src in SRC.items():
+                assert torch.equal(src[:, remote].view(torch.uint8),
+                                   kv[name][:, local].view(torch.uint8))
+    finally:
+        other.stop()
