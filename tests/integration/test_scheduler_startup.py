@@ -99,7 +99,7 @@ async def test_served_name_unknown_to_instances_is_an_alias(fakes) -> None:  # t
 async def test_instances_serving_different_models_rejected(fakes) -> None:  # type: ignore[no-untyped-def]
     prefill, decode = fakes
     decode[0].config.identity = {"served_model_names": ["another-model"]}
-    with pytest.raises(ConfigError, match=r"serves \['another-model'\].*--served-model-name"):
+    with pytest.raises(ConfigError, match=r"(?s)serves \['another-model'\].*--served-model-name"):
         await run_prepare(cfg_for(prefill, decode))
 
 
