@@ -158,12 +158,32 @@ def kv_transfer_config(ctx: InstanceContext, opts: ServeOptions, host_ip: str, p
             "transport": transport,
             "lease_seconds": opts.kv_lease_seconds,
         }
+        cfg["kv_connector_extra_config"].update(_extra_config(env))
     else:
         if opts.kv_connector_module_path:
             cfg["kv_connector_module_path"] = opts.kv_connector_module_path
         if name in _KV_BOTH:
             cfg["kv_role"] = "kv_both"
     return cfg
+
+
+ENV_KV_EXTRA = "PDSERVE_KV_EXTRA_CONFIG"
+
+
+def _extra_config(env: Mapping[str, str]) -> dict:
+    """PDSERVE_KV_EXTRA_CONFIG: a JSON object merged into kv_connector_extra_config (e.g. timeouts)."""
+    raw = env.get(ENV_KV_EXTRA, "").strip()
+    if not raw:
+        return {}
+    try:
+        extra = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError("environment", ENV_KV_EXTRA, f"not valid JSON ({exc})",
+                          f'export {ENV_KV_EXTRA}=\'{{"load_timeout_seconds": 10}}\'') from None
+    if not isinstance(extra, dict):
+        raise ConfigError("environment", ENV_KV_EXTRA, f"{raw!r} is not a JSON object",
+                          f'export {ENV_KV_EXTRA}=\'{{"lease_seconds": 20}}\'')
+    return extra
 
 
 def build_instance_command(ctx: InstanceContext, opts: ServeOptions,

@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "start_servers.sh"
 HOST = "127.0.0.1"
 SIDE_OFFSET = 10000
+LEASE_SECONDS = 20
+LOAD_TIMEOUT_SECONDS = 10
+KV_EXTRA_CONFIG = f'{{"lease_seconds": {LEASE_SECONDS}, "load_timeout_seconds": {LOAD_TIMEOUT_SECONDS}}}'
 
 
 def _free(port: int) -> bool:
@@ -97,6 +100,8 @@ class PDCluster:
         env = dict(os.environ, GLOBAL_RANK_TABLE_FILE_PATH=str(self.global_ranktable),
                    RANK_TABLE_FILE_PATH=str(self.local_ranktables[role]), VLLM_CPU_KVCACHE_SPACE="1",
                    PYTHONUNBUFFERED="1", PDSERVE_LOG_PREFIX="")  # the log file is per daemon already
+        # short KV lease/pull timeouts so the fault tests see expiries and failures quickly
+        env.setdefault("PDSERVE_KV_EXTRA_CONFIG", KV_EXTRA_CONFIG)
         connector = os.environ.get("PDSERVE_E2E_KV_CONNECTOR", "").strip()
         if connector:
             env["PDSERVE_KV_CONNECTOR"] = connector

@@ -220,3 +220,16 @@ def test_flag_helpers() -> None:
     argv = ["--port", "1", "--port=2", "--portx", "3"]
     assert flag_value(argv, "--port") == "2"
     assert has_flag(argv, "--port") and not has_flag(argv, "--host")
+
+
+def test_kv_extra_config_env_is_merged_and_checked():
+    from pdserve.errors import ConfigError
+    from pdserve.worker.command import _extra_config
+
+    assert _extra_config({}) == {}
+    assert _extra_config({"PDSERVE_KV_EXTRA_CONFIG": '{"load_timeout_seconds": 5}'}) == {
+        "load_timeout_seconds": 5}
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        _extra_config({"PDSERVE_KV_EXTRA_CONFIG": "{oops"})
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        _extra_config({"PDSERVE_KV_EXTRA_CONFIG": "[1]"})

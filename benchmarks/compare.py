@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""pdserve 1P1D against vLLM's own PD recipes and colocated vLLM, on this host, in one run.
+
+Starts each selected system in turn (see ``_servers.py``), warms it up, sends the same fixed-seed
+workloads through ``serve.py``'s client (vLLM's request function), stops it, and at the end prints
+one table per workload with every system's medians and its ratio to pdserve, then the targets of
+issue 8 marked PASS/FAIL. JSON + PNG go to benchmarks/results/compare-<time>/.
+
+Workloads (same model, same vLLM flags --enforce-eager --max-model-len 2048, same seeds):
+  main  random 512-token prompts / 64-token outputs, 40 prompts, 1 req/s, concurrency 8
+  long  random 1536-token prompts / 64-token outputs, 24 prompts, 0.5 req/s, concurrency 8
+        (the goodput target: --goodput ttft:2000 tpot:70)
+
+    python benchmarks/compare.py                      # everything, --repeats 3 (20-40 min)
+    python benchmarks/compare.py --quick              # smoke run: few prompts, 1 repeat
+    python benchmarks/compare.py --systems pdserve,colocated --workloads main
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _servers  # noqa: E402
+import serve  # noqa: E402
+
+BASELINE = "pdserve"
+DEFAULT_SYSTEMS = ("pdserve", "vllm-example", "vllm-nixl", "colocated", "colocated-rr")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    spec: serve.WorkloadSpec
+    rates: tuple[float, ...]
+    max_concurrency: int
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{r:g}" for r in self.rates)
+        return f"{self.spec.describe()} @ {rates} req/s, concurrency {self.max_concurrency}"
+
+
+def default_workloads(long_input_len: int = 1536, long_prompts: int = 24, long_rate: float = 0.5,
+                      rates: Sequence[float] = (1.0,)) -> dict[str, Workload]:
+    return {
+        "main": Workload("main", serve.WorkloadSpec("random", 40, 512, 64), tuple(rates), 8),
+        "long": Workload("long", serve.WorkloadSpec("random", long_prompts, long_input_len, 64), (long_rate,), 8),
+    }
+
+
+def quick(w: Workload) -> Workload:
+    return replace(w, spec=replace(w.spec, num_prompts=min(w.spec.num_prompts, 6)))
+
+
+# --------------------------------------------------------------------------------------------
+# table and targets (pure)
+# --------------------------------------------------------------------------------------------
+COLUMNS = [  # (key, header, format, lower_is_better)
+    ("median_ttft_ms", "TTFT p50 ms", "{:.0f}", True),
+    ("p99_ttft_ms", "TTFT p99 ms", "{:.0f}", True),
+    ("median_tpot_ms", "TPOT p50 ms", "{:.1f}", True),
+    ("p99_tpot_ms", "TPOT p99 ms", "{:.1f}", True),
+    ("median_itl_ms", "ITL p50 ms", "{:.1f}", True),
+    ("median_e2el_ms", "E2E p50 ms", "{:.0f}", True),
+    ("request_throughput", "req/s", "{:.3f}", False),
+    ("output_throughput", "out tok/s", "{:.1f}", False),
+    ("request_goodput", "goodput req/s", "{:.3f}", False),
+]
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or not math.isfinite(value) or not math.isfinite(base) or base == 0:
+        return None
+    return value / base
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any] | None], baseline: str = BASELINE,
+                 errors: Mapping[str, str] | None = None) -> str:
+    """One line per system: each metric's median and, in brackets, system / baseline."""
+    base = rows.get(baseline)
+    headers = ["system"] + [h for _, h, _, _ in COLUMNS] + ["failed"]
+    body: list[list[str]] = []
+    for name, r in rows.items():
+        if not r:
+            why = (errors or {}).get(name, "not measured")
+            body.append([name, f"-- {why.splitlines()[0][:100]}"])
+            continue
+        line = [name]
+        for key, _, fmt, _ in COLUMNS:
+            v = r.get(key)
+            cell = fmt.format(v) if isinstance(v, (int, float)) else "-"
+            q = ratio(v, base.get(key)) if base and name != baseline else None
+            if q is not None:
+                cell += f" ({q:.2f}x)"
+            line.append(cell)
+        line.append(str(r.get("failed", 0)))
+        body.append(line)
+    widths = [max(len(headers[i]), *(len(b[i]) for b in body if len(b) > i)) for i in range(len(headers))]
+    out = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    for b in body:
+        if len(b) == 2 and b[1].startswith("-- "):
+            out.append(b[0].ljust(widths[0]) + "  " + b[1])
+        else:
+            out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths))))
+    return "\n".join(out)
+
+
+@dataclass
+class Target:
+    name: str
+    passed: bool | None  # None: a system it needs was not measured
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[self.passed]
+        return f"[{mark}] {self.name}: {self.detail}"
+
+
+def _ok(r: Mapping[str, Any] | None) -> bool:
+    return bool(r) and r.get("completed", 0) > 0  # type: ignore[union-attr]
+
+
+def evaluate_targets(main: Mapping[str, Mapping[str, Any] | None],
+                     long: Mapping[str, Mapping[str, Any] | None] | None = None) -> list[Target]:
+    """Issue 8's targets from the per-system medians of the main and the long workload."""
+    out: list[Target] = []
+    pd = main.get(BASELINE)
+    col = main.get("colocated")
+    recipes = {n: main[n] for n in _servers.PD_RECIPES if _ok(main.get(n))}
+
+    def need(name: str, *rows: Any) -> bool:
+        if all(_ok(r) for r in rows):
+            return True
+        out.append(Target(name, None, "a system it compares was not measured"))
+        return False
+
+    name = "TTFT p50 <= 0.25x the best vLLM PD recipe's"
+    if _ok(pd) and recipes:
+        best_name, best = min(recipes.items(), key=lambda kv: kv[1]["median_ttft_ms"])
+        q = pd["median_ttft_ms"] / best["median_ttft_ms"]
+        out.append(Target(name, q <= 0.25, f"{pd['median_ttft_ms']:.0f} ms vs {best_name} "
+                          f"{best['median_ttft_ms']:.0f} ms = {q:.3f}x"))
+    else:
+        out.append(Target(name, None, "pdserve or every vLLM PD recipe missing"))
+    name = "TTFT p50 <= 1.5x colocated"
+    if need(name, pd, col):
+        q = pd["median_ttft_ms"] / col["median_ttft_ms"]
+        out.append(Target(name, q <= 1.5, f"{pd['median_ttft_ms']:.0f} ms vs {col['median_ttft_ms']:.0f} ms = {q:.2f}x"))
+    name = "TPOT p50 <= 0.9x colocated"
+    if need(name, pd, col):
+        q = pd["median_tpot_ms"] / col["median_tpot_ms"]
+        out.append(Target(name, q <= 0.9, f"{pd['median_tpot_ms']:.1f} ms vs {col['median_tpot_ms']:.1f} ms = {q:.2f}x"))
+    name = "output throughput >= colocated"
+    if need(name, pd, col):
+        q = pd["output_throughput"] / col["output_throughput"]
+        out.append(Target(name, q >= 1.0, f"{pd['output_throughput']:.1f} vs {col['output_throughput']:.1f} tok/s "
+                          f"= {q:.2f}x"))
+    name = "long prompts: goodput > colocated"
+    lpd, lcol = (long or {}).get(BASELINE), (long or {}).get("colocated")
+    if need(name, lpd, lcol):
+        slo = " ".join(f"{k}:{v:g}" for k, v in lpd.get("slo_ms", {}).items())
+        out.append(Target(name, lpd["request_goodput"] > lcol["request_goodput"],
+                          f"{lpd['request_goodput']:.3f} vs {lcol['request_goodput']:.3f} req/s ({slo}; good "
+                          f"{lpd.get('good_requests', 0):g} vs {lcol.get('good_requests', 0):g} requests)"))
+    return out
+
+
+def primary(per_rate: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """The table row of a system: the median at the workload's first rate."""
+    if not per_rate:
+        return None
+    return dict(per_rate[0]["median"])
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def plot_bars(rows: Mapping[str, Mapping[str, Any] | None], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in rows.items() if _ok(r)]
+    panels = [("TTFT ms", "median_ttft_ms", "p99_ttft_ms"), ("TPOT ms", "median_tpot_ms", "p99_tpot_ms"),
+              ("E2E ms", "median_e2el_ms", "p99_e2el_ms"), ("output tok/s", "output_throughput", None),
+              ("goodput req/s", "request_goodput", None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    xs = range(len(names))
+    for ax, (label, k50, k99) in zip(axes, panels):
+        w = 0.4 if k99 else 0.7
+        ax.bar([x - (w / 2 if k99 else 0) for x in xs], [rows[n][k50] for n in names], w,
+               label="p50" if k99 else None)
+        if k99:
+            ax.bar([x + w / 2 for x in xs], [rows[n].get(k99, 0.0) for n in names], w, label="p99", alpha=0.7)
+            ax.legend(fontsize=7)
+        if label.startswith(("TTFT", "E2E")):
+            ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# profiling (optional): py-spy on every pdserve process while the main workload runs
+# --------------------------------------------------------------------------------------------
+def start_profiles(system: _servers.RunningSystem, out_dir: Path, seconds: int) -> list:
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("  (--profile: py-spy not found; pip install py-spy)")
+        return []
+    procs = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pid, cmd in system.pids().items():
+        if "python" not in cmd and "VLLM" not in cmd and "pdserve" not in cmd:
+            continue
+        if cmd.split()[-1:] == ["up"] or " up " in f" {cmd} ":
+            continue  # the `pdserve up` supervisor only sleeps
+        tag = f"{pid}"
+        argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--nonblocking",
+                "--format", "raw", "-o", str(out_dir / f"{system.plan.name}-{tag}.txt")]
+        (out_dir / f"{system.plan.name}-{tag}.cmd").write_text(cmd + "\n")
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+    print(f"  profiling {len(procs)} processes with py-spy for {seconds}s -> {out_dir}")
+    return procs
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+class Stop(BaseException):  # not an Exception: the per-system handler must not swallow it
+    pass
+
+
+def _on_signal(_sig: int, _frame: object) -> None:
+    raise Stop()
+
+
+def run(a: argparse.Namespace) -> int:
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    bad = [s for s in systems if s not in _servers.SYSTEMS]
+    if bad:
+        print(f"unknown system(s) {', '.join(bad)}: choose from {', '.join(_servers.SYSTEMS)}", file=sys.stderr)
+        return 2
+    workloads = default_workloads(a.long_input_len, a.long_prompts, a.long_rate, a.request_rate)
+    names = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    if any(n not in workloads for n in names):
+        print(f"--workloads: choose from {', '.join(workloads)}", file=sys.stderr)
+        return 2
+    workloads = {n: workloads[n] for n in names}
+    repeats, warmup = a.repeats, a.warmup
+    if a.quick:
+        workloads = {n: quick(w) for n, w in workloads.items()}
+        repeats, warmup = 1, 1
+    slo = serve.parse_goodput(a.goodput)
+    model = a.model_path or serve.default_model_path()
+    vocab = serve.vocab_from_model(model)
+    common = _servers.Common(model=model, vllm_args=tuple(a.vllm_arg or ()), kvcache_gib=a.kvcache_gib)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = a.result_dir / f"compare-{stamp}{'-quick' if a.quick else ''}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = serve.machine_info()
+    header = (f"machine: {info['cpu_count']} cores (affinity {info['affinity']}), load average at start "
+              f"{info['loadavg_at_start']}; every vLLM server --enforce-eager --max-model-len 2048, "
+              f"VLLM_CPU_KVCACHE_SPACE={a.kvcache_gib}")
+    print(header, flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    plans: dict[str, dict[str, Any]] = {}
+
+    def save() -> Path:
+        doc = {"machine": info, "repeats": repeats, "warmup": warmup, "quick": a.quick, "slo_ms": slo,
+               "workloads": {n: {"spec": asdict(w.spec), "rates": w.rates, "max_concurrency": w.max_concurrency,
+                                 "describe": w.describe()} for n, w in workloads.items()},
+               "systems": plans, "errors": errors, "results": results}
+        p = out_dir / "compare.json"
+        p.write_text(json.dumps(doc, indent=1, default=str))
+        return p
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for name in systems:
+            if name == "vllm-nixl" and (why := _servers.nixl_problem()):
+                errors[name] = why
+                print(f"== {name}: skipped: {why}", flush=True)
+                continue
+            plan = _servers.plan_system(name, common, _servers.free_ports(name))
+            plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
+                           "argv": {p.name: p.argv for p in plan.procs}}
+            print(f"== {name}: {plan.description}\n   {plan.bindings()}", flush=True)
+            system = _servers.RunningSystem(plan, out_dir / "logs", say=lambda m: print(m, flush=True))
+            try:
+                took = system.start(a.startup_timeout)
+                print(f"   ready in {took:.0f}s at {plan.url}", flush=True)
+                results[name] = {}
+                for wname, w in workloads.items():
+                    load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=repeats,
+                                          warmup=warmup, seed=a.seed, slo_ms=slo, timeout_s=a.request_timeout)
+                    print(f"   {wname}: {w.describe()}", flush=True)
+                    spies = []
+                    if a.profile and name == BASELINE and wname == "main":
+                        spies = start_profiles(system, out_dir / "profile", a.profile)
+                    per_rate = asyncio.run(serve.measure(plan.url, common.served_name, vocab, w.spec, load,
+                                                         log=lambda m: print("  " + m, flush=True)))
+                    for sp in spies:
+                        sp.wait(timeout=a.profile + 60)
+                    results[name][wname] = per_rate
+                    if not system.alive():
+                        raise _servers.StartError(f"{name}: a process died during the run (logs in {out_dir}/logs)")
+                    save()
+            except _servers.StartError as exc:
+                errors[name] = str(exc)
+                print(f"   FAILED: {exc}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                print(f"   FAILED: {errors[name]}", flush=True)
+            finally:
+                print(f"   stopping {name} ...", flush=True)
+                system.stop()
+                save()
+    except Stop:
+        print("interrupted: systems stopped; partial results saved", file=sys.stderr)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    report = [header, f"results: median of {repeats} repeat(s), each after {warmup} warm-up request(s); "
+              f"ratios are system / pdserve; SLO {' '.join(f'{k}:{v:g}' for k, v in slo.items())} ms"]
+    for name in plans:
+        report.append(f"  {name}: {plans[name]['bindings']}")
+    rows_by_wl: dict[str, dict[str, Any]] = {}
+    for wname, w in workloads.items():
+        rows = {s: primary(results.get(s, {}).get(wname)) for s in systems}
+        rows_by_wl[wname] = rows
+        report += ["", f"workload {wname}: {w.describe()}", format_table(rows, errors=errors)]
+        title = f"{wname}: {w.describe()} ({repeats} repeat(s), median)"
+        plot_bars(rows, out_dir / f"{wname}-bars.png", title)
+        if len(w.rates) > 1:
+            series = {s: [e["median"] for e in results[s][wname]] for s in systems if results.get(s, {}).get(wname)}
+            serve.plot_vs_rate(series, out_dir / f"{wname}-vs-rate.png", title)
+    targets = evaluate_targets(rows_by_wl.get("main", {}), rows_by_wl.get("long"))
+    report += ["", "targets (pdserve 1P1D, same load, this run):"] + [t.line() for t in targets]
+    text = "\n".join(report)
+    print("\n" + text, flush=True)
+    (out_dir / "table.txt").write_text(text + "\n")
+    doc_path = save()
+    print(f"\nwrote {doc_path}, {out_dir / 'table.txt'} and the PNG plots in {out_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma-separated, in run order (default {','.join(DEFAULT_SYSTEMS)})")
+    p.add_argument("--workloads", default="main,long", help="main, long (default both)")
+    p.add_argument("--quick", action="store_true", help="smoke run: at most 6 prompts per workload, 1 repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions per workload, median reported (default 3)")
+    p.add_argument("--warmup", type=int, default=4, help="warm-up requests per workload (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-rate", type=float, nargs="+", default=[1.0],
+                   help="main workload rate(s); several draw a latency-vs-rate plot (default 1)")
+    p.add_argument("--long-input-len", type=int, default=1536, help="long workload prompt tokens (default 1536)")
+    p.add_argument("--long-prompts", type=int, default=24, help="long workload prompts (default 24)")
+    p.add_argument("--long-rate", type=float, default=0.5, help="long workload req/s (default 0.5)")
+    p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:70"], metavar="NAME:MS")
+    p.add_argument("--model-path", help="HF model folder (default: the demo model, `pdserve model demo`)")
+    p.add_argument("--vllm-arg", action="append", metavar="ARG",
+                   help="extra flag for every vLLM server, repeatable (e.g. --vllm-arg=--max-num-seqs=16)")
+    p.add_argument("--kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (default 2)")
+    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--request-timeout", type=float, default=1800.0)
+    p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                   help="py-spy record every pdserve process for this long during the main workload")
+    p.add_argument("--result-dir", type=Path, default=serve.RESULTS_DIR)
+    a = p.parse_args(argv)
+    try:
+        serve.parse_goodput(a.goodput)
+    except ValueError as exc:
+        p.error(str(exc))
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Data capture (数据回流): what a JSONL record holds, sampling, redaction, rotation, crash safety,
+and that a slow disk never slows a request down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdserve.scheduler.capture import CaptureSettings
+from tests.integration.conftest import Cluster, MakeCluster
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+
+
+async def lines_in(path: Path, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            if len(rows) >= n:
+                return rows
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {n} lines in {path}")
+
+
+async def capturing(make_cluster: MakeCluster, tmp_path: Path, **settings: Any) -> tuple[Cluster, Path]:
+    path = tmp_path / "capture" / "requests.jsonl"
+    c = await make_cluster(1, 1, capture=CaptureSettings(path=str(path), **settings),
+                           served_model_names=["chat-alias"])
+    return c, path
+
+
+async def test_records_request_answer_timings_for_stream_and_json(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path)
+    msgs = [{"role": "user", "content": "hello there"}]
+    async with c.post(CHAT, json={"model": "chat-alias", "messages": msgs, "max_tokens": 3, "stream": True,
+                                  "stream_options": {"include_usage": True}}, headers={"X-Request-Id": "rid-1"}) as r:
+        assert r.status == 200
+        await r.read()
+    async with c.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 2, "n": 2},
+                      headers={"X-Request-Id": "rid-2"}) as r:
+        assert r.status == 200
+    rows = await lines_in(path, 2)
+    s, j = rows
+    assert s["request_id"] == "rid-1" and s["endpoint"] == "chat" and s["status"] == 200 and s["stream"] is True
+    assert s["model"] == "chat-alias" and s["request"]["messages"] == msgs
+    assert s["response"]["choices"] == [{"index": 0, "text": " c0t0 c0t1 c0t2", "finish_reason": "length"}]
+    assert s["response"]["usage"]["completion_tokens"] == 3 and s["usage"]["completion_tokens"] == 3
+    assert s["ttft_ms"] > 0 and s["e2e_ms"] >= s["ttft_ms"] and s["prefill_ms"] > 0
+    assert len(s["instances"]) == 2 and s["decode_only"] is None and s["error"] is None
+    assert j["request_id"] == "rid-2" and j["stream"] is False
+    assert [ch["text"] for ch in j["response"]["choices"]] == [" c0t0 c0t1", " c1t0 c1t1"]
+    assert j["response"]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_failed_requests_are_captured_with_status_and_error(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path)
+    for f in c.decode:
+        f.configure(fail_status=500)
+    async with c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}) as r:
+        assert r.status == 502
+    (row,) = await lines_in(path, 1)
+    assert row["status"] == 502 and "decode instance" in row["error"] and row["response"] is None
+
+
+async def test_sample_rate_zero_writes_nothing(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path, sample_rate=0.0)
+    for i in range(5):
+        async with c.post("/v1/completions", json={"prompt": f"x{i}", "max_tokens": 1}) as r:
+            assert r.status == 200
+    await asyncio.sleep(0.2)
+    assert not path.exists() or path.read_text() == ""
+
+
+async def test_redaction_by_field_and_pattern(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path, redact=("messages",),
+                              redact_patterns=(r"\b\d{4}-\d{4}-\d{4}-\d{4}\b", r"sk-[A-Za-z0-9]+"))
+    secret_msgs = [{"role": "user", "content": "my card 1234-5678-9012-3456"}]
+    async with c.post(CHAT, json={"messages": secret_msgs, "max_tokens": 1}) as r:
+        assert r.status == 200
+    async with c.post("/v1/completions", json={"prompt": "token sk-abcdef123 and card 1111-2222-3333-4444",
+                                               "max_tokens": 1}) as r:
+        assert r.status == 200
+    rows = await lines_in(path, 2)
+    text = path.read_text()
+    assert "1234-5678" not in text and "sk-abcdef123" not in text and "1111-2222" not in text
+    assert rows[0]["request"]["messages"] == "[REDACTED]"
+    assert rows[1]["request"]["prompt"] == "token [REDACTED] and card [REDACTED]"
+
+
+async def test_rotation_keeps_backups_and_whole_lines(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path, max_bytes=2000, backups=2)
+    for i in range(30):
+        async with c.post("/v1/completions", json={"prompt": f"request number {i} " + "w " * 20,
+                                                   "max_tokens": 2}) as r:
+            assert r.status == 200
+    await asyncio.sleep(0.3)
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["requests.jsonl", "requests.jsonl.1", "requests.jsonl.2"]
+    for p in path.parent.iterdir():
+        assert p.stat().st_size <= 2000
+        for line in p.read_text().splitlines():
+            json.loads(line)
+    newest = [json.loads(x)["request"]["prompt"] for x in path.read_text().splitlines()]
+    assert newest[-1].startswith("request number 29 ")
+
+
+async def test_slow_disk_never_slows_requests_drops_counted(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, path = await capturing(make_cluster, tmp_path, queue_size=2)
+    sink = c.state.capture
+    assert sink is not None
+    real = sink._writer.write_line
+
+    def slow_write(line: bytes) -> None:
+        time.sleep(0.5)  # a stalled disk
+        real(line)
+
+    sink._writer.write_line = slow_write  # type: ignore[method-assign]
+    t = time.perf_counter()
+    for i in range(10):
+        async with c.post("/v1/completions", json={"prompt": f"x{i}", "max_tokens": 1}) as r:
+            assert r.status == 200
+    assert time.perf_counter() - t < 1.5  # 10 requests did not wait for 10 × 0.5 s of writing
+    assert sink.dropped >= 6
+    async with c.get("/metrics") as r:
+        text = await r.text()
+    assert f"pdserve_scheduler_capture_dropped_total {float(sink.dropped)}" in text
+
+
+def test_lines_stay_valid_when_the_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL while the writer thread is busy: every line in the file still parses."""
+    path = tmp_path / "crash.jsonl"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pdserve.scheduler.capture import CaptureRecord, CaptureSettings, CaptureSink
+        sink = CaptureSink(CaptureSettings(path={str(path)!r}, max_bytes=0, queue_size=100000))
+        big = "x" * 20000
+        i = 0
+        while True:
+            if sink.offer(CaptureRecord(meta={{"i": i}}, request={{"prompt": big}}, stream=False,
+                                        response=b'{{"choices": [{{"text": "' + big.encode() + b'"}}]}}')):
+                i += 1
+            if i % 200 == 0:
+                print(i, flush=True)
+                time.sleep(0.001)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        deadline = time.monotonic() + 10
+        while (not path.exists() or path.stat().st_size < 2_000_000) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and len(data) > 1_000_000
+    ids = [json.loads(line)["i"] for line in data.splitlines()]
+    assert ids == list(range(len(ids)))

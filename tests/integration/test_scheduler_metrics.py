@@ -1,0 +1,47 @@
+"""The metrics list of issue 7 and the structured access-log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.integration.conftest import MakeCluster
+
+pytestmark = pytest.mark.integration
+
+
+async def test_every_metric_family_present_and_fed(make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "pdserve.scheduler.access")
+    c = await make_cluster(1, 1, served_model_names=["alias"], fake_kw={"token_latency": 0.01})
+    body = {"model": "alias", "prompt": "a b c", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with c.post("/v1/completions", json=body) as r:
+        assert r.status == 200
+        await r.read()
+    async with c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}) as r:
+        assert r.status == 200
+    async with c.post("/v1/completions", json={"model": "nope", "prompt": "a"}) as r:
+        assert r.status == 404
+    async with c.get("/metrics") as r:
+        text = await r.text()
+    p = "pdserve_scheduler_"
+    for family in ("requests_total", "time_to_first_token_seconds", "time_per_output_token_seconds",
+                   "inter_token_latency_seconds", "e2e_request_latency_seconds", "prefill_seconds",
+                   "kv_handover_seconds", "prompt_tokens_total", "cached_prompt_tokens_total",
+                   "completion_tokens_total", "inflight_requests", "instance_inflight_requests",
+                   "instance_healthy", "queue_length", "retries_total", "rejected_total", "decode_only_total",
+                   "capture_dropped_total", "draining"):
+        assert f"# TYPE {p}{family.removesuffix('_total')}" in text, family
+    assert f'{p}requests_total{{endpoint="completions",model="alias",status="200"}} 1.0' in text
+    # an unknown model is not a label value (clients must not be able to grow the label set)
+    assert f'{p}requests_total{{endpoint="completions",model="",status="404"}} 1.0' in text
+    assert f"{p}kv_handover_seconds_count 1.0" in text  # streams only
+    assert f'{p}time_per_output_token_seconds_count{{endpoint="completions"}} 1.0' in text
+    assert f"{p}completion_tokens_total 7.0" in text
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pdserve.scheduler.access"]
+    assert [(x.get("model"), x["status"]) for x in lines] == [("alias", 200), (None, 200), (None, 404)]
+    assert set(lines[0]) >= {"request_id", "endpoint", "status", "stream", "model", "decode_only", "instances",
+                             "retries", "prefill_ms", "ttft_ms", "e2e_ms", "prompt_tokens", "cached_tokens",
+                             "completion_tokens", "error"}

@@ -1,0 +1,227 @@
+"""benchmarks/compare.py, _servers.py, pd_proxy.py: table, targets, system plans, proxy (no engines)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import pd_proxy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import _servers  # noqa: E402
+import compare  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def row(ttft: float, tpot: float, tok: float, good: float = 0.5, **kw: float) -> dict:
+    r = {"median_ttft_ms": ttft, "p99_ttft_ms": ttft * 2, "median_tpot_ms": tpot, "p99_tpot_ms": tpot * 1.5,
+         "median_itl_ms": tpot, "median_e2el_ms": ttft + 63 * tpot, "request_throughput": tok / 64,
+         "output_throughput": tok, "request_goodput": good, "good_requests": good * 40, "completed": 40,
+         "failed": 0, "slo_ms": {"ttft": 2000.0, "tpot": 70.0}}
+    r.update(kw)
+    return r
+
+
+def test_format_table_ratios_against_pdserve() -> None:
+    rows = {"pdserve": row(500, 50, 60), "colocated": row(1000, 60, 55), "vllm-nixl": None}
+    text = compare.format_table(rows, errors={"vllm-nixl": "NIXL is not importable\nmore"})
+    lines = text.splitlines()
+    assert lines[0].startswith("system") and "TTFT p50 ms" in lines[0] and "goodput req/s" in lines[0]
+    pd_line = next(line for line in lines if line.startswith("pdserve"))
+    assert "500" in pd_line and "x)" not in pd_line  # the baseline has no ratio
+    col_line = next(line for line in lines if line.startswith("colocated"))
+    assert "1000 (2.00x)" in col_line and "60.0 (1.20x)" in col_line and "55.0 (0.92x)" in col_line
+    nixl_line = next(line for line in lines if line.startswith("vllm-nixl"))
+    assert "-- NIXL is not importable" in nixl_line and "more" not in nixl_line
+
+
+def test_format_table_without_baseline() -> None:
+    text = compare.format_table({"colocated": row(900, 63, 60)})
+    assert "900" in text and "x)" not in text
+
+
+def test_ratio_edge_cases() -> None:
+    assert compare.ratio(1.0, 2.0) == 0.5
+    assert compare.ratio(1.0, 0.0) is None and compare.ratio(None, 1.0) is None
+    assert compare.ratio(float("nan"), 1.0) is None
+
+
+def test_targets_all_pass() -> None:
+    main = {"pdserve": row(800, 50, 65), "vllm-example": row(5000, 55, 50), "vllm-nixl": row(49000, 490, 8),
+            "colocated": row(900, 63, 60)}
+    long = {"pdserve": row(1500, 40, 60, good=0.4), "colocated": row(2500, 80, 50, good=0.1)}
+    ts = compare.evaluate_targets(main, long)
+    assert [t.passed for t in ts] == [True, True, True, True, True]
+    assert "vllm-example" in ts[0].detail and "0.160x" in ts[0].detail  # best recipe = lowest TTFT
+    assert ts[0].line().startswith("[PASS] TTFT p50 <= 0.25x")
+
+
+def test_targets_fail_and_missing() -> None:
+    main = {"pdserve": row(2000, 60, 50), "vllm-example": row(5000, 55, 50), "colocated": row(900, 63, 60)}
+    ts = {t.name: t for t in compare.evaluate_targets(main, None)}
+    assert ts["TTFT p50 <= 0.25x the best vLLM PD recipe's"].passed is False  # 0.4x
+    assert ts["TTFT p50 <= 1.5x colocated"].passed is False  # 2.2x
+    assert ts["TPOT p50 <= 0.9x colocated"].passed is False  # 0.95x
+    assert ts["output throughput >= colocated"].passed is False
+    assert ts["long prompts: goodput > colocated"].passed is None
+    assert ts["long prompts: goodput > colocated"].line().startswith("[n/a ]")
+    # a failed (0 completed) recipe is not "the best"
+    main["vllm-example"] = row(10, 1, 1, completed=0)
+    ts = {t.name: t for t in compare.evaluate_targets(main, None)}
+    assert ts["TTFT p50 <= 0.25x the best vLLM PD recipe's"].passed is None
+    equal_goodput = compare.evaluate_targets(main, {"pdserve": row(1, 1, 1, good=0.2),
+                                                    "colocated": row(1, 1, 1, good=0.2)})
+    assert equal_goodput[-1].passed is False  # "more goodput" is strict
+
+
+def test_primary_and_quick() -> None:
+    assert compare.primary(None) is None
+    assert compare.primary([{"rate": 1.0, "median": {"a": 1}}, {"rate": 2.0, "median": {"a": 2}}]) == {"a": 1}
+    w = compare.default_workloads()
+    assert w["main"].spec.input_len == 512 and w["main"].spec.output_len == 64
+    assert w["main"].spec.num_prompts == 40 and w["main"].rates == (1.0,) and w["main"].max_concurrency == 8
+    assert w["long"].spec.input_len == 1536
+    assert compare.quick(w["main"]).spec.num_prompts == 6
+    assert "512 in / 64 out, 40 prompts @ 1 req/s, concurrency 8" in w["main"].describe()
+
+
+def test_plot_bars(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    out = compare.plot_bars({"pdserve": row(500, 50, 60), "colocated": row(900, 63, 60), "x": None},
+                            tmp_path / "b.png", "t")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+COMMON = _servers.Common(model="/m", vllm_args=("--max-num-seqs", "16"), python="py")
+
+
+def _env_bind(spec: _servers.ProcSpec) -> str | None:
+    return spec.env.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
+def test_plan_pdserve_uses_up_on_loopback() -> None:
+    plan = _servers.plan_system("pdserve", COMMON, [9000, 8100], Path("/tmp/x"))
+    (up,) = plan.procs
+    assert plan.url == "http://127.0.0.1:9000" and up.health_url == "http://127.0.0.1:9000/health"
+    assert up.argv[:4] == ["py", "-m", "pdserve", "up"]
+    for pair in (["--port", "9000"], ["--base-port", "8100"], ["--max-model-len", "2048"], ["--prefill", "1"]):
+        i = up.argv.index(pair[0])
+        assert up.argv[i:i + 2] == pair
+    assert "--enforce-eager" in up.argv and up.argv[-2:] == ["--max-num-seqs", "16"]
+    assert up.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert plan.scratch == [Path("/tmp/x")]
+
+
+def test_plan_vllm_recipes_bind_p_core0_d_core1() -> None:
+    ex = _servers.plan_system("vllm-example", COMMON, [8000, 8001, 8002], Path("/dev/shm/s"))
+    p, d, proxy = ex.procs
+    assert (_env_bind(p), _env_bind(d)) == ("0", "1")
+    kvp = json.loads(p.argv[p.argv.index("--kv-transfer-config") + 1])
+    kvd = json.loads(d.argv[d.argv.index("--kv-transfer-config") + 1])
+    assert kvp["kv_connector"] == "ExampleConnector" and kvp["kv_role"] == "kv_producer"
+    assert kvd["kv_role"] == "kv_consumer"
+    assert kvp["kv_connector_extra_config"]["shared_storage_path"] == "/dev/shm/s"
+    assert proxy.argv[-6:] == ["--mode", "pd", "--prefill", "127.0.0.1:8001", "--decode", "127.0.0.1:8002"]
+    assert ex.url == "http://127.0.0.1:8000"
+    for s in (p, d):
+        assert "--enforce-eager" in s.argv and s.argv[s.argv.index("--host") + 1] == "127.0.0.1"
+        assert s.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+    nx = _servers.plan_system("vllm-nixl", COMMON, [8000, 8001, 8002, 8003, 8004])
+    p, d, _ = nx.procs
+    kv = json.loads(p.argv[p.argv.index("--kv-transfer-config") + 1])
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+    assert (p.env["VLLM_NIXL_SIDE_CHANNEL_PORT"], d.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) == ("8003", "8004")
+    assert p.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+
+
+def test_plan_colocated() -> None:
+    one = _servers.plan_system("colocated", COMMON, [8000])
+    assert len(one.procs) == 1 and _env_bind(one.procs[0]) == "0-1"
+    assert "--kv-transfer-config" not in one.procs[0].argv
+    rr = _servers.plan_system("colocated-rr", COMMON, [8000, 8001, 8002])
+    a, b, proxy = rr.procs
+    assert (_env_bind(a), _env_bind(b)) == ("0", "1")
+    assert "--mode" in proxy.argv and proxy.argv[proxy.argv.index("--mode") + 1] == "rr"
+    assert proxy.argv.count("--backend") == 2
+    assert "server0=cores 0" in rr.bindings()
+    with pytest.raises(ValueError, match="unknown system"):
+        _servers.plan_system("sglang", COMMON, [1])
+
+
+def test_free_ports_are_free_and_distinct() -> None:
+    for name in _servers.SYSTEMS:
+        ports = _servers.free_ports(name)
+        assert len(ports) == _servers.ports_needed(name) == len(set(ports))
+        assert all(21000 <= p < 29000 for p in ports)
+
+
+def test_proxy_bodies() -> None:
+    body = {"model": "m", "prompt": [1, 2], "max_tokens": 64, "stream": True,
+            "stream_options": {"include_usage": True}}
+    p = pd_proxy.prefill_body(body)
+    assert p["max_tokens"] == 1 and p["stream"] is False and "stream_options" not in p
+    assert p["kv_transfer_params"]["do_remote_decode"] is True
+    assert body["max_tokens"] == 64 and "kv_transfer_params" not in body  # the original is untouched
+    d = pd_proxy.decode_body(body, {"kv_transfer_params": {"remote_block_ids": [1]}})
+    assert d["kv_transfer_params"] == {"remote_block_ids": [1]} and d["stream"] is True
+    assert "kv_transfer_params" not in pd_proxy.decode_body(body, {})
+
+
+async def test_proxy_pd_and_rr_flow() -> None:
+    """The proxy against two in-process fake backends: prefill first, then decode with its params."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    seen: list[tuple[str, dict]] = []
+
+    def backend(name: str) -> web.Application:
+        app = web.Application()
+
+        async def comp(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            seen.append((name, body))
+            if not body.get("stream"):
+                return web.json_response({"choices": [{"text": "x"}], "kv_transfer_params": {"from": name}})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for t in ("a", "b"):
+                await resp.write(f"data: {json.dumps({'choices': [{'text': t}]})}\n\n".encode())
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        app.router.add_post("/v1/completions", comp)
+        return app
+
+    p_srv, d_srv = TestServer(backend("P"), host="127.0.0.1"), TestServer(backend("D"), host="127.0.0.1")
+    await p_srv.start_server()
+    await d_srv.start_server()
+    try:
+        for mode in ("pd", "rr"):
+            seen.clear()
+            pa, da = f"127.0.0.1:{p_srv.port}", f"127.0.0.1:{d_srv.port}"
+            app = pd_proxy.build_app(mode, [pa], [da], [pa, da])
+            proxy = TestServer(app, host="127.0.0.1")
+            await proxy.start_server()
+            import aiohttp
+
+            async with aiohttp.ClientSession() as s:
+                for _ in range(2):
+                    async with s.post(str(proxy.make_url("/v1/completions")),
+                                      json={"model": "m", "prompt": "hi", "max_tokens": 5, "stream": True}) as r:
+                        text = await r.text()
+                        assert r.status == 200 and "data: [DONE]" in text and '"a"' in text
+            await proxy.close()
+            if mode == "pd":
+                assert [n for n, _ in seen] == ["P", "D", "P", "D"]
+                assert seen[0][1]["max_tokens"] == 1 and seen[1][1]["kv_transfer_params"] == {"from": "P"}
+            else:
+                assert [n for n, _ in seen] == ["P", "D"]  # round-robin, whole requests
+                assert all("kv_transfer_params" not in b for _, b in seen)
+    finally:
+        await p_srv.close()
+        await d_srv.close()
