@@ -105,7 +105,8 @@ def device_count(platform: Platform, which: Which = shutil.which) -> int:
 
 def visible_devices_env(platform: Platform, device_ids: Sequence[int], source: str,
                         field: str = "server_list[0].device",
-                        cpu_count: int | None = None) -> dict[str, str]:
+                        cpu_count: int | None = None,
+                        device_total: int | None = None) -> dict[str, str]:
     """The environment an instance needs to use exactly ``device_ids`` (rank order).
 
     On CPU each device id is a core id; vLLM wants one core list per TP rank separated by ``|``.
@@ -128,4 +129,14 @@ def visible_devices_env(platform: Platform, device_ids: Sequence[int], source: s
                 f"(pdserve ranktable gen --prefill-server-list 0 --decode-server-list 1 ...), or export "
                 f"VLLM_CPU_OMP_THREADS_BIND to bind explicitly")
         return {VISIBLE_VAR["cpu"]: "|".join(str(d) for d in ids)}
+    total = device_count(platform) if device_total is None else device_total
+    kind = {"npu": "NPU", "cuda": "GPU"}[platform]
+    bad = [d for d in ids if not 0 <= d < total] if total else []  # 0: cannot tell, let vLLM decide
+    if bad:
+        raise ConfigError(
+            source, field,
+            f"device id(s) {','.join(map(str, bad))} but this host has {total} {kind}(s) "
+            f"(0..{total - 1}): missing device",
+            f"regenerate the ranktables on this host with {kind} ids below {total}, or check the "
+            f"driver ({'npu-smi info' if platform == 'npu' else 'nvidia-smi -L'})")
     return {VISIBLE_VAR[platform]: ",".join(str(d) for d in ids)}

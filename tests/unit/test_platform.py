@@ -99,3 +99,23 @@ def test_cpu_core_missing() -> None:
 def test_no_devices() -> None:
     with pytest.raises(ConfigError, match="no devices"):
         plat.visible_devices_env("npu", [], "l.json")
+
+
+def test_accelerator_device_ids_are_checked_against_the_host():
+    assert plat.visible_devices_env("npu", [4, 5], "l.json", device_total=8) == {
+        "ASCEND_RT_VISIBLE_DEVICES": "4,5"}
+    with pytest.raises(ConfigError) as err:
+        plat.visible_devices_env("npu", [8, 9], "local_ranktable_h_89.json", device_total=8)
+    msg = str(err.value)
+    assert "local_ranktable_h_89.json" in msg and "missing device" in msg and "8 NPU" in msg
+    with pytest.raises(ConfigError, match="GPU"):
+        plat.visible_devices_env("cuda", [2], "l.json", device_total=2)
+    # a host whose device count cannot be read is not refused (vLLM reports it then)
+    assert plat.visible_devices_env("cuda", [7], "l.json", device_total=0) == {"CUDA_VISIBLE_DEVICES": "7"}
+
+
+def test_cuda_device_count_from_a_fake_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Fake (UUID: a)'\necho 'GPU 1: Fake (UUID: b)'\n")
+    smi.chmod(0o755)
+    assert plat.device_count("cuda", which=lambda name: str(smi) if name == "nvidia-smi" else None) == 2
