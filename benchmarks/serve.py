@@ -110,7 +110,7 @@ def _length(rng: random.Random, mean: int, range_ratio: float) -> int:
     return rng.randint(lo, hi)
 
 
-def random_workload(n: int, input_len: int, output_len: int, vocab: Vocab, seed: int,
+def random_workload(n: int, input_len: int, output_len: int, vocab: Vocab, seed: int | str,
                     range_ratio: float = 0.0) -> list[Request]:
     """n unique random prompts; lengths uniform in mean*(1 +- range_ratio) (vLLM's random set)."""
     rng = random.Random(seed)
@@ -122,7 +122,7 @@ def random_workload(n: int, input_len: int, output_len: int, vocab: Vocab, seed:
 
 
 def shared_prefix_workload(num_groups: int, prompts_per_group: int, prefix_len: int, suffix_len: int,
-                           output_len: int, vocab: Vocab, seed: int) -> list[Request]:
+                           output_len: int, vocab: Vocab, seed: int | str) -> list[Request]:
     """Groups of prompts sharing a prefix; round-robin over groups so sharers are spread in time."""
     rng = random.Random(seed)
     prefixes = [vocab.sample(rng, prefix_len) for _ in range(num_groups)]
@@ -134,7 +134,7 @@ def shared_prefix_workload(num_groups: int, prompts_per_group: int, prefix_len: 
 
 
 def multi_turn_workload(conversations: int, turns: int, system_len: int, user_len: int, assistant_len: int,
-                        output_len: int, vocab: Vocab, seed: int) -> list[Request]:
+                        output_len: int, vocab: Vocab, seed: int | str) -> list[Request]:
     """Chats whose turn t prompt is the chat so far; turn-major order (all turn 1s, then turn 2s)."""
     rng = random.Random(seed)
     history = [vocab.sample(rng, system_len) for _ in range(conversations)]
@@ -361,18 +361,29 @@ class WorkloadSpec:
     assistant_len: int = 64
 
     def build(self, vocab: Vocab, seed: int, n: int | None = None) -> list[Request]:
+        """The requests of one repetition. The RNG seed also names the workload's shape, so two
+        workloads with the same --seed never share prompt prefixes (no cross-workload cache hits)."""
         n = self.num_prompts if n is None else n
+        key = f"{seed}/{self.key()}"  # random.Random takes str seeds (deterministic)
         if self.dataset == "random":
-            return random_workload(n, self.input_len, self.output_len, vocab, seed, self.range_ratio)
+            return random_workload(n, self.input_len, self.output_len, vocab, key, self.range_ratio)
         if self.dataset == "shared-prefix":
             per = max(1, math.ceil(n / self.num_groups))
             return shared_prefix_workload(self.num_groups, per, self.prefix_len, self.suffix_len,
-                                          self.output_len, vocab, seed)[:n]
+                                          self.output_len, vocab, key)[:n]
         if self.dataset == "multi-turn":
             turns = max(1, math.ceil(n / self.conversations))
             return multi_turn_workload(self.conversations, turns, self.system_len, self.user_len,
-                                       self.assistant_len, self.output_len, vocab, seed)[:n]
+                                       self.assistant_len, self.output_len, vocab, key)[:n]
         raise ValueError(f"unknown dataset {self.dataset!r} (random, shared-prefix, multi-turn)")
+
+    def key(self) -> str:
+        if self.dataset == "random":
+            return f"random/{self.input_len}/{self.output_len}/{self.range_ratio:g}"
+        if self.dataset == "shared-prefix":
+            return f"shared-prefix/{self.num_groups}/{self.prefix_len}/{self.suffix_len}/{self.output_len}"
+        return (f"multi-turn/{self.conversations}/{self.system_len}/{self.user_len}/{self.assistant_len}/"
+                f"{self.output_len}")
 
     def describe(self) -> str:
         if self.dataset == "random":

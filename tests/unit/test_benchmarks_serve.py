@@ -187,3 +187,13 @@ def test_plot_vs_rate_writes_png(tmp_path) -> None:
 def test_cli_refuses_non_loopback() -> None:
     with pytest.raises(SystemExit):
         serve.main(["--base-url", "http://10.0.0.1:9000"])
+
+
+def test_workloads_with_one_seed_share_no_prefix() -> None:
+    """The main (512) and long (1536) workloads use one --seed; no prompt may prefix another's."""
+    short = serve.WorkloadSpec(input_len=512, num_prompts=3).build(VOCAB, 0)
+    long = serve.WorkloadSpec(input_len=1536, num_prompts=3).build(VOCAB, 0)
+    assert short == serve.WorkloadSpec(input_len=512, num_prompts=3).build(VOCAB, 0)
+    assert all(s.prompt[:16] != lg.prompt[:16] for s in short for lg in long)
+    again = serve.WorkloadSpec(input_len=512, num_prompts=3).build(VOCAB, 1)  # the next repeat
+    assert all(a.prompt[:16] != b.prompt[:16] for a in short for b in again)

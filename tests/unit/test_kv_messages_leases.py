@@ -93,11 +93,11 @@ def test_wait_for_present_absent_and_finished() -> None:
     assert t.wait_for("a", 0).req_id == "a"
     start = time.monotonic()
     assert t.wait_for("missing", 0.05) is None
-    assert 0.04 <= time.monotonic() - start < 1
+    assert 0.04 <= time.monotonic() - start < 3
     t.complete("a")
     start = time.monotonic()
     assert t.wait_for("a", 5) is None  # already finished: no waiting
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 4
 
 
 def test_wait_for_wakes_when_lease_is_added() -> None:
@@ -107,7 +107,7 @@ def test_wait_for_wakes_when_lease_is_added() -> None:
     start = time.monotonic()
     lease = t.wait_for("late", 5)
     assert lease is not None and lease.block_ids == [7]
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4
     timer.join()
 
 

@@ -136,7 +136,7 @@ def test_lease_never_granted_is_refused() -> None:
         start = time.monotonic()
         with pytest.raises(PullError, match="no KV lease for request ghost"):
             p.puller.pull(p.task("ghost", [1], [1]))
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 5
     finally:
         p.close()
 
@@ -147,7 +147,7 @@ def test_pull_times_out_cleanly() -> None:
         start = time.monotonic()
         with pytest.raises(PullError, match="timed out"):
             p.puller.pull(p.task("ghost", [1], [1]))
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 5
         # the puller recovers: the next pull works (a fresh socket, the stale reply is dropped)
         p.lease("ok", [4])
         p.puller.pull(p.task("ok", [4], [6]))
