@@ -8,12 +8,11 @@ OpenAI-style error and costs no prefill; overload gets 429 with Retry-After.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -34,7 +33,7 @@ from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
 from pdserve.scheduler.pool import InstancePool
-from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps
+from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler")
 access_log = logging.getLogger("pdserve.scheduler.access")
@@ -125,6 +124,7 @@ def make_session(cfg: SchedulerConfig) -> aiohttp.ClientSession:
                                      ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # instances set no cookies; skip the per-request jar lookup
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
         auto_decompress=False,
         headers=instance_headers(cfg.instance_api_key),  # never the client's Authorization
@@ -151,7 +151,7 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     state = _state(request)
     rid = request.headers.get("X-Request-Id", "")
     if not _RID_OK.match(rid):
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()  # same shape as uuid4().hex, a fifth of the cost
     request[RID] = rid
     t0 = time.perf_counter()
     status = 500
@@ -205,8 +205,8 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
         # refused before it became a request (bad input, API key, draining, overload): one short
         # line, so refusals are auditable too (never with headers: no key reaches a log)
         if status >= 400 and endpoint in _INFERENCE and state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps({"request_id": request[RID], "endpoint": endpoint, "status": status,
-                                        "e2e_ms": round(e2e * 1e3, 2), "error": error}, separators=(",", ":")))
+            access_log.info(dumps({"request_id": request[RID], "endpoint": endpoint, "status": status,
+                                   "e2e_ms": round(e2e * 1e3, 2), "error": error}).decode())
         return
     e2e_child = state._e2e.get(endpoint)
     (e2e_child or state.metrics.e2e.labels(endpoint)).observe(e2e)
@@ -214,7 +214,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
         ctx.capture.meta.update(status=status, e2e_ms=round(e2e * 1e3, 2), **_timings(ctx))
         state.capture.offer(ctx.capture)
     if state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
-        access_log.info(json.dumps({
+        access_log.info(dumps({
             "request_id": ctx.request_id, "endpoint": endpoint, "status": status, "stream": ctx.stream,
             "model": ctx.model or None, "decode_only": ctx.decode_only,
             "instances": ctx.instances, "retries": ctx.retries,
@@ -223,7 +223,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
             "e2e_ms": round(e2e * 1e3, 2), "prompt_tokens": ctx.prompt_tokens,
             "cached_tokens": ctx.cached_tokens, "completion_tokens": ctx.completion_tokens,
             "error": ctx.error,
-        }, separators=(",", ":")))
+        }).decode())
 
 
 def _timings(ctx: RequestContext) -> dict[str, Any]:
@@ -239,7 +239,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     cfg = state.cfg
     raw = await request.read()  # 413 from client_max_size beyond --max-body-bytes
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"invalid JSON body: {exc}") from None
     client_model = body.get("model") if isinstance(body, dict) else None

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pdserve.errors import ConfigError
@@ -55,12 +56,12 @@ class InstanceSpec:
     port: int
     device_ids: tuple[int, ...] = ()
 
-    @property
+    @cached_property  # read on every request: computed once (works on a frozen dataclass)
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    @property
+    @cached_property
     def name(self) -> str:
         return f"{self.role}[{self.index}]@{self.host}:{self.port}"
 

@@ -84,7 +84,7 @@ def _normalise(obj: Any) -> Any:
         return obj
     out: dict[Any, Any] = {}
     for k, v in obj.items():
-        key = k.replace("-", "_").lstrip("_") if isinstance(k, str) else k
+        key = k.replace("-", "_") if isinstance(k, str) else k
         out[key] = _normalise(v) if key == "capture" else v
     return out
 
@@ -114,8 +114,10 @@ def _render(path: str, exc: ValidationError) -> ConfigError | ConfigErrors:
             continue
         msg = err.get("msg", "invalid value")
         if loc and loc[0] == "capture":
-            fix = f"see the capture section in the README, e.g. capture: {{path: /var/log/pdserve/capture.jsonl, " \
-                  f"sample_rate: 0.1}}" if err["type"] == "missing" else f"correct {key} ({msg})"
+            if err["type"] == "missing":
+                fix = "give the file to write, e.g. capture: {path: /var/log/pdserve/capture.jsonl, sample_rate: 0.1}"
+            else:
+                fix = f"correct {key} ({msg}); e.g. sample_rate: 0.1, max_bytes: 104857600, backups: 5"
         else:
             o = by_dest.get(loc[0]) if loc else None
             fix = f"write it as {_example(o, loc[0] if loc else key)}" if o else f"correct {key} ({msg})"

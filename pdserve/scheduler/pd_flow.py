@@ -17,7 +17,6 @@ did not read an answer to its end closes it (a client that leaves cancels this t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pdserve.scheduler.errors import ApiError, UpstreamClientError
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
 from pdserve.scheduler.pool import Instance, InstancePool
-from pdserve.scheduler.relay import DONE, OpenAIRelay, Relay, dumps
+from pdserve.scheduler.relay import DONE, OpenAIRelay, Relay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler.flow")
 
@@ -135,7 +134,7 @@ def _describe(exc: BaseException) -> str:
 
 def _snippet(payload: bytes) -> str:
     try:
-        err = json.loads(payload)
+        err = loads(payload)
         if isinstance(err, dict) and isinstance(err.get("error"), dict):
             return str(err["error"].get("message", ""))[:300]
     except ValueError:
@@ -196,7 +195,7 @@ class PDFlow:
             ctx.prefill_s = ctx.prefill_done - t
             self.metrics.prefill.labels(inst.spec.name).observe(ctx.prefill_s)
             try:
-                data = json.loads(payload)
+                data = loads(payload)
             except ValueError:
                 raise ApiError(502, f"prefill instance {inst.spec.name} answered invalid JSON") from None
             kvtp = data.get("kv_transfer_params") if isinstance(data, dict) else None
@@ -322,7 +321,7 @@ class PDFlow:
     def _json_answer(self, ctx: RequestContext, pre: PrefillResult, payload: bytes, relay: Relay,
                      content_type: str | None) -> web.Response:
         try:
-            data = json.loads(payload)
+            data = loads(payload)
         except ValueError:
             raise ApiError(502, "decode instance answered invalid JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
@@ -372,7 +371,7 @@ class PDFlow:
             if b'"usage"' not in ev or not ev.startswith(b"data: {"):
                 continue
             try:
-                obj = json.loads(ev[6:])
+                obj = loads(ev[6:])
             except ValueError:
                 continue
             usage = obj.get("usage") if isinstance(obj, dict) else None

@@ -8,17 +8,16 @@ OpenAI server, which the instances run, has no ``/generate`` of its own.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pdserve.scheduler.errors import ApiError
+from pdserve.scheduler.jsonio import dumps, loads
+
+__all__ = ["DONE", "GenerateRelay", "OpenAIRelay", "Relay", "dumps", "loads"]
 
 DONE = b"data: [DONE]\n\n"
 
 
-def dumps(obj: Any) -> bytes:
-    """Compact JSON like pydantic's model_dump_json, which is what vLLM emits."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class OpenAIRelay:
@@ -62,7 +61,7 @@ class GenerateRelay:
             if not ev.startswith(b"data: {"):
                 continue
             try:
-                obj = json.loads(ev[6:])
+                obj = loads(ev[6:])
             except ValueError:
                 continue
             if "error" in obj:

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "host, tcp across hosts)")
     g.add_argument("--kv-lease-seconds", type=float, default=30.0, metavar="S",
                    help="prefill-side KV blocks not fetched within S seconds are freed (default 30)")
+    g.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"),
+                   default=os.environ.get("PDSERVE_KV_LOAD_FAILURE_POLICY", "fail"),
+                   help="decode side: a KV pull that fails or times out fails the request (default) or "
+                        "recomputes the prompt locally (env PDSERVE_KV_LOAD_FAILURE_POLICY)")
     g = p.add_argument_group("daemon")
     g.add_argument("--drain-seconds", type=float, default=_float_env(ENV_DRAIN, 30.0), metavar="S",
                    help=f"on SIGTERM/SIGINT, give the server S seconds to finish before SIGKILL "
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                               local_source=cmd.local_source(os.environ), platform=detect_platform())
     opts = cmd.ServeOptions(vllm_args=extra, kv_connector=args.kv_connector,
                             kv_connector_module_path=args.kv_connector_module_path, kv_port=args.kv_port,
-                            kv_transport=args.kv_transport, kv_lease_seconds=args.kv_lease_seconds)
+                            kv_transport=args.kv_transport, kv_lease_seconds=args.kv_lease_seconds,
+                            kv_load_failure_policy=args.kv_load_failure_policy)
     argv, env = cmd.build_instance_command(ctx, opts, os.environ)
     inst = role.instance
     assert inst is not None

@@ -48,6 +48,7 @@ class ServeOptions:
     kv_port: int | None = None
     kv_transport: str | None = None
     kv_lease_seconds: float = 30.0
+    kv_load_failure_policy: str = "fail"
     python: str = field(default_factory=lambda: sys.executable)
 
 
@@ -159,6 +160,7 @@ def kv_transfer_config(ctx: InstanceContext, opts: ServeOptions, host_ip: str, p
             "lease_seconds": opts.kv_lease_seconds,
         }
         cfg["kv_connector_extra_config"].update(_extra_config(env))
+        cfg["kv_load_failure_policy"] = opts.kv_load_failure_policy  # vLLM's own switch
     else:
         if opts.kv_connector_module_path:
             cfg["kv_connector_module_path"] = opts.kv_connector_module_path

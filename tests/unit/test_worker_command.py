@@ -78,6 +78,7 @@ def test_kv_transfer_config_prefill(prefill: InstanceContext) -> None:
         "kv_connector_extra_config": {
             "side_channel_host": "10.0.0.18", "side_channel_port": 18001,
             "allowed_peers": ["10.0.0.18", "127.0.0.1"], "transport": "auto", "lease_seconds": 30.0},
+        "kv_load_failure_policy": "fail",
     }
     assert env[ident.ENV_SIDE_CHANNEL] == "10.0.0.18:18001"
 
@@ -233,3 +234,12 @@ def test_kv_extra_config_env_is_merged_and_checked():
         _extra_config({"PDSERVE_KV_EXTRA_CONFIG": "{oops"})
     with pytest.raises(ConfigError, match="not a JSON object"):
         _extra_config({"PDSERVE_KV_EXTRA_CONFIG": "[1]"})
+
+
+
+def test_kv_load_failure_policy_and_extra_config_reach_vllm(decode: InstanceContext) -> None:
+    argv, _ = build(decode, "--port", "8002", kv_load_failure_policy="recompute",
+                    env={"PDSERVE_KV_EXTRA_CONFIG": '{"load_timeout_seconds": 7}'})
+    kvc = kv_config(argv)
+    assert kvc["kv_load_failure_policy"] == "recompute"
+    assert kvc["kv_connector_extra_config"]["load_timeout_seconds"] == 7
