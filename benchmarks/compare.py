@@ -94,7 +94,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any] | None], baseline: str = B
     body: list[list[str]] = []
     for name, r in rows.items():
         if not r:
-            why = (errors or {}).get(name, "not measured")
+            why = (errors or {}).get(name) or "not measured"
             body.append([name, f"-- {why.splitlines()[0][:100]}"])
             continue
         line = [name]
@@ -177,6 +177,19 @@ def evaluate_targets(main: Mapping[str, Mapping[str, Any] | None],
     return out
 
 
+def parse_overrides(items: Sequence[str] | None) -> dict[str, str]:
+    """``["vllm-nixl=1", "x=main+long"]`` -> ``{"vllm-nixl": "1", "x": "main+long"}`` (pure)."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{item!r}: write SYSTEM=VALUE")
+        if name.strip() not in _servers.SYSTEMS:
+            raise ValueError(f"{item!r}: unknown system {name.strip()!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def primary(per_rate: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
     """The table row of a system: the median at the workload's first rate."""
     if not per_rate:
@@ -250,6 +263,40 @@ def start_profiles(system: _servers.RunningSystem, out_dir: Path, seconds: int) 
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
+def write_report(doc: Mapping[str, Any], out_dir: Path) -> str:
+    """The table, notes and targets of a saved ``compare.json``; writes table.txt and the plots."""
+    info, slo, repeats, warmup = doc["machine"], doc["slo_ms"], doc["repeats"], doc["warmup"]
+    plans, results, errors = doc["systems"], doc["results"], doc["errors"]
+    systems = list(plans) + [s for s in errors if "/" not in s and s not in plans]
+    header = (f"machine: {info['cpu_count']} cores (affinity {info['affinity']}), load average at start "
+              f"{info['loadavg_at_start']}; every vLLM server --enforce-eager --max-model-len 2048, "
+              f"VLLM_CPU_KVCACHE_SPACE={doc.get('kvcache_gib', 2)}")
+    report = [header, f"results: median of {repeats} repeat(s), each after {warmup} warm-up request(s); "
+              f"ratios are system / pdserve; SLO {' '.join(f'{k}:{v:g}' for k, v in slo.items())} ms"]
+    for name in plans:
+        reps = plans[name].get("repeats", repeats)
+        note = f" ({reps} repeat(s) only)" if reps != repeats else ""
+        report.append(f"  {name}: {plans[name]['bindings']}{note}")
+    rows_by_wl: dict[str, dict[str, Any]] = {}
+    for wname, w in doc["workloads"].items():
+        rows = {s: primary(results.get(s, {}).get(wname)) for s in systems}
+        rows_by_wl[wname] = rows
+        why = {s: errors.get(f"{s}/{wname}") or errors.get(s) or "not measured" for s in systems}
+        report += ["", f"workload {wname}: {w['describe']}", format_table(rows, errors=why)]
+        title = f"{wname}: {w['describe']} ({repeats} repeat(s), median)"
+        plot_bars(rows, out_dir / f"{wname}-bars.png", title)
+        if len(w["rates"]) > 1:
+            series = {s: [e["median"] for e in results[s][wname]] for s in systems if results.get(s, {}).get(wname)}
+            serve.plot_vs_rate(series, out_dir / f"{wname}-vs-rate.png", title)
+    if errors:
+        report += ["", "notes:"] + [f"  {k}: {v.splitlines()[0][:300] if v else ''}" for k, v in errors.items()]
+    targets = evaluate_targets(rows_by_wl.get("main", {}), rows_by_wl.get("long"))
+    report += ["", "targets (pdserve 1P1D, same load, this run):"] + [t.line() for t in targets]
+    text = "\n".join(report)
+    (out_dir / "table.txt").write_text(text + "\n")
+    return text
+
+
 class Stop(BaseException):  # not an Exception: the per-system handler must not swallow it
     pass
 
@@ -271,6 +318,12 @@ def run(a: argparse.Namespace) -> int:
         return 2
     workloads = {n: workloads[n] for n in names}
     repeats, warmup = a.repeats, a.warmup
+    try:
+        repeats_for = {k: int(v) for k, v in parse_overrides(a.repeats_for).items()}
+        workloads_for = {k: [w for w in v.split("+") if w] for k, v in parse_overrides(a.workloads_for).items()}
+    except ValueError as exc:
+        print(f"--repeats-for/--workloads-for: {exc}", file=sys.stderr)
+        return 2
     if a.quick:
         workloads = {n: quick(w) for n, w in workloads.items()}
         repeats, warmup = 1, 1
@@ -292,6 +345,7 @@ def run(a: argparse.Namespace) -> int:
 
     def save() -> Path:
         doc = {"machine": info, "repeats": repeats, "warmup": warmup, "quick": a.quick, "slo_ms": slo,
+               "kvcache_gib": a.kvcache_gib,
                "workloads": {n: {"spec": asdict(w.spec), "rates": w.rates, "max_concurrency": w.max_concurrency,
                                  "describe": w.describe()} for n, w in workloads.items()},
                "systems": plans, "errors": errors, "results": results}
@@ -315,8 +369,14 @@ def run(a: argparse.Namespace) -> int:
                 took = system.start(a.startup_timeout)
                 print(f"   ready in {took:.0f}s at {plan.url}", flush=True)
                 results[name] = {}
+                reps = 1 if a.quick else repeats_for.get(name, repeats)
+                plans[name]["repeats"] = reps
                 for wname, w in workloads.items():
-                    load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=repeats,
+                    if name in workloads_for and wname not in workloads_for[name]:
+                        errors.setdefault(f"{name}/{wname}", f"not run (--workloads-for {name}="
+                                          f"{'+'.join(workloads_for[name])})")
+                        continue
+                    load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=reps,
                                           warmup=warmup, seed=a.seed, slo_ms=slo, timeout_s=a.request_timeout)
                     print(f"   {wname}: {w.describe()}", flush=True)
                     spies = []
@@ -346,25 +406,8 @@ def run(a: argparse.Namespace) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
 
-    report = [header, f"results: median of {repeats} repeat(s), each after {warmup} warm-up request(s); "
-              f"ratios are system / pdserve; SLO {' '.join(f'{k}:{v:g}' for k, v in slo.items())} ms"]
-    for name in plans:
-        report.append(f"  {name}: {plans[name]['bindings']}")
-    rows_by_wl: dict[str, dict[str, Any]] = {}
-    for wname, w in workloads.items():
-        rows = {s: primary(results.get(s, {}).get(wname)) for s in systems}
-        rows_by_wl[wname] = rows
-        report += ["", f"workload {wname}: {w.describe()}", format_table(rows, errors=errors)]
-        title = f"{wname}: {w.describe()} ({repeats} repeat(s), median)"
-        plot_bars(rows, out_dir / f"{wname}-bars.png", title)
-        if len(w.rates) > 1:
-            series = {s: [e["median"] for e in results[s][wname]] for s in systems if results.get(s, {}).get(wname)}
-            serve.plot_vs_rate(series, out_dir / f"{wname}-vs-rate.png", title)
-    targets = evaluate_targets(rows_by_wl.get("main", {}), rows_by_wl.get("long"))
-    report += ["", "targets (pdserve 1P1D, same load, this run):"] + [t.line() for t in targets]
-    text = "\n".join(report)
+    text = write_report(json.loads(save().read_text()), out_dir)
     print("\n" + text, flush=True)
-    (out_dir / "table.txt").write_text(text + "\n")
     doc_path = save()
     print(f"\nwrote {doc_path}, {out_dir / 'table.txt'} and the PNG plots in {out_dir}")
     return 0
@@ -378,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workloads", default="main,long", help="main, long (default both)")
     p.add_argument("--quick", action="store_true", help="smoke run: at most 6 prompts per workload, 1 repeat")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per workload, median reported (default 3)")
+    p.add_argument("--repeats-for", action="append", default=None, metavar="SYSTEM=N",
+                   help="fewer repetitions for a slow system (default vllm-nixl=1: ~50 s TTFT, ~5 tok/s)")
+    p.add_argument("--workloads-for", action="append", default=None, metavar="SYSTEM=W1+W2",
+                   help="only these workloads for a system (default vllm-nixl=main; no target uses its long run)")
     p.add_argument("--warmup", type=int, default=4, help="warm-up requests per workload (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-rate", type=float, nargs="+", default=[1.0],
@@ -395,7 +442,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="py-spy record every pdserve process for this long during the main workload")
     p.add_argument("--result-dir", type=Path, default=serve.RESULTS_DIR)
+    p.add_argument("--report", type=Path, metavar="COMPARE.JSON",
+                   help="start nothing: print the table of a saved run again (and redraw its plots)")
     a = p.parse_args(argv)
+    if a.report:
+        print(write_report(json.loads(a.report.read_text()), a.report.parent))
+        return 0
+    if a.repeats_for is None:
+        a.repeats_for = ["vllm-nixl=1"]
+    if a.workloads_for is None:
+        a.workloads_for = ["vllm-nixl=main"]
     try:
         serve.parse_goodput(a.goodput)
     except ValueError as exc:

@@ -216,7 +216,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
     if state.cfg.access_log and access_log.isEnabledFor(logging.INFO):
         access_log.info(dumps({
             "request_id": ctx.request_id, "endpoint": endpoint, "status": status, "stream": ctx.stream,
-            "model": ctx.model or None, "decode_only": ctx.decode_only,
+            "model": ctx.model or ctx.model_alias, "decode_only": ctx.decode_only,
             "instances": ctx.instances, "retries": ctx.retries,
             "prefill_ms": None if ctx.prefill_s is None else round(ctx.prefill_s * 1e3, 2),
             "ttft_ms": None if ctx.ttft_s is None else round(ctx.ttft_s * 1e3, 2),

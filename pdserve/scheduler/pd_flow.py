@@ -73,7 +73,6 @@ class RequestContext:
     decode_only: str | None = None  # why no remote prefill ran ("short", "cached"), else None
     points: PrefixPoints | None = None  # the prompt's prefix hashes, for the decode-side tracker
     prefill_done: float | None = None  # perf_counter when the prefill answer arrived
-    t_last: float | None = None  # perf_counter of the last relayed chunk
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
 
 

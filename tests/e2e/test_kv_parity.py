@@ -68,6 +68,7 @@ def test_handover_parity_direct(pd_cluster, reference):
         return metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total", source=source)
 
     pulled_before, computed_before = by_source("external_kv_transfer"), by_source("local_compute")
+    expiries_before = metric(pd_cluster.prefill_url, "pdserve:kv_lease_expiries_total")
     for prompt in PROMPTS:
         pre = _complete(pd_cluster.prefill_url, model, prompt, max_tokens=1,
                         kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False})
@@ -82,6 +83,21 @@ def test_handover_parity_direct(pd_cluster, reference):
     assert computed <= 2 * len(PROMPTS), computed
     assert by_source("external_kv_transfer") - pulled_before > 1000
     assert metric(pd_cluster.decode_url, "pdserve:kv_pulls_total") >= len(PROMPTS) // 2
+    # no KV stays held on the prefill side once the decode side confirmed: freed at once,
+    # not by lease expiry
+    assert _wait_for_idle(pd_cluster.prefill_url)
+    assert metric(pd_cluster.prefill_url, "pdserve:kv_lease_expiries_total") == expiries_before
+
+
+def _wait_for_idle(url: str, timeout: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric(url, "vllm:kv_cache_usage_perc") == 0.0:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def test_completions_parity_through_scheduler(pd_cluster, reference):
@@ -106,15 +122,3 @@ def test_chat_parity_through_scheduler(pd_cluster, reference):
         assert got.json()["choices"][0]["message"]["content"] == \
             want.json()["choices"][0]["message"]["content"]
 
-
-def test_prefill_blocks_freed_after_handover(pd_cluster):
-    """No KV stays held on the prefill side once the decode side confirmed."""
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if metric(pd_cluster.prefill_url, "vllm:kv_cache_usage_perc") == 0.0:
-            break
-        time.sleep(0.5)
-    assert metric(pd_cluster.prefill_url, "vllm:kv_cache_usage_perc") == 0.0
-    assert metric(pd_cluster.prefill_url, "pdserve:kv_lease_expiries_total") == 0

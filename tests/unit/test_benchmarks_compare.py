@@ -225,3 +225,12 @@ async def test_proxy_pd_and_rr_flow() -> None:
     finally:
         await p_srv.close()
         await d_srv.close()
+
+
+def test_parse_overrides() -> None:
+    assert compare.parse_overrides(["vllm-nixl=1", "pdserve=main+long"]) == {"vllm-nixl": "1",
+                                                                              "pdserve": "main+long"}
+    assert compare.parse_overrides(None) == {}
+    for bad in (["vllm-nixl"], ["=1"], ["sglang=1"], ["pdserve="]):
+        with pytest.raises(ValueError):
+            compare.parse_overrides(bad)
