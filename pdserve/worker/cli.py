@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
     role = ranktable.resolve_role_from_env(os.environ)
     if role.kind == "scheduler":
+        if "--drain-seconds" not in extra:  # the daemon's flag is the scheduler's drain too
+            extra = [*extra, "--drain-seconds", str(args.drain_seconds)]
         return _run_scheduler(extra, args.dry_run)
     global_path = os.environ[ranktable.roles.ENV_GLOBAL]
     rt = ranktable.load_global(global_path)

@@ -128,7 +128,11 @@ async def test_second_signal_stops_at_once(slow_fakes) -> None:  # type: ignore[
                 await stream.content.readuntil(b"\n\n")
                 t = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+                for _ in range(100):  # the first signal took effect (draining) before the second
+                    async with s.get(url + "/health") as h:
+                        if h.status == 503:
+                            break
+                    await asyncio.sleep(0.05)
                 proc.send_signal(signal.SIGTERM)
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await stream.read()
