@@ -53,10 +53,11 @@ class Workload:
 
 
 def default_workloads(long_input_len: int = 1536, long_prompts: int = 24, long_rate: float = 0.5,
-                      rates: Sequence[float] = (1.0,)) -> dict[str, Workload]:
+                      rates: Sequence[float] = (1.0,), long_concurrency: int = 8) -> dict[str, Workload]:
     return {
         "main": Workload("main", serve.WorkloadSpec("random", 40, 512, 64), tuple(rates), 8),
-        "long": Workload("long", serve.WorkloadSpec("random", long_prompts, long_input_len, 64), (long_rate,), 8),
+        "long": Workload("long", serve.WorkloadSpec("random", long_prompts, long_input_len, 64), (long_rate,),
+                         long_concurrency),
     }
 
 
@@ -235,7 +236,7 @@ def plot_bars(rows: Mapping[str, Mapping[str, Any] | None], path: Path, title: s
 # --------------------------------------------------------------------------------------------
 # profiling (optional): py-spy on every pdserve process while the main workload runs
 # --------------------------------------------------------------------------------------------
-def start_profiles(system: _servers.RunningSystem, out_dir: Path, seconds: int) -> list:
+def start_profiles(system: _servers.RunningSystem, out_dir: Path, seconds: int, tag: str = "") -> list:
     import shutil
     import subprocess
 
@@ -250,10 +251,11 @@ def start_profiles(system: _servers.RunningSystem, out_dir: Path, seconds: int) 
             continue
         if cmd.split()[-1:] == ["up"] or " up " in f" {cmd} ":
             continue  # the `pdserve up` supervisor only sleeps
-        tag = f"{pid}"
+        stem = f"{system.plan.name}-{tag}-{pid}" if tag else f"{system.plan.name}-{pid}"
+        # --idle --threads: waiting threads too (a side-channel thread parked on the GIL or a lock shows up)
         argv = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50", "--nonblocking",
-                "--format", "raw", "-o", str(out_dir / f"{system.plan.name}-{tag}.txt")]
-        (out_dir / f"{system.plan.name}-{tag}.cmd").write_text(cmd + "\n")
+                "--idle", "--threads", "--format", "raw", "-o", str(out_dir / f"{stem}.txt")]
+        (out_dir / f"{stem}.cmd").write_text(cmd + "\n")
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True))
     print(f"  profiling {len(procs)} processes with py-spy for {seconds}s -> {out_dir}")
@@ -311,7 +313,8 @@ def run(a: argparse.Namespace) -> int:
     if bad:
         print(f"unknown system(s) {', '.join(bad)}: choose from {', '.join(_servers.SYSTEMS)}", file=sys.stderr)
         return 2
-    workloads = default_workloads(a.long_input_len, a.long_prompts, a.long_rate, a.request_rate)
+    workloads = default_workloads(a.long_input_len, a.long_prompts, a.long_rate, a.request_rate,
+                                  a.long_concurrency)
     names = [w.strip() for w in a.workloads.split(",") if w.strip()]
     if any(n not in workloads for n in names):
         print(f"--workloads: choose from {', '.join(workloads)}", file=sys.stderr)
@@ -380,10 +383,16 @@ def run(a: argparse.Namespace) -> int:
                                           warmup=warmup, seed=a.seed, slo_ms=slo, timeout_s=a.request_timeout)
                     print(f"   {wname}: {w.describe()}", flush=True)
                     spies = []
-                    if a.profile and name == BASELINE and wname == "main":
-                        spies = start_profiles(system, out_dir / "profile", a.profile)
-                    per_rate = asyncio.run(serve.measure(plan.url, common.served_name, vocab, w.spec, load,
-                                                         log=lambda m: print("  " + m, flush=True)))
+                    if a.profile and name == BASELINE:
+                        spies = start_profiles(system, out_dir / "profile", a.profile, wname)
+                    try:
+                        per_rate = asyncio.run(serve.measure(plan.url, common.served_name, vocab, w.spec, load,
+                                                             log=lambda m: print("  " + m, flush=True),
+                                                             alive=system.alive))
+                    except serve.SystemDied as died:
+                        results[name][wname] = died.args[0]  # what was measured until the process died
+                        raise _servers.StartError(f"{name}: a process died during the {wname} workload "
+                                                  f"(logs in {out_dir}/logs)") from None
                     for sp in spies:
                         sp.wait(timeout=a.profile + 60)
                     results[name][wname] = per_rate
@@ -432,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--long-input-len", type=int, default=1536, help="long workload prompt tokens (default 1536)")
     p.add_argument("--long-prompts", type=int, default=24, help="long workload prompts (default 24)")
     p.add_argument("--long-rate", type=float, default=0.5, help="long workload req/s (default 0.5)")
+    p.add_argument("--long-concurrency", type=int, default=8,
+                   help="long workload requests in flight at most (default 8; 1 measures unqueued latency)")
     p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:70"], metavar="NAME:MS")
     p.add_argument("--model-path", help="HF model folder (default: the demo model, `pdserve model demo`)")
     p.add_argument("--vllm-arg", action="append", metavar="ARG",
@@ -440,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
-                   help="py-spy record every pdserve process for this long during the main workload")
+                   help="py-spy record every pdserve process for this long at the start of each workload")
     p.add_argument("--result-dir", type=Path, default=serve.RESULTS_DIR)
     p.add_argument("--report", type=Path, metavar="COMPARE.JSON",
                    help="start nothing: print the table of a saved run again (and redraw its plots)")

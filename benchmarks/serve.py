@@ -411,9 +411,16 @@ class LoadSpec:
 WARMUP_SEED = 999_983
 
 
+class SystemDied(RuntimeError):
+    pass
+
+
 async def measure(base_url: str, model: str, vocab: Vocab, work: WorkloadSpec, load: LoadSpec,
-                  log: Any = print) -> list[dict[str, Any]]:
-    """Warm-up, then every rate x repeat; one entry per rate with the median and every repeat."""
+                  log: Any = print, alive: Any = None) -> list[dict[str, Any]]:
+    """Warm-up, then every rate x repeat; one entry per rate with the median and every repeat.
+
+    ``alive()`` (optional) is checked after each repetition: once the system under test has lost a
+    process, the rest is not sent (its repetitions would only count connection errors)."""
     if load.warmup > 0:
         warm = work.build(vocab, WARMUP_SEED, n=load.warmup)
         outs, _ = await run_load(base_url, model, warm, math.inf, 2, WARMUP_SEED, timeout_s=load.timeout_s)
@@ -434,6 +441,11 @@ async def measure(base_url: str, model: str, vocab: Vocab, work: WorkloadSpec, l
             log(f"  rate {rate:g} repeat {r + 1}/{load.repeats}: TTFT p50 {s['median_ttft_ms']:.0f} ms, "
                 f"TPOT p50 {s['median_tpot_ms']:.1f} ms, {s['output_throughput']:.1f} tok/s, "
                 f"goodput {s['request_goodput']:.3f} req/s, {s['failed']} failed")
+            if alive is not None and not alive():
+                med = median_of_repeats(runs)
+                med["rate"] = rate
+                per_rate.append({"rate": rate, "median": med, "runs": runs})
+                raise SystemDied(per_rate)
         med = median_of_repeats(runs)
         med["rate"] = rate
         per_rate.append({"rate": rate, "median": med, "runs": runs})

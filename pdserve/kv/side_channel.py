@@ -9,6 +9,7 @@ arrives. Peers outside ``allowed_peers`` are refused by a ZAP authenticator (pyz
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,11 @@ class SideChannelServer:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._wake_addr = f"inproc://pdserve-wake-{id(self)}"
+        # a plain pipe wakes the poller: thread-safe, never lost (an inproc PAIR socket per
+        # wake-up could drop the message when closed at once, costing a parked pull a second)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-side-{port}", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,14 +74,12 @@ class SideChannelServer:
 
     def wake(self) -> None:
         """Tell the server thread a lease was added (parked pulls can proceed)."""
-        sock = self._ctx.socket(zmq.PAIR)
+        if self._stop.is_set() and not self._thread.is_alive():
+            return  # the pipe is closed; its fd numbers may belong to someone else now
         try:
-            sock.connect(self._wake_addr)
-            sock.send(_WAKE, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        finally:
-            sock.close(linger=0)
+            os.write(self._wake_w, _WAKE[:1])
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: a wake-up is already pending
 
     def stop(self) -> None:
         self._stop.set()
@@ -98,12 +101,11 @@ class SideChannelServer:
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
         router = self._ctx.socket(zmq.ROUTER)
-        wake = self._ctx.socket(zmq.PAIR)
+        wake = self._wake_r
         try:
             router.setsockopt(zmq.LINGER, 0)
             self._start_auth(router)
             router.bind(f"tcp://{self.host}:{self.port}")
-            wake.bind(self._wake_addr)
         except Exception as exc:
             self._error = exc
             self._ready.set()
@@ -121,8 +123,11 @@ class SideChannelServer:
                     timeout = max(10, min(1000, int((first - time.monotonic()) * 1000) + 1))
                 events = dict(poller.poll(timeout))
                 if wake in events:
-                    while wake.poll(0):
-                        wake.recv()
+                    try:
+                        while os.read(wake, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
                 if router in events:
                     while router.poll(0):
                         frames = router.recv_multipart(copy=False)
@@ -134,7 +139,11 @@ class SideChannelServer:
                     self._retry_parked(router)
         finally:
             router.close(linger=0)
-            wake.close(linger=0)
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _handle(self, router: zmq.Socket, frames: list[Any]) -> None:
         if len(frames) < 2:

@@ -234,3 +234,29 @@ def test_parse_overrides() -> None:
     for bad in (["vllm-nixl"], ["=1"], ["sglang=1"], ["pdserve="]):
         with pytest.raises(ValueError):
             compare.parse_overrides(bad)
+
+
+def test_write_report_from_saved_json(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    per_rate = lambda r: [{"rate": 1.0, "median": r, "runs": [r]}]  # noqa: E731
+    doc = {"machine": {"cpu_count": 2, "affinity": [0, 1], "loadavg_at_start": [1.0, 1.0, 1.0]},
+           "slo_ms": {"ttft": 2000.0, "tpot": 70.0}, "repeats": 3, "warmup": 4, "kvcache_gib": 2,
+           "workloads": {"main": {"describe": "random 512 in / 64 out", "rates": [1.0]},
+                         "long": {"describe": "random 1536 in / 64 out", "rates": [0.5]}},
+           "systems": {"pdserve": {"bindings": "up=P core 0, D core 1"},
+                       "colocated": {"bindings": "server=cores 0-1"},
+                       "vllm-example": {"bindings": "prefill=cores 0", "repeats": 1}},
+           "errors": {"vllm-nixl": "NIXL is not importable", "vllm-example/long": "",
+                      "vllm-example": "vllm-example: a process died"},
+           "results": {"pdserve": {"main": per_rate(row(800, 50, 65)), "long": per_rate(row(1500, 40, 60, good=0.4))},
+                       "colocated": {"main": per_rate(row(900, 63, 60)), "long": per_rate(row(2500, 80, 50, good=0.1))},
+                       "vllm-example": {"main": per_rate(row(5000, 55, 50))}}}
+    text = compare.write_report(json.loads(json.dumps(doc)), tmp_path)
+    assert "2 cores (affinity [0, 1])" in text and "median of 3 repeat(s)" in text
+    assert "vllm-example: prefill=cores 0 (1 repeat(s) only)" in text
+    assert "-- NIXL is not importable" in text and "-- vllm-example: a process died" in text
+    assert "notes:" in text and text.count("[PASS]") == 5
+    assert (tmp_path / "table.txt").read_text().strip() == text.strip()
+    assert (tmp_path / "main-bars.png").exists() and (tmp_path / "long-bars.png").exists()
+    (tmp_path / "compare.json").write_text(json.dumps(doc))
+    assert compare.main(["--report", str(tmp_path / "compare.json")]) == 0
