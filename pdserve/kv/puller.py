@@ -61,6 +61,9 @@ class Puller:
         if sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # a DEALER blocks on send while it has no connected peer (prefill down, or the
+            # peer refused us): bound that wait by the pull timeout, never hang
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
             sock.connect(f"tcp://{host}:{port}")
             socks[key] = sock
         return sock
