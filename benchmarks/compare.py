@@ -191,6 +191,19 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def merge_rounds(old: Sequence[Mapping[str, Any]] | None, new: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Pool the repetitions of two rounds rate by rate; the median is taken over all of them (pure)."""
+    by_rate: dict[float, list[dict[str, Any]]] = {}
+    for entry in [*(old or []), *new]:
+        by_rate.setdefault(entry["rate"], []).extend(entry["runs"])
+    out = []
+    for rate, runs in by_rate.items():
+        med = serve.median_of_repeats(runs)
+        med["rate"] = rate
+        out.append({"rate": rate, "median": med, "runs": runs})
+    return out
+
+
 def primary(per_rate: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
     """The table row of a system: the median at the workload's first rate."""
     if not per_rate:
@@ -273,7 +286,9 @@ def write_report(doc: Mapping[str, Any], out_dir: Path) -> str:
     header = (f"machine: {info['cpu_count']} cores (affinity {info['affinity']}), load average at start "
               f"{info['loadavg_at_start']}; every vLLM server --enforce-eager --max-model-len 2048, "
               f"VLLM_CPU_KVCACHE_SPACE={doc.get('kvcache_gib', 2)}")
-    report = [header, f"results: median of {repeats} repeat(s), each after {warmup} warm-up request(s); "
+    rounds = doc.get("rounds", 1)
+    pooled = f" ({rounds} rounds, systems interleaved)" if rounds > 1 else ""
+    report = [header, f"results: median of {repeats} repeat(s){pooled}, each after {warmup} warm-up request(s); "
               f"ratios are system / pdserve; SLO {' '.join(f'{k}:{v:g}' for k, v in slo.items())} ms"]
     for name in plans:
         reps = plans[name].get("repeats", repeats)
@@ -320,7 +335,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"--workloads: choose from {', '.join(workloads)}", file=sys.stderr)
         return 2
     workloads = {n: workloads[n] for n in names}
-    repeats, warmup = a.repeats, a.warmup
+    repeats, warmup, rounds = a.repeats, a.warmup, max(1, a.rounds)
     try:
         repeats_for = {k: int(v) for k, v in parse_overrides(a.repeats_for).items()}
         workloads_for = {k: [w for w in v.split("+") if w] for k, v in parse_overrides(a.workloads_for).items()}
@@ -329,7 +344,7 @@ def run(a: argparse.Namespace) -> int:
         return 2
     if a.quick:
         workloads = {n: quick(w) for n, w in workloads.items()}
-        repeats, warmup = 1, 1
+        repeats, warmup, rounds = 1, 1, 1
     slo = serve.parse_goodput(a.goodput)
     model = a.model_path or serve.default_model_path()
     vocab = serve.vocab_from_model(model)
@@ -347,7 +362,8 @@ def run(a: argparse.Namespace) -> int:
     plans: dict[str, dict[str, Any]] = {}
 
     def save() -> Path:
-        doc = {"machine": info, "repeats": repeats, "warmup": warmup, "quick": a.quick, "slo_ms": slo,
+        doc = {"machine": info, "repeats": repeats * rounds, "rounds": rounds, "warmup": warmup, "quick": a.quick,
+               "slo_ms": slo,
                "kvcache_gib": a.kvcache_gib,
                "workloads": {n: {"spec": asdict(w.spec), "rates": w.rates, "max_concurrency": w.max_concurrency,
                                  "describe": w.describe()} for n, w in workloads.items()},
@@ -356,58 +372,68 @@ def run(a: argparse.Namespace) -> int:
         p.write_text(json.dumps(doc, indent=1, default=str))
         return p
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for name in systems:
-            if name == "vllm-nixl" and (why := _servers.nixl_problem()):
-                errors[name] = why
-                print(f"== {name}: skipped: {why}", flush=True)
-                continue
-            plan = _servers.plan_system(name, common, _servers.free_ports(name))
-            plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
-                           "argv": {p.name: p.argv for p in plan.procs}}
-            print(f"== {name}: {plan.description}\n   {plan.bindings()}", flush=True)
-            system = _servers.RunningSystem(plan, out_dir / "logs", say=lambda m: print(m, flush=True))
-            try:
-                took = system.start(a.startup_timeout)
-                print(f"   ready in {took:.0f}s at {plan.url}", flush=True)
-                results[name] = {}
-                reps = 1 if a.quick else repeats_for.get(name, repeats)
-                plans[name]["repeats"] = reps
-                for wname, w in workloads.items():
-                    if name in workloads_for and wname not in workloads_for[name]:
-                        errors.setdefault(f"{name}/{wname}", f"not run (--workloads-for {name}="
-                                          f"{'+'.join(workloads_for[name])})")
-                        continue
-                    load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=reps,
-                                          warmup=warmup, seed=a.seed, slo_ms=slo, timeout_s=a.request_timeout)
-                    print(f"   {wname}: {w.describe()}", flush=True)
-                    spies = []
-                    if a.profile and name == BASELINE:
-                        spies = start_profiles(system, out_dir / "profile", a.profile, wname)
-                    try:
-                        per_rate = asyncio.run(serve.measure(plan.url, common.served_name, vocab, w.spec, load,
-                                                             log=lambda m: print("  " + m, flush=True),
-                                                             alive=system.alive))
-                    except serve.SystemDied as died:
-                        results[name][wname] = died.args[0]  # what was measured until the process died
-                        raise _servers.StartError(f"{name}: a process died during the {wname} workload "
-                                                  f"(logs in {out_dir}/logs)") from None
+    def run_system(name: str, rnd: int, round_note: str) -> dict[str, Any]:
+        """Start one system, measure every workload, stop it; what it measured (also on failure)."""
+        measured: dict[str, Any] = {}
+        plan = _servers.plan_system(name, common, _servers.free_ports(name))
+        reps = 1 if a.quick else repeats_for.get(name, repeats)
+        plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
+                       "argv": {p.name: p.argv for p in plan.procs}, "repeats": reps * rounds}
+        print(f"== {name}{round_note}: {plan.description}\n   {plan.bindings()}", flush=True)
+        system = _servers.RunningSystem(plan, out_dir / "logs" / f"round{rnd + 1}" if rounds > 1 else out_dir / "logs",
+                                        say=lambda m: print(m, flush=True))
+        try:
+            took = system.start(a.startup_timeout)
+            print(f"   ready in {took:.0f}s at {plan.url}", flush=True)
+            for wname, w in workloads.items():
+                if name in workloads_for and wname not in workloads_for[name]:
+                    errors.setdefault(f"{name}/{wname}", f"not run (--workloads-for {name}="
+                                      f"{'+'.join(workloads_for[name])})")
+                    continue
+                # another seed per round: a round never repeats the prompts of an earlier one
+                load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=reps,
+                                      warmup=warmup, seed=a.seed + rnd * repeats, slo_ms=slo,
+                                      timeout_s=a.request_timeout)
+                print(f"   {wname}: {w.describe()}", flush=True)
+                spies = start_profiles(system, out_dir / "profile", a.profile, wname) \
+                    if a.profile and name == BASELINE and rnd == 0 else []
+                try:
+                    measured[wname] = asyncio.run(serve.measure(
+                        plan.url, common.served_name, vocab, w.spec, load,
+                        log=lambda m: print("  " + m, flush=True), alive=system.alive))
+                except serve.SystemDied as died:
+                    measured[wname] = died.args[0]  # what was measured until the process died
+                    raise _servers.StartError(f"{name}: a process died during the {wname} workload "
+                                              f"(logs in {out_dir}/logs)") from None
+                finally:
                     for sp in spies:
                         sp.wait(timeout=a.profile + 60)
-                    results[name][wname] = per_rate
-                    if not system.alive():
-                        raise _servers.StartError(f"{name}: a process died during the run (logs in {out_dir}/logs)")
-                    save()
-            except _servers.StartError as exc:
-                errors[name] = str(exc)
-                print(f"   FAILED: {exc}", flush=True)
-            except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                print(f"   FAILED: {errors[name]}", flush=True)
-            finally:
-                print(f"   stopping {name} ...", flush=True)
-                system.stop()
+        except _servers.StartError as exc:
+            errors[name] = str(exc)
+            print(f"   FAILED: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"   FAILED: {errors[name]}", flush=True)
+        finally:
+            print(f"   stopping {name} ...", flush=True)
+            system.stop()
+        return measured
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for rnd in range(rounds):
+            for name in systems:
+                if name == "vllm-nixl" and (why := _servers.nixl_problem()):
+                    errors[name] = why
+                    if rnd == 0:
+                        print(f"== {name}: skipped: {why}", flush=True)
+                    continue
+                if rnd > 0 and name in errors:
+                    continue  # failed in an earlier round: its error stands
+                round_note = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+                measured = run_system(name, rnd, round_note)
+                for wname, per_rate in measured.items():
+                    results.setdefault(name, {})[wname] = merge_rounds(results.get(name, {}).get(wname), per_rate)
                 save()
     except Stop:
         print("interrupted: systems stopped; partial results saved", file=sys.stderr)
@@ -434,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fewer repetitions for a slow system (default vllm-nixl=1: ~50 s TTFT, ~5 tok/s)")
     p.add_argument("--workloads-for", action="append", default=None, metavar="SYSTEM=W1+W2",
                    help="only these workloads for a system (default vllm-nixl=main; no target uses its long run)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every system this many times, interleaved in time (restarting it each "
+                        "round), and pool the repetitions: evens out a noisy shared host (default 1)")
     p.add_argument("--warmup", type=int, default=4, help="warm-up requests per workload (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-rate", type=float, nargs="+", default=[1.0],

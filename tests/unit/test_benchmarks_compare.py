@@ -260,3 +260,16 @@ def test_write_report_from_saved_json(tmp_path) -> None:
     assert (tmp_path / "main-bars.png").exists() and (tmp_path / "long-bars.png").exists()
     (tmp_path / "compare.json").write_text(json.dumps(doc))
     assert compare.main(["--report", str(tmp_path / "compare.json")]) == 0
+
+
+def test_merge_rounds_pools_repetitions() -> None:
+    def entry(rate: float, *ttfts: float) -> dict:
+        runs = [{"median_ttft_ms": t, "completed": 40, "errors": []} for t in ttfts]
+        return {"rate": rate, "median": {}, "runs": runs}
+
+    merged = compare.merge_rounds([entry(1.0, 100, 900, 300)], [entry(1.0, 200, 250, 260), entry(2.0, 5)])
+    one, two = merged
+    assert one["rate"] == 1.0 and len(one["runs"]) == 6 and one["median"]["median_ttft_ms"] == 255.0
+    assert one["median"]["repeats"] == 6 and one["median"]["rate"] == 1.0
+    assert two["rate"] == 2.0 and two["median"]["median_ttft_ms"] == 5
+    assert compare.merge_rounds(None, [entry(1.0, 7)])[0]["median"]["median_ttft_ms"] == 7
