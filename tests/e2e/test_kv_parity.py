@@ -122,3 +122,26 @@ def test_chat_parity_through_scheduler(pd_cluster, reference):
         assert got.json()["choices"][0]["message"]["content"] == \
             want.json()["choices"][0]["message"]["content"]
 
+
+
+def test_openai_client_sync_and_streaming_match_reference(pd_cluster, reference):
+    """The `openai` package, as a user would use it, gets the single server's greedy answer."""
+    from openai import OpenAI
+
+    via_pd = OpenAI(base_url=f"{pd_cluster.scheduler_url}/v1", api_key="unused", max_retries=0)
+    plain = OpenAI(base_url=f"{reference}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Name three colors of the rainbow."}]
+    kwargs = {"model": pd_cluster.served_model_name, "messages": messages, "max_tokens": 32,
+              "temperature": 0}
+    want = plain.chat.completions.create(**kwargs).choices[0].message.content
+    got = via_pd.chat.completions.create(**kwargs).choices[0].message.content
+    assert got == want and got
+    streamed = "".join(chunk.choices[0].delta.content or ""
+                       for chunk in via_pd.chat.completions.create(stream=True, **kwargs)
+                       if chunk.choices)
+    assert streamed == want
+    comp = via_pd.completions.create(model=pd_cluster.served_model_name, prompt="The capital of France is",
+                                     max_tokens=12, temperature=0)
+    ref = plain.completions.create(model=pd_cluster.served_model_name, prompt="The capital of France is",
+                                   max_tokens=12, temperature=0)
+    assert comp.choices[0].text == ref.choices[0].text
