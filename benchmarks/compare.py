@@ -98,6 +98,9 @@ def format_table(rows: Mapping[str, Mapping[str, Any] | None], baseline: str = B
             why = (errors or {}).get(name) or "not measured"
             body.append([name, f"-- {why.splitlines()[0][:100]}"])
             continue
+        if not r.get("completed"):
+            body.append([name, f"-- no request completed ({r.get('failed', 0):g} failed)"])
+            continue
         line = [name]
         for key, _, fmt, _ in COLUMNS:
             v = r.get(key)
@@ -108,7 +111,9 @@ def format_table(rows: Mapping[str, Mapping[str, Any] | None], baseline: str = B
             line.append(cell)
         line.append(str(r.get("failed", 0)))
         body.append(line)
-    widths = [max(len(headers[i]), *(len(b[i]) for b in body if len(b) > i)) for i in range(len(headers))]
+    full = [b for b in body if len(b) == len(headers)]  # "--" lines span the row: not in the widths
+    widths = [max([len(headers[i])] + [len(b[i]) for b in full]) for i in range(len(headers))]
+    widths[0] = max([widths[0]] + [len(b[0]) for b in body])
     out = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     for b in body:
         if len(b) == 2 and b[1].startswith("-- "):
@@ -158,11 +163,13 @@ def evaluate_targets(main: Mapping[str, Mapping[str, Any] | None],
     name = "TTFT p50 <= 1.5x colocated"
     if need(name, pd, col):
         q = pd["median_ttft_ms"] / col["median_ttft_ms"]
-        out.append(Target(name, q <= 1.5, f"{pd['median_ttft_ms']:.0f} ms vs {col['median_ttft_ms']:.0f} ms = {q:.2f}x"))
+        out.append(Target(name, q <= 1.5,
+                          f"{pd['median_ttft_ms']:.0f} ms vs {col['median_ttft_ms']:.0f} ms = {q:.2f}x"))
     name = "TPOT p50 <= 0.9x colocated"
     if need(name, pd, col):
         q = pd["median_tpot_ms"] / col["median_tpot_ms"]
-        out.append(Target(name, q <= 0.9, f"{pd['median_tpot_ms']:.1f} ms vs {col['median_tpot_ms']:.1f} ms = {q:.2f}x"))
+        out.append(Target(name, q <= 0.9,
+                          f"{pd['median_tpot_ms']:.1f} ms vs {col['median_tpot_ms']:.1f} ms = {q:.2f}x"))
     name = "output throughput >= colocated"
     if need(name, pd, col):
         q = pd["output_throughput"] / col["output_throughput"]
@@ -362,9 +369,8 @@ def run(a: argparse.Namespace) -> int:
     plans: dict[str, dict[str, Any]] = {}
 
     def save() -> Path:
-        doc = {"machine": info, "repeats": repeats * rounds, "rounds": rounds, "warmup": warmup, "quick": a.quick,
-               "slo_ms": slo,
-               "kvcache_gib": a.kvcache_gib,
+        doc = {"machine": info, "repeats": repeats * rounds, "rounds": rounds, "warmup": warmup,
+               "quick": a.quick, "slo_ms": slo, "kvcache_gib": a.kvcache_gib,
                "workloads": {n: {"spec": asdict(w.spec), "rates": w.rates, "max_concurrency": w.max_concurrency,
                                  "describe": w.describe()} for n, w in workloads.items()},
                "systems": plans, "errors": errors, "results": results}
@@ -380,8 +386,8 @@ def run(a: argparse.Namespace) -> int:
         plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
                        "argv": {p.name: p.argv for p in plan.procs}, "repeats": reps * rounds}
         print(f"== {name}{round_note}: {plan.description}\n   {plan.bindings()}", flush=True)
-        system = _servers.RunningSystem(plan, out_dir / "logs" / f"round{rnd + 1}" if rounds > 1 else out_dir / "logs",
-                                        say=lambda m: print(m, flush=True))
+        log_dir = out_dir / "logs" / f"round{rnd + 1}" if rounds > 1 else out_dir / "logs"
+        system = _servers.RunningSystem(plan, log_dir, say=lambda m: print(m, flush=True))
         try:
             took = system.start(a.startup_timeout)
             print(f"   ready in {took:.0f}s at {plan.url}", flush=True)

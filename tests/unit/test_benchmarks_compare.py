@@ -273,3 +273,12 @@ def test_merge_rounds_pools_repetitions() -> None:
     assert one["median"]["repeats"] == 6 and one["median"]["rate"] == 1.0
     assert two["rate"] == 2.0 and two["median"]["median_ttft_ms"] == 5
     assert compare.merge_rounds(None, [entry(1.0, 7)])[0]["median"]["median_ttft_ms"] == 7
+
+
+def test_format_table_failed_rows_do_not_widen_columns() -> None:
+    rows = {"pdserve": row(500, 50, 60), "vllm-example": row(0, 0, 0, completed=0, failed=24),
+            "vllm-nixl": None}
+    text = compare.format_table(rows, errors={"vllm-nixl": "not run (--workloads-for vllm-nixl=main) " * 3})
+    lines = text.splitlines()
+    assert lines[0].index("TTFT p50 ms") < 20  # the long reason did not stretch the first columns
+    assert "-- no request completed (24 failed)" in text

@@ -182,6 +182,8 @@ def test_plot_vs_rate_writes_png(tmp_path) -> None:
         points.append(s)
     out = serve.plot_vs_rate({"a": points, "b": points[:1]}, tmp_path / "p.png", "title")
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    burst = dict(points[0], rate=math.inf)  # 'inf' (all at once) is drawn on a categorical axis
+    assert serve.plot_vs_rate({"a": [points[0], burst]}, tmp_path / "q.png").exists()
 
 
 def test_cli_refuses_non_loopback() -> None:
