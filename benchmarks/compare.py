@@ -378,9 +378,8 @@ def run(a: argparse.Namespace) -> int:
         p.write_text(json.dumps(doc, indent=1, default=str))
         return p
 
-    def run_system(name: str, rnd: int, round_note: str) -> dict[str, Any]:
-        """Start one system, measure every workload, stop it; what it measured (also on failure)."""
-        measured: dict[str, Any] = {}
+    def run_system(name: str, rnd: int, round_note: str, measured: dict[str, Any]) -> None:
+        """Start one system, measure every workload into ``measured`` (kept on failure or Ctrl-C), stop it."""
         plan = _servers.plan_system(name, common, _servers.free_ports(name))
         reps = 1 if a.quick else repeats_for.get(name, repeats)
         plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
@@ -423,7 +422,6 @@ def run(a: argparse.Namespace) -> int:
         finally:
             print(f"   stopping {name} ...", flush=True)
             system.stop()
-        return measured
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -437,10 +435,14 @@ def run(a: argparse.Namespace) -> int:
                 if rnd > 0 and name in errors:
                     continue  # failed in an earlier round: its error stands
                 round_note = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
-                measured = run_system(name, rnd, round_note)
-                for wname, per_rate in measured.items():
-                    results.setdefault(name, {})[wname] = merge_rounds(results.get(name, {}).get(wname), per_rate)
-                save()
+                measured: dict[str, Any] = {}
+                try:
+                    run_system(name, rnd, round_note, measured)
+                finally:  # also when interrupted: what was measured stays in the results
+                    for wname, per_rate in measured.items():
+                        results.setdefault(name, {})[wname] = merge_rounds(results.get(name, {}).get(wname),
+                                                                           per_rate)
+                    save()
     except Stop:
         print("interrupted: systems stopped; partial results saved", file=sys.stderr)
     finally:
