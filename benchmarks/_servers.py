@@ -240,7 +240,7 @@ class RunningSystem:
             if time.monotonic() - t0 > timeout:
                 raise StartError(f"{self.plan.name}: {', '.join(pending)} not healthy after {timeout:g}s "
                                  f"(logs in {self.log_dir})")
-            if time.monotonic() - last > 30:
+            if pending and time.monotonic() - last > 30:
                 last = time.monotonic()
                 self.say(f"  ... waiting for {', '.join(pending)} ({time.monotonic() - t0:.0f}s)")
             time.sleep(1.0)
