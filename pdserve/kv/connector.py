@@ -89,11 +89,19 @@ class PdserveConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Act on the step's metadata as soon as vLLM hands it over, before the forward pass.
+
+        vLLM calls ``start_load_kv`` *after* the forward for steps with only async loads, so
+        leases registered there would appear one (possibly multi-second) prefill step late and
+        decode pulls would wait for it. Binding happens before the forward on every step.
+        """
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, PdserveMetadata):
+            self._worker.start_load_kv(connector_metadata)
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        assert self._worker is not None
-        meta = self._get_connector_metadata()
-        if isinstance(meta, PdserveMetadata):
-            self._worker.start_load_kv(meta)
+        return  # done in bind_connector_metadata, which precedes the forward pass
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are asynchronous and complete before the request is scheduled
