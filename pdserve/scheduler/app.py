@@ -24,6 +24,7 @@ from pdserve.scheduler.admission import Admission
 from pdserve.scheduler.affinity import (CHAT_OVERHEAD_TOKENS, AffinityFirst, PrefixPoints, PrefixTracker,
                                         prompt_upper_tokens, upper_tokens)
 from pdserve.scheduler.auth import ApiKeys, instance_headers
+from pdserve.scheduler.backlog import prefill_locally, work_tokens
 from pdserve.scheduler.capture import CaptureRecord, CaptureSink
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.drain import Drain
@@ -269,6 +270,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
                          stream=bool(req.stream), key=key,
                          model=client_model if isinstance(client_model, str) else "")
     ctx.model_alias = shaped.answer_model
+    ctx.work_tokens = work_tokens(endpoint, body)
     request[CTX] = ctx
     _route_decode(state, ctx)
     if state.capture is not None and (cfg.capture is not None and random.random() < cfg.capture.sample_rate):
@@ -303,17 +305,26 @@ def _uncached_tokens(endpoint: str, pp: PrefixPoints, matched: int) -> int:
 
 
 def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
-    """Decode-side cache awareness: the prompt's prefix hashes (for conversation affinity) and
-    whether the request can skip the prefill instance (``--decode-only-below`` /
-    ``--decode-only-uncached-below``)."""
+    """Whether the request can skip the prefill instance (``--decode-only-below``,
+    ``--decode-only-uncached-below``, ``--decode-only-when-queued``), and the prompt's prefix
+    hashes for conversation affinity."""
     cfg = state.cfg
     if cfg.decode_only_below:
         if prompt_upper_tokens(ctx.endpoint, ctx.body, cfg.decode_only_below) < cfg.decode_only_below:
             ctx.decode_only = "short"
-    if state.tracker is None:
-        if ctx.decode_only:
-            state.metrics.decode_only.labels(ctx.decode_only).inc()
-        return
+    if state.tracker is not None:
+        _route_by_cache(state, ctx)
+    if not ctx.decode_only and prefill_locally(state.pool.prefill.healthy(), state.pool.decode.healthy(),
+                                               ctx.work_tokens, cfg.decode_only_when_queued):
+        ctx.decode_only = "busy"
+    if ctx.decode_only:
+        state.metrics.decode_only.labels(ctx.decode_only).inc()
+
+
+def _route_by_cache(state: Scheduler, ctx: RequestContext) -> None:
+    """Conversation affinity and ``--decode-only-uncached-below``, from the decode-side tracker."""
+    assert state.tracker is not None
+    cfg = state.cfg
     pp = ctx.points = state.tracker.points(ctx.endpoint, ctx.body)
     healthy = state.pool.decode.healthy()
     affinity = {}
@@ -335,8 +346,6 @@ def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
                 ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, {best.spec.name: matched})
     if cfg.decode_affinity and affinity and ctx.key.affinity is None:
         ctx.key = RouteKey(ctx.key.prefix, ctx.key.tokens, affinity)
-    if ctx.decode_only:
-        state.metrics.decode_only.labels(ctx.decode_only).inc()
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

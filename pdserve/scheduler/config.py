@@ -111,6 +111,7 @@ class SchedulerConfig:
     capture: CaptureSettings | None = None
     decode_only_below: int = 0  # prompts estimated below this many tokens skip the prefill instance
     decode_only_uncached_below: int = 0  # ... or whose part not cached on a decode instance is below it
+    decode_only_when_queued: int = 0  # ... or when every prefill instance has this many prompt tokens queued
     decode_affinity: bool = True  # prefer the decode instance that holds the conversation's history
     affinity_chunk_chars: int = 256  # granularity of the decode-side prefix tracker
     config_file: str | None = None
@@ -195,6 +196,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("decode_only_uncached_below", ("--decode-only-uncached-below",), "int", "cache-aware disaggregation",
         metavar="TOKENS", help="serve a request on a decode instance alone when the part of its prompt that "
                                "instance has not cached is below this many tokens (0: off)"),
+    Opt("decode_only_when_queued", ("--decode-only-when-queued",), "int", "cache-aware disaggregation",
+        env="PDSERVE_DECODE_ONLY_WHEN_QUEUED", metavar="TOKENS", help="load-aware: serve a request on a decode instance alone when every prefill instance "
+                               "has at least this many prompt tokens queued or running and the decode instance's "
+                               "own pending prompt work plus this prompt is no more (0: off)"),
     Opt("max_inflight", ("--max-inflight",), "int", "overload and limits", env="PDSERVE_MAX_INFLIGHT",
         help="requests in flight at once (0: unbounded)"),
     Opt("max_inflight_per_instance", ("--max-inflight-per-instance",), "int", "overload and limits",
@@ -474,6 +479,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         capture=_capture(v, deploy.capture.model_dump(exclude_unset=True) if deploy.capture else None),
         decode_only_below=pick("decode_only_below", d.decode_only_below),
         decode_only_uncached_below=pick("decode_only_uncached_below", d.decode_only_uncached_below),
+        decode_only_when_queued=pick("decode_only_when_queued", d.decode_only_when_queued),
         decode_affinity=not v["no_decode_affinity"],
         affinity_chunk_chars=pick("affinity_chunk_chars", d.affinity_chunk_chars),
         config_file=config_path,
@@ -507,6 +513,7 @@ def check(cfg: SchedulerConfig) -> None:
                         ("--max-inflight-per-instance", cfg.max_inflight_per_instance),
                         ("--retries", cfg.retries), ("--decode-only-below", cfg.decode_only_below),
                         ("--decode-only-uncached-below", cfg.decode_only_uncached_below),
+                        ("--decode-only-when-queued", cfg.decode_only_when_queued),
                         ("--drain-seconds", cfg.drain_seconds)):
         if value < 0:
             raise ConfigError("flags", flag, f"{value} is negative", f"{flag} 0 (or a positive number)")

@@ -32,6 +32,10 @@ class SchedulerMetrics:
                                        ["role", "instance"], registry=r)
         self.instance_healthy = Gauge(p + "instance_healthy", "1 when the instance passes health checks",
                                       ["role", "instance"], registry=r)
+        self.instance_prefill_backlog = Gauge(p + "instance_prefill_backlog_tokens", "Estimated prompt tokens "
+                                              "routed to the instance and not yet computed (prefill calls in "
+                                              "flight; decode-only requests before their first token)",
+                                              ["role", "instance"], registry=r)
         self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free slot", registry=r)
         self.retries = Counter(p + "retries_total", "Requests retried on another instance",
                                ["stage", "reason"], registry=r)
@@ -44,7 +48,7 @@ class SchedulerMetrics:
                                      "decode instance's first byte (KV pull + first decode step)", buckets=_LAT,
                                      registry=r)
         self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
-                                   "a remote prefill, by reason (short prompt, cached prefix)", ["reason"], registry=r)
+                                   "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool)", ["reason"], registry=r)
         self.capture_dropped = Counter(p + "capture_dropped_total", "Capture records dropped because the writer "
                                        "queue was full (requests are never slowed down for capture)", registry=r)
         self.draining = Gauge(p + "draining", "1 while the scheduler drains (refuses new requests) before exiting",

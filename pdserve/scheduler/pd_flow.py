@@ -70,7 +70,8 @@ class RequestContext:
     chunks: int = 0
     error: str | None = None
     model_alias: str | None = None  # the name the answer carries, when it is not the instances' own
-    decode_only: str | None = None  # why no remote prefill ran ("short", "cached"), else None
+    decode_only: str | None = None  # why no remote prefill ran ("short", "cached", "busy"), else None
+    work_tokens: int = 0  # typical estimate of the prompt tokens to compute (prefill backlog accounting)
     points: PrefixPoints | None = None  # the prompt's prefix hashes, for the decode-side tracker
     prefill_done: float | None = None  # perf_counter when the prefill answer arrived
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
@@ -177,12 +178,14 @@ class PDFlow:
             tried.append(inst)
             ctx.instances.append(inst.spec.name)
             t = time.perf_counter()
+            inst.add_backlog(ctx.work_tokens)
             try:
                 status, payload = await self._post_prefill(inst, body, ctx)
             except _PrefillRetry as exc:  # connection-level failure: another instance may do
                 last, reason = exc.error, "connect"
                 continue
             finally:
+                inst.add_backlog(-ctx.work_tokens)
                 self.pool.prefill.release(inst, ctx.key.tokens)
             if status >= 500:
                 last = ApiError(502, f"prefill instance {inst.spec.name} failed: HTTP {status}: {_snippet(payload)}")
@@ -268,6 +271,8 @@ class PDFlow:
         body = decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
         resp: aiohttp.ClientResponse | None = None
         finished = False
+        backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself
+        inst.add_backlog(backlog)
         try:
             first = b""
             payload = b""
@@ -279,6 +284,8 @@ class PDFlow:
                     else:
                         payload = await resp.read()
                         finished = True
+                inst.add_backlog(-backlog)  # the prompt is computed once the first byte is here
+                backlog = 0
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 self.pool.mark_down(inst, f"connect failed: {_describe(exc)}")
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} unreachable: {_describe(exc)}"),
@@ -310,6 +317,7 @@ class PDFlow:
             finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name)
             return out
         finally:
+            inst.add_backlog(-backlog)
             if resp is not None:
                 if finished:
                     resp.release()

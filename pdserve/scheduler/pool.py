@@ -27,8 +27,8 @@ log = logging.getLogger("pdserve.scheduler.pool")
 
 
 class Instance:
-    __slots__ = ("spec", "url", "healthy", "inflight", "inflight_tokens", "last_error", "since",
-                 "_g_inflight", "_g_healthy")
+    __slots__ = ("spec", "url", "healthy", "inflight", "inflight_tokens", "prefill_backlog", "last_error",
+                 "since", "_g_inflight", "_g_healthy", "_g_backlog")
 
     def __init__(self, spec: InstanceSpec, metrics: SchedulerMetrics) -> None:
         self.spec = spec
@@ -36,11 +36,18 @@ class Instance:
         self.healthy = True
         self.inflight = 0
         self.inflight_tokens = 0
+        self.prefill_backlog = 0  # estimated prompt tokens this instance has yet to compute
         self.last_error: str | None = None
         self.since = time.monotonic()
         self._g_inflight = metrics.instance_inflight.labels(spec.role, spec.name)
         self._g_healthy = metrics.instance_healthy.labels(spec.role, spec.name)
         self._g_healthy.set(1)
+        self._g_backlog = metrics.instance_prefill_backlog.labels(spec.role, spec.name)
+
+    def add_backlog(self, tokens: int) -> None:
+        """Prompt work routed here (positive) or done (negative)."""
+        self.prefill_backlog += tokens
+        self._g_backlog.set(self.prefill_backlog)
 
     def set_health(self, ok: bool, reason: str | None = None) -> bool:
         """Record a health result; True when the state changed."""

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="context length (default 2048 with --demo, else vLLM's default)")
     p.add_argument("--kv-connector", default=None, metavar="NAME",
                    help="passed to `pdserve serve` (default PdserveConnector; 'none' for debugging)")
+    p.add_argument("--scheduler-arg", action="append", default=[], metavar="ARG",
+                   help="a flag for the scheduler only, e.g. --scheduler-arg=--decode-only-when-queued=512 "
+                        "(repeatable; unknown flags go to every vLLM instance instead)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="drain deadline on stop (default 30)")
     p.add_argument("--run-dir", type=Path, default=None,
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     settings = UpSettings(model=model, served_name=args.served_model_name or Path(model.rstrip("/")).name,
                           run_dir=run_dir, max_model_len=max_len, timeout=args.timeout,
                           drain_seconds=args.drain_seconds, kv_connector=args.kv_connector,
-                          vllm_args=list(getattr(args, "extra", []) or []), quiet=args.quiet)
+                          vllm_args=list(getattr(args, "extra", []) or []),
+                          scheduler_args=list(args.scheduler_arg), quiet=args.quiet)
     if args.dry_run:
         _print_plan(plan)
         g, locals_, host = write_ranktables(plan, run_dir)

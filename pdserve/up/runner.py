@@ -45,6 +45,7 @@ class UpSettings:
     drain_seconds: float = 30.0
     kv_connector: str | None = None
     vllm_args: Sequence[str] = ()
+    scheduler_args: Sequence[str] = ()
     quiet: bool = False
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
@@ -107,7 +108,8 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
         if inst.cpu_bind:
             env["PDSERVE_CPU_BIND"] = inst.cpu_bind
         out.append((inst.name, argv, env))
-    sched_argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(plan.scheduler_port)]
+    sched_argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(plan.scheduler_port),
+                  *s.scheduler_args]
     sched_env = dict(base_env, RANK_TABLE_FILE_PATH=str(host_path), NODE_PORTS=plan.node_ports)
     sched_env.setdefault("USE_OPENAI", "1")
     out.append(("scheduler", sched_argv, sched_env))

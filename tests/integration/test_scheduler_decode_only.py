@@ -164,3 +164,48 @@ async def test_affinity_off_and_instance_down_forgets(make_cluster: MakeCluster)
     c2.decode[home].configure(healthy=False)
     await asyncio.sleep(0.3)
     assert c2.state.pool.decode.instances[home].spec.name not in tracker._seen
+
+
+def backlog(text: str) -> dict[str, float]:
+    """role -> pdserve_scheduler_instance_prefill_backlog_tokens (one instance per role here)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("pdserve_scheduler_instance_prefill_backlog_tokens{"):
+            role = line.split('role="', 1)[1].split('"', 1)[0]
+            out[role] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def test_busy_prefill_pool_serves_on_decode_alone(make_cluster: MakeCluster,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "pdserve.scheduler.access")
+    c = await make_cluster(1, 1, decode_only_when_queued=20, fake_kw=NO_KV)
+    c.prefill[0].configure(ttft=0.6)  # a long prefill queue on the only prefill instance
+    prompt = "x" * 100  # ~25 tokens of prompt work
+    first = asyncio.create_task(post(c, "/v1/completions", {"prompt": prompt, "max_tokens": 2}))
+    for _ in range(100):  # until the scheduler has sent the first request to prefill
+        if reqs(c.prefill):
+            break
+        await asyncio.sleep(0.01)
+    assert backlog(await metrics(c)) == {"prefill": 25.0, "decode": 0.0}
+    status, raw = await post(c, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2
+    assert not first.done()  # it answered while the first request was still in prefill
+    assert (await first)[0] == 200
+    # prefill idle again: the next request is disaggregated
+    assert (await post(c, "/v1/completions", {"prompt": prompt, "max_tokens": 2}))[0] == 200
+    assert len(reqs(c.prefill)) == 2
+    assert ["kv_transfer_params" in r["body"] for r in reqs(c.decode)] == [False, True, True]
+    text = await metrics(c)
+    assert 'pdserve_scheduler_decode_only_total{reason="busy"} 1.0' in text
+    assert backlog(text) == {"prefill": 0.0, "decode": 0.0}
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pdserve.scheduler.access"]
+    assert [x["decode_only"] for x in lines] == ["busy", None, None]
+
+
+async def test_busy_fallback_off_by_default(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, fake_kw=NO_KV)
+    c.prefill[0].configure(ttft=0.3)
+    results = await asyncio.gather(*(post(c, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 1})
+                                     for _ in range(3)))
+    assert [s for s, _ in results] == [200] * 3 and len(reqs(c.prefill)) == 3

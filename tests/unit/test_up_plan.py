@@ -75,7 +75,8 @@ def test_daemon_commands_are_the_operator_path(tmp_path: Path) -> None:
     plan = plan_cluster(2, 1, "cpu", 2)
     g, locals_, host = write_ranktables(plan, tmp_path)
     s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, max_model_len=2048,
-                   kv_connector="none", vllm_args=["--max-num-seqs", "4"], env={"PATH": "/bin"})
+                   kv_connector="none", vllm_args=["--max-num-seqs", "4"], env={"PATH": "/bin"},
+                   scheduler_args=["--decode-only-when-queued=512"])
     cmds = daemon_commands(plan, s, g, locals_, host, python="py")
     names = [c[0] for c in cmds]
     assert names == ["prefill0", "prefill1", "decode0", "scheduler"]
@@ -92,6 +93,9 @@ def test_daemon_commands_are_the_operator_path(tmp_path: Path) -> None:
     _, sargv, senv = cmds[-1]
     assert senv["NODE_PORTS"] == "8100,8101,8102" and senv["RANK_TABLE_FILE_PATH"] == str(host)
     assert senv["USE_OPENAI"] == "1" and sargv[sargv.index("--port") + 1] == "9000"
+    # scheduler-only flags reach the scheduler, not vLLM (which would refuse them)
+    assert sargv[-1] == "--decode-only-when-queued=512" and "--max-num-seqs" not in sargv
+    assert all("--decode-only-when-queued=512" not in c[1] for c in cmds[:-1])
 
 
 def test_curl_line_targets_the_scheduler() -> None:
@@ -103,6 +107,7 @@ def test_cli_flags() -> None:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args, extra = parser.parse_known_args(["up", "--demo", "--prefill", "2", "--ask", "q", "--once",
-                                           "--max-num-seqs", "4"])
+                                           "--max-num-seqs", "4", "--scheduler-arg=--retries=2"])
+    assert args.scheduler_arg == ["--retries=2"]
     assert (args.demo, args.prefill, args.decode, args.port, args.timeout) == (True, 2, 1, 9000, 300.0)
     assert args.ask == "q" and args.once and extra == ["--max-num-seqs", "4"]
