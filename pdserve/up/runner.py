@@ -35,6 +35,9 @@ class UpError(PdserveError):
     exit_code = 1
 
 
+UP_DECODE_ONLY_WHEN_QUEUED = 512  # the scheduler's --decode-only-when-queued under `pdserve up`
+
+
 @dataclass
 class UpSettings:
     model: str
@@ -112,6 +115,8 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
                   *s.scheduler_args]
     sched_env = dict(base_env, RANK_TABLE_FILE_PATH=str(host_path), NODE_PORTS=plan.node_ports)
     sched_env.setdefault("USE_OPENAI", "1")
+    # one host, instances side by side: when prefill falls behind, let decode compute prompts
+    sched_env.setdefault("PDSERVE_DECODE_ONLY_WHEN_QUEUED", str(UP_DECODE_ONLY_WHEN_QUEUED))
     out.append(("scheduler", sched_argv, sched_env))
     return out
 
