@@ -32,6 +32,7 @@ ENV_KV_PORT = "PDSERVE_KV_PORT"
 ENV_KV_TRANSPORT = "PDSERVE_KV_TRANSPORT"
 ENV_KV_CONNECTOR = "PDSERVE_KV_CONNECTOR"
 ENV_NO_EAGER = "PDSERVE_NO_EAGER"
+CPU_MAX_NUM_BATCHED_TOKENS = 512  # per-step token budget of CPU instances unless the operator sets one
 ENV_CPU_BIND = "PDSERVE_CPU_BIND"  # explicit VLLM_CPU_OMP_THREADS_BIND instead of the ranktable's cores
 TRANSPORTS = ("auto", "tcp", "shm", "torch_dist")
 # stock connectors that expect one symmetric role on both sides
@@ -239,6 +240,12 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
     if ctx.platform == "cpu" and not has_flag(user, "--enforce-eager", "--no-enforce-eager") \
             and env.get(ENV_NO_EAGER, "").strip() not in ("1", "true", "yes"):
         argv.append("--enforce-eager")  # compiled mode gives wrong text with vllm-cpu 0.32 (DESIGN.md)
+
+    if ctx.platform == "cpu" and not has_flag(user, "--max-num-batched-tokens"):
+        # vLLM's CPU default (2048) batches up to four queued prompts into one step, so all of them
+        # wait for the slowest; a one-prompt budget finishes them in arrival order (lower TTFT)
+        # and bounds how long a decode step carrying prompt work can stall the running decodes
+        argv += ["--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS)]
 
     explicit_bind = env.get(ENV_CPU_BIND, "").strip() if ctx.platform == "cpu" else ""
     if explicit_bind:
