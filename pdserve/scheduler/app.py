@@ -48,6 +48,7 @@ _ENDPOINTS = {
     "/health": "health",
     "/metrics": "metrics",
 }
+_MAX_CACHED_CHILDREN = 4096
 _UNTRACKED = frozenset({"/health", "/metrics"})
 _INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
@@ -96,6 +97,18 @@ class Scheduler:
         self.created = int(time.time())
         # hot-path metric children, resolved once
         self._e2e = {e: self.metrics.e2e.labels(e) for e in ("completions", "chat", "generate")}
+        self._requests: dict[tuple[str, int, str], Any] = {}  # requests_total children, by label values
+
+    def count_request(self, endpoint: str, status: int, model: str) -> None:
+        """requests_total{endpoint,status,model} += 1, with the child resolved once per label set
+        (``labels()`` takes a lock and re-checks the values on every call)."""
+        key = (endpoint, status, model)
+        child = self._requests.get(key)
+        if child is None:
+            child = self.metrics.requests.labels(endpoint, str(status), model)
+            if len(self._requests) < _MAX_CACHED_CHILDREN:  # model names come from clients: stay bounded
+                self._requests[key] = child
+        child.inc()
 
     async def start(self) -> None:
         if self.session is None:
@@ -201,7 +214,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
     ctx: RequestContext | None = request.get(CTX)
     e2e = time.perf_counter() - t0
     model = ctx.model if ctx is not None else ""
-    state.metrics.requests.labels(endpoint, str(status), model).inc()
+    state.count_request(endpoint, status, model)
     if ctx is None:
         # refused before it became a request (bad input, API key, draining, overload): one short
         # line, so refusals are auditable too (never with headers: no key reaches a log)

@@ -153,6 +153,16 @@ class PDFlow:
         self.metrics = metrics
         self.session = session
         self.tracker = tracker
+        # metric children by label value, resolved on first use (labels() takes a lock and
+        # re-validates the values on every call); label values are instance names and endpoints
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _child(self, metric: Any, label: str) -> Any:
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
@@ -195,7 +205,7 @@ class PDFlow:
                 raise UpstreamClientError(status, payload, "application/json")
             ctx.prefill_done = time.perf_counter()
             ctx.prefill_s = ctx.prefill_done - t
-            self.metrics.prefill.labels(inst.spec.name).observe(ctx.prefill_s)
+            self._child(self.metrics.prefill, inst.spec.name).observe(ctx.prefill_s)
             try:
                 data = loads(payload)
             except ValueError:
@@ -347,9 +357,7 @@ class PDFlow:
             body = relay.transform(dumps(data) if fixed else payload)
         else:
             body = relay.json_body(data)
-        resp = web.Response(body=body, headers={"X-Request-Id": ctx.request_id})
-        resp.content_type = "application/json"
-        return resp
+        return web.Response(body=body, headers={"X-Request-Id": ctx.request_id}, content_type="application/json")
 
     def _fix_usage(self, ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any]) -> bool:
         """Record the token counts and put the prefill side's cached tokens in (the decode side
@@ -399,7 +407,7 @@ class PDFlow:
                             first: bytes, out: web.StreamResponse, relay: Relay, name: str) -> bool:
         """Forward SSE events until [DONE]; on upstream failure end the stream with an error event.
         Returns True when the upstream answer was read to its end."""
-        itl = self.metrics.itl.labels(ctx.endpoint)
+        itl = self._child(self.metrics.itl, ctx.endpoint)
         buf = first
         last = first_at = 0.0
         saw_done = False
@@ -419,7 +427,7 @@ class PDFlow:
                 now = time.perf_counter()
                 if ctx.ttft_s is None:
                     ctx.ttft_s = now - ctx.t0
-                    self.metrics.ttft.labels(ctx.endpoint).observe(ctx.ttft_s)
+                    self._child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
                     if ctx.prefill_done is not None and pre.kv_transfer_params is not None:
                         self.metrics.kv_handover.observe(now - ctx.prefill_done)
                     first_at = now
@@ -455,6 +463,6 @@ class PDFlow:
             choices = ctx.body.get("n") or 1
             per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
             if per_choice > 1:
-                self.metrics.tpot.labels(ctx.endpoint).observe((last - first_at) / (per_choice - 1))
+                self._child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))
         await out.write_eof()
         return err is None

@@ -46,3 +46,26 @@ async def test_every_metric_family_present_and_fed(make_cluster: MakeCluster, ca
     assert set(lines[0]) >= {"request_id", "endpoint", "status", "stream", "model", "decode_only", "instances",
                              "retries", "prefill_ms", "ttft_ms", "e2e_ms", "prompt_tokens", "cached_tokens",
                              "completion_tokens", "error"}
+
+
+async def test_requests_total_children_cached_and_bounded(make_cluster: MakeCluster,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests_total children are resolved once per label set (hot path), still count every
+    request, and the cache stays bounded (the model label can come from clients)."""
+    from pdserve.scheduler import app as app_mod
+
+    c = await make_cluster(1, 1)
+    for _ in range(3):
+        async with c.post("/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 2}) as r:
+            assert r.status == 200
+    assert len(c.state._requests) == 1
+    monkeypatch.setattr(app_mod, "_MAX_CACHED_CHILDREN", 1)
+    for _ in range(2):
+        async with c.post("/v1/completions", json={"model": "other", "prompt": "a", "max_tokens": 2}) as r:
+            assert r.status == 404
+    assert len(c.state._requests) == 1  # a new label set over the bound: counted, not cached
+    async with c.get("/metrics") as r:
+        text = await r.text()
+    p = "pdserve_scheduler_requests_total"
+    assert f'{p}{{endpoint="completions",model="fake-model",status="200"}} 3.0' in text
+    assert f'{p}{{endpoint="completions",model="",status="404"}} 2.0' in text
