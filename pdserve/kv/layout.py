@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,40 @@ def _byte_view(t: torch.Tensor) -> np.ndarray | None:
         return t.view(torch.uint8).numpy()
     except (RuntimeError, TypeError):
         return None
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _adjacent(a: np.ndarray, b: np.ndarray) -> bool:
+    return _addr(a) + a.nbytes == _addr(b)
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One view spanning two adjacent 1-D views of the same buffer."""
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    start = _addr(a) - _addr(base)
+    return base.reshape(-1)[start : start + a.nbytes + b.nbytes]
+
+
+def copy_stream(srcs: Sequence[np.ndarray], dsts: Sequence[np.ndarray]) -> None:
+    """Copy the concatenation of 1-D uint8 ``srcs`` into the concatenation of ``dsts``
+    (the two lists may be cut at different places; extra source bytes are ignored)."""
+    si, soff = 0, 0
+    for dst in dsts:
+        doff, need = 0, dst.size
+        while need:
+            src = srcs[si]
+            k = min(need, src.size - soff)
+            np.copyto(dst[doff : doff + k], src[soff : soff + k])
+            doff += k
+            need -= k
+            soff += k
+            if soff == src.size:
+                si, soff = si + 1, 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +213,58 @@ class BlockLayout:
                     else:
                         torch.index_select(t, d, idx, out=view)
             offset += size
+
+    def regions(self, block_ids: Sequence[int]) -> list[np.ndarray] | None:
+        """The blocks' bytes as contiguous 1-D uint8 views of the KV tensors, in flat order.
+
+        Concatenated, the views are exactly what :meth:`gather` returns, but nothing is copied:
+        the ``tcp`` transport hands them to ZMQ as frames, ``shm`` reads a peer's straight from
+        its memory. Views adjacent in memory are merged (a run of consecutive block ids is one
+        view per lead index, e.g. one for K and one for V of each layer). None when a tensor is
+        not a contiguous CPU tensor (use gather/scatter then).
+        """
+        n = len(block_ids)
+        runs = self._runs(block_ids)
+        out: list[np.ndarray] = []
+        for p in self.planes:
+            t = p.tensor
+            if t.device.type != "cpu" or not t.is_contiguous():
+                return None
+            host = p.host if p.host is not None else _byte_view(t)
+            if host is None:
+                return None
+            nb = t.shape[p.block_dim]
+            lead = int(np.prod(t.shape[: p.block_dim], dtype=np.int64))
+            inner = p.block_bytes // max(lead, 1)
+            flat = host.reshape(lead, nb * inner)
+            for li in range(lead):
+                row = flat[li]
+                for start, _at, k in runs:  # runs are in block-list order: the flat order
+                    view = row[start * inner : (start + k) * inner]
+                    if out and _adjacent(out[-1], view):
+                        out[-1] = _merge(out[-1], view)
+                    else:
+                        out.append(view)
+        if n and sum(v.nbytes for v in out) != self.nbytes(n):  # cannot happen; be safe
+            raise LayoutError("block regions do not cover the block set")
+        return out
+
+    def scatter_from_parts(self, block_ids: Sequence[int], parts: Sequence[Any]) -> None:
+        """Like :meth:`scatter_from`, from several buffers whose concatenation is the payload
+        (e.g. the ZMQ frames of a ``tcp`` reply): copied straight into the blocks, no joining."""
+        srcs = [np.frombuffer(p, dtype=np.uint8) for p in parts]
+        srcs = [a for a in srcs if a.size]
+        total = sum(a.size for a in srcs)
+        n = len(block_ids)
+        if total < self.nbytes(n):
+            raise LayoutError(f"received data of {total} bytes is smaller than {self.nbytes(n)} "
+                              f"({n} blocks)")
+        dsts = self.regions(block_ids)
+        if dsts is None:  # not plain CPU tensors: one joined buffer through the general path
+            joined = srcs[0] if len(srcs) == 1 else np.concatenate(srcs)
+            self.scatter_from(block_ids, torch.from_numpy(joined))
+            return
+        copy_stream(srcs, dsts)
 
     def gather_into(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copy the blocks of every layer into ``out`` (a flat uint8 tensor of nbytes(n))."""
