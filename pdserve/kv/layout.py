@@ -51,19 +51,6 @@ def _addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _adjacent(a: np.ndarray, b: np.ndarray) -> bool:
-    return _addr(a) + a.nbytes == _addr(b)
-
-
-def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One view spanning two adjacent 1-D views of the same buffer."""
-    base = a
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    start = _addr(a) - _addr(base)
-    return base.reshape(-1)[start : start + a.nbytes + b.nbytes]
-
-
 def copy_stream(srcs: Sequence[np.ndarray], dsts: Sequence[np.ndarray]) -> None:
     """Copy the concatenation of 1-D uint8 ``srcs`` into the concatenation of ``dsts``
     (the two lists may be cut at different places; extra source bytes are ignored)."""
@@ -214,40 +201,69 @@ class BlockLayout:
                         torch.index_select(t, d, idx, out=view)
             offset += size
 
+    def _flat_planes(self) -> list[tuple[np.ndarray, int, int, int]] | None:
+        """Per plane: (1-D byte view of the whole tensor, lead count, bytes per block per lead
+        index, block count); None unless every tensor is a contiguous CPU tensor. Cached."""
+        cached = getattr(self, "_flat_cache", False)
+        if cached is not False:
+            return cached
+        out: list[tuple[np.ndarray, int, int, int]] | None = []
+        for p in self.planes:
+            t = p.tensor
+            host = _byte_view(t) if t.device.type == "cpu" and t.is_contiguous() else None
+            if host is None:
+                out = None
+                break
+            lead = int(np.prod(t.shape[: p.block_dim], dtype=np.int64))
+            out.append((host.reshape(-1), lead, p.block_bytes // max(lead, 1),
+                        t.shape[p.block_dim]))
+        self._flat_cache = out
+        return out
+
+    def _extents(self, block_ids: Sequence[int]) -> list[list[int]] | None:
+        """[plane index, byte offset in the plane's tensor, length] in flat order, merged
+        where adjacent in memory; None when :meth:`_flat_planes` is."""
+        planes = self._flat_planes()
+        if planes is None:
+            return None
+        runs = self._runs(block_ids)
+        out: list[list[int]] = []
+        for pi, (_flat, lead, inner, nb) in enumerate(planes):
+            for li in range(lead):
+                row = li * nb * inner
+                for start, _at, k in runs:  # runs are in block-list order: the flat order
+                    off, size = row + start * inner, k * inner
+                    last = out[-1] if out else None
+                    if last is not None and last[0] == pi and last[1] + last[2] == off:
+                        last[2] += size
+                    else:
+                        out.append([pi, off, size])
+        return out
+
     def regions(self, block_ids: Sequence[int]) -> list[np.ndarray] | None:
         """The blocks' bytes as contiguous 1-D uint8 views of the KV tensors, in flat order.
 
         Concatenated, the views are exactly what :meth:`gather` returns, but nothing is copied:
-        the ``tcp`` transport hands them to ZMQ as frames, ``shm`` reads a peer's straight from
-        its memory. Views adjacent in memory are merged (a run of consecutive block ids is one
-        view per lead index, e.g. one for K and one for V of each layer). None when a tensor is
-        not a contiguous CPU tensor (use gather/scatter then).
+        the ``tcp`` transport hands them to ZMQ as frames. Views adjacent in memory are merged
+        (a run of consecutive block ids is one view per lead index, e.g. one for K and one for V
+        of each layer). None when a tensor is not a contiguous CPU tensor (use gather/scatter).
         """
-        n = len(block_ids)
-        runs = self._runs(block_ids)
-        out: list[np.ndarray] = []
-        for p in self.planes:
-            t = p.tensor
-            if t.device.type != "cpu" or not t.is_contiguous():
-                return None
-            host = p.host if p.host is not None else _byte_view(t)
-            if host is None:
-                return None
-            nb = t.shape[p.block_dim]
-            lead = int(np.prod(t.shape[: p.block_dim], dtype=np.int64))
-            inner = p.block_bytes // max(lead, 1)
-            flat = host.reshape(lead, nb * inner)
-            for li in range(lead):
-                row = flat[li]
-                for start, _at, k in runs:  # runs are in block-list order: the flat order
-                    view = row[start * inner : (start + k) * inner]
-                    if out and _adjacent(out[-1], view):
-                        out[-1] = _merge(out[-1], view)
-                    else:
-                        out.append(view)
-        if n and sum(v.nbytes for v in out) != self.nbytes(n):  # cannot happen; be safe
-            raise LayoutError("block regions do not cover the block set")
-        return out
+        ext = self._extents(block_ids)
+        if ext is None:
+            return None
+        planes = self._flat_planes()
+        assert planes is not None
+        return [planes[pi][0][off : off + size] for pi, off, size in ext]
+
+    def iov(self, block_ids: Sequence[int]) -> list[tuple[int, int]] | None:
+        """(address, length) of each of :meth:`regions` (for ``process_vm_readv``)."""
+        ext = self._extents(block_ids)
+        if ext is None:
+            return None
+        planes = self._flat_planes()
+        assert planes is not None
+        bases = [_addr(flat) for flat, _, _, _ in planes]
+        return [(bases[pi] + off, size) for pi, off, size in ext]
 
     def scatter_from_parts(self, block_ids: Sequence[int], parts: Sequence[Any]) -> None:
         """Like :meth:`scatter_from`, from several buffers whose concatenation is the payload

@@ -95,7 +95,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def read(pid: int, local: Iov, remote: Iov, threads: int = 1, split_min: int = 2 << 20) -> int:
+def read(pid: int, local: Iov, remote: Iov, threads: int = 1, split_min: int = 8 << 20) -> int:
     """Copy ``remote`` (in process ``pid``) into ``local``; both cover the same byte count.
 
     With ``threads`` > 1 and at least ``split_min`` bytes, the bytes are cut into that many

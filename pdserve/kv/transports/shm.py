@@ -166,9 +166,9 @@ class ShmTransport(Transport):
         if nbytes == 0:
             return Outgoing(extra={"shm": "", "nbytes": 0}, frames=[], nbytes=0)
         if xfer.hints.get("cma") and self.direct:
-            regions = layout.regions(block_ids)
+            regions = layout.iov(block_ids)
             if regions is not None:  # the blocks are read in place: nothing to hold
-                iov = [x for addr_len in cma.iov_of(regions) for x in addr_len]
+                iov = [x for addr_len in regions for x in addr_len]
                 return Outgoing(extra={"cma": os.getpid(), "iov": iov, "nbytes": nbytes,
                                        "expires_at": xfer.expires_at}, frames=[], nbytes=nbytes)
         seg = self._pool.take(nbytes)
@@ -196,10 +196,9 @@ class ShmTransport(Transport):
         nbytes = int(extra["nbytes"])
         pid, flat = int(extra["cma"]), list(extra["iov"])
         remote = list(zip(flat[0::2], flat[1::2]))
-        local = layout.regions(block_ids)
-        if local is None:
+        local_iov = layout.iov(block_ids)
+        if local_iov is None:
             raise RuntimeError("direct shm read offered, but our KV cache has no plain regions")
-        local_iov = cma.iov_of(local)
         if sum(n for _, n in remote) != nbytes or sum(n for _, n in local_iov) != nbytes:
             raise RuntimeError(f"direct shm read: the reply announced {nbytes} bytes, "
                                f"its regions hold {sum(n for _, n in remote)}")
