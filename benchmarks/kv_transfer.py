@@ -5,8 +5,10 @@ A "prefill" process (spawned) holds the demo model's KV tensors and serves them 
 ``SideChannelServer``; this process is the "decode" side and pulls blocks with a real
 ``Puller`` (full round trip: pull request, gather, payload, scatter, done). For the same byte
 counts, in the same run and interleaved with the transports, it also measures
-  memcpy   torch ``copy_`` of a flat buffer of that size in this process (the machine's copy
-           bandwidth; what ``shm`` is compared to)
+  memcpy   torch ``copy_`` of a flat buffer of that size in this process, with torch's thread
+           count (``torch.get_num_threads()``, printed; the machine's copy bandwidth; what
+           ``shm`` is compared to). ``shm`` copies with the same thread count (its direct
+           ``process_vm_readv`` path splits the copy over torch's thread count).
   zmq      a raw pyzmq loopback round trip between the two processes: a small request, the
            bytes as one zero-copy reply frame (what ``tcp`` is compared to)
 Each size is measured --reps times per method, round-robin, after a warm-up; medians are
@@ -14,7 +16,8 @@ reported. Default KV shape: SmolLM2-135M on vLLM CPU, 30 layers of bf16
 ``[2, num_blocks, 3 kv heads, 128 block, 64 head dim]`` = 2.95 MB per 128-token block.
 
     python benchmarks/kv_transfer.py [--tokens 128,512,2048,8192] [--reps 5]
-        [--transports tcp,shm,torch_dist] [--fragmented] [--json out.json] [--plot out.png]
+        [--transports tcp,shm,torch_dist] [--fragmented] [--shm-segment]
+        [--json out.json] [--plot out.png]
 
 The machine is shared: numbers are noisy; compare the ratios within one run.
 """
@@ -136,6 +139,8 @@ class Bench:
         self.layout = BlockLayout(kv, self.num_blocks)
         assert fingerprint == self.layout.fingerprint, "layouts differ"
         self.transports = make_transports()
+        if args.shm_segment:
+            self.transports["shm"].direct = False
         self.puller = Puller(self.layout, self.transports, 0, "bench-decode", timeout=60)
         self.zsock = zmq.Context.instance().socket(zmq.DEALER)
         self.zsock.connect(f"tcp://{HOST}:{self.zmq_port}")
@@ -210,6 +215,8 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--fragmented", action="store_true",
                     help="non-consecutive block ids (worst case for the copies)")
+    ap.add_argument("--shm-segment", action="store_true",
+                    help="shm through a shared-memory segment (not the direct read)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -217,7 +224,10 @@ def main() -> int:
     transports = [t for t in args.transports.split(",") if t]
     reps = max(3, args.reps)
 
+    import torch
+
     bench = Bench(args)
+    shm_mode = "segment" if not bench.transports["shm"].direct else "direct process_vm_readv"
     methods = ["memcpy", "zmq", *transports]
     rows: list[dict[str, Any]] = []
     try:
@@ -261,6 +271,9 @@ def main() -> int:
           f"{args.head_dim}] ({bench.layout.bytes_per_block / 1e6:.2f} MB/block), "
           f"{'fragmented' if args.fragmented else 'consecutive'} block ids, "
           f"median of {reps} (after {args.warmup} warm-up)")
+    print(f"memcpy: torch copy_ with {torch.get_num_threads()} threads; shm: {shm_mode}"
+          f"{f' with {torch.get_num_threads()} threads' if 'direct' in shm_mode else ''}; "
+          "tcp: decode-side copy out of the frames on 1 thread")
     print(f"{'method':<11} {'tokens':>6} {'MB':>7} {'median ms':>10} {'min ms':>8} {'GB/s':>6} "
           f"{'% memcpy':>9} {'% zmq':>7}")
     for r in rows:

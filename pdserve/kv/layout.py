@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,27 @@ def _byte_view(t: torch.Tensor) -> np.ndarray | None:
         return t.view(torch.uint8).numpy()
     except (RuntimeError, TypeError):
         return None
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def copy_stream(srcs: Sequence[np.ndarray], dsts: Sequence[np.ndarray]) -> None:
+    """Copy the concatenation of 1-D uint8 ``srcs`` into the concatenation of ``dsts``
+    (the two lists may be cut at different places; extra source bytes are ignored)."""
+    si, soff = 0, 0
+    for dst in dsts:
+        doff, need = 0, dst.size
+        while need:
+            src = srcs[si]
+            k = min(need, src.size - soff)
+            np.copyto(dst[doff : doff + k], src[soff : soff + k])
+            doff += k
+            need -= k
+            soff += k
+            if soff == src.size:
+                si, soff = si + 1, 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +200,87 @@ class BlockLayout:
                     else:
                         torch.index_select(t, d, idx, out=view)
             offset += size
+
+    def _flat_planes(self) -> list[tuple[np.ndarray, int, int, int]] | None:
+        """Per plane: (1-D byte view of the whole tensor, lead count, bytes per block per lead
+        index, block count); None unless every tensor is a contiguous CPU tensor. Cached."""
+        cached = getattr(self, "_flat_cache", False)
+        if cached is not False:
+            return cached
+        out: list[tuple[np.ndarray, int, int, int]] | None = []
+        for p in self.planes:
+            t = p.tensor
+            host = _byte_view(t) if t.device.type == "cpu" and t.is_contiguous() else None
+            if host is None:
+                out = None
+                break
+            lead = int(np.prod(t.shape[: p.block_dim], dtype=np.int64))
+            out.append((host.reshape(-1), lead, p.block_bytes // max(lead, 1),
+                        t.shape[p.block_dim]))
+        self._flat_cache = out
+        return out
+
+    def _extents(self, block_ids: Sequence[int]) -> list[list[int]] | None:
+        """[plane index, byte offset in the plane's tensor, length] in flat order, merged
+        where adjacent in memory; None when :meth:`_flat_planes` is."""
+        planes = self._flat_planes()
+        if planes is None:
+            return None
+        runs = self._runs(block_ids)
+        out: list[list[int]] = []
+        for pi, (_flat, lead, inner, nb) in enumerate(planes):
+            for li in range(lead):
+                row = li * nb * inner
+                for start, _at, k in runs:  # runs are in block-list order: the flat order
+                    off, size = row + start * inner, k * inner
+                    last = out[-1] if out else None
+                    if last is not None and last[0] == pi and last[1] + last[2] == off:
+                        last[2] += size
+                    else:
+                        out.append([pi, off, size])
+        return out
+
+    def regions(self, block_ids: Sequence[int]) -> list[np.ndarray] | None:
+        """The blocks' bytes as contiguous 1-D uint8 views of the KV tensors, in flat order.
+
+        Concatenated, the views are exactly what :meth:`gather` returns, but nothing is copied:
+        the ``tcp`` transport hands them to ZMQ as frames. Views adjacent in memory are merged
+        (a run of consecutive block ids is one view per lead index, e.g. one for K and one for V
+        of each layer). None when a tensor is not a contiguous CPU tensor (use gather/scatter).
+        """
+        ext = self._extents(block_ids)
+        if ext is None:
+            return None
+        planes = self._flat_planes()
+        assert planes is not None
+        return [planes[pi][0][off : off + size] for pi, off, size in ext]
+
+    def iov(self, block_ids: Sequence[int]) -> list[tuple[int, int]] | None:
+        """(address, length) of each of :meth:`regions` (for ``process_vm_readv``)."""
+        ext = self._extents(block_ids)
+        if ext is None:
+            return None
+        planes = self._flat_planes()
+        assert planes is not None
+        bases = [_addr(flat) for flat, _, _, _ in planes]
+        return [(bases[pi] + off, size) for pi, off, size in ext]
+
+    def scatter_from_parts(self, block_ids: Sequence[int], parts: Sequence[Any]) -> None:
+        """Like :meth:`scatter_from`, from several buffers whose concatenation is the payload
+        (e.g. the ZMQ frames of a ``tcp`` reply): copied straight into the blocks, no joining."""
+        srcs = [np.frombuffer(p, dtype=np.uint8) for p in parts]
+        srcs = [a for a in srcs if a.size]
+        total = sum(a.size for a in srcs)
+        n = len(block_ids)
+        if total < self.nbytes(n):
+            raise LayoutError(f"received data of {total} bytes is smaller than {self.nbytes(n)} "
+                              f"({n} blocks)")
+        dsts = self.regions(block_ids)
+        if dsts is None:  # not plain CPU tensors: one joined buffer through the general path
+            joined = srcs[0] if len(srcs) == 1 else np.concatenate(srcs)
+            self.scatter_from(block_ids, torch.from_numpy(joined))
+            return
+        copy_stream(srcs, dsts)
 
     def gather_into(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copy the blocks of every layer into ``out`` (a flat uint8 tensor of nbytes(n))."""

@@ -31,6 +31,7 @@ class LeaseTable:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._finished: set[str] = set()
+        self._held: dict[str, list] = {}  # req_id → trackers of frames still read from its blocks
         self._cond = threading.Condition()
         self.expired_total = 0
         self.completed_total = 0
@@ -80,9 +81,35 @@ class LeaseTable:
                         "freeing its blocks", req_id)
         return expired
 
+    def hold(self, req_id: str, tracker) -> None:
+        """Keep ``req_id``'s blocks allocated until ``tracker.done``, however the lease ends.
+
+        For zero-copy sends: ZMQ reads the frames straight from the KV cache after the reply
+        was queued, possibly after the decode side confirmed or the lease expired. The request
+        is reported finished (its blocks freed) only once every tracker is done.
+        """
+        with self._cond:
+            self._held.setdefault(req_id, []).append(tracker)
+
+    def held(self) -> int:
+        """Requests whose end is deferred because ZMQ still holds frames of their blocks."""
+        with self._cond:
+            return sum(1 for r in self._finished if r in self._held)
+
     def take_finished(self) -> set[str]:
         with self._cond:
-            done, self._finished = self._finished, set()
+            done: set[str] = set()
+            waiting: set[str] = set()
+            for req_id in self._finished:
+                trackers = self._held.get(req_id)
+                if trackers:
+                    trackers[:] = [t for t in trackers if not t.done]
+                if trackers:
+                    waiting.add(req_id)  # ZMQ still reads these blocks: report them later
+                else:
+                    self._held.pop(req_id, None)
+                    done.add(req_id)
+            self._finished = waiting
             return done
 
     def __len__(self) -> int:

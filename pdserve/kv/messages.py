@@ -32,6 +32,7 @@ class PullRequest:
     tp_rank: int = 0
     peer: str = ""  # decode engine id, for logs and torch_dist pairing
     op: str = OP_PULL
+    hints: dict[str, Any] = field(default_factory=dict)  # transport-specific (shm: "cma")
 
 
 @dataclass
@@ -64,7 +65,10 @@ _TYPES: dict[str, type] = {OP_PULL: PullRequest, OP_REPLY: PullReply, OP_DONE: D
 
 def encode(msg: PullRequest | PullReply | Done | Release) -> bytes:
     # vars(), not dataclasses.asdict: no deep copy (asdict cost ~30 us a message, per pull x3)
-    return msgpack.packb(vars(msg), use_bin_type=True)
+    raw = vars(msg)
+    if "hints" in raw and not raw["hints"]:  # omitted when empty: older peers do not know it
+        raw = {k: v for k, v in raw.items() if k != "hints"}
+    return msgpack.packb(raw, use_bin_type=True)
 
 
 def decode(data: bytes | memoryview) -> PullRequest | PullReply | Done | Release:

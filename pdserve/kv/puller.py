@@ -19,7 +19,7 @@ import zmq
 from pdserve.kv import messages as m
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.transports import Transport
-from pdserve.kv.transports.base import Transfer, TransferState
+from pdserve.kv.transports.base import RetryWithoutHints, Transfer, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +80,37 @@ class Puller:
                         peer=f"{self.engine_id}/{self.tp_rank}")
         transport = self.transports[task.transport]
         sock = self._socket(task.remote_host, port)
-        req = m.PullRequest(xfer.xfer_id, task.remote_req_id, task.remote_block_ids, task.transport,
-                            self.layout.fingerprint, self.tp_rank, self.engine_id)
+        xfer.remote = (task.remote_host, port)
+        hints = transport.hints(self.layout, xfer.remote)
         deadline = time.monotonic() + self.timeout
         ok = False
         try:
-            sock.send(m.encode(req))
-            xfer.mark(TransferState.RECEIVING)
-            transport.before_reply(xfer, self.layout,
-                                   (task.remote_host, port + self.torch_dist_port_offset))
-            frames = self._await_reply(sock, xfer.xfer_id, deadline, task)
-            reply = m.decode(frames[0].buffer)
-            assert isinstance(reply, m.PullReply)
-            if not reply.ok:
-                raise PullError(f"prefill instance {task.remote_host}:{port} refused: {reply.error}")
-            transport.receive(xfer, self.layout, task.local_block_ids, reply.extra, frames[1:])
+            while True:
+                req = m.PullRequest(xfer.xfer_id, task.remote_req_id, task.remote_block_ids,
+                                    task.transport, self.layout.fingerprint, self.tp_rank,
+                                    self.engine_id, hints=hints)
+                sock.send(m.encode(req))
+                xfer.mark(TransferState.RECEIVING)
+                transport.before_reply(xfer, self.layout,
+                                       (task.remote_host, port + self.torch_dist_port_offset))
+                frames = self._await_reply(sock, xfer.xfer_id, deadline, task)
+                reply = m.decode(frames[0].buffer)
+                assert isinstance(reply, m.PullReply)
+                if not reply.ok:
+                    raise PullError(
+                        f"prefill instance {task.remote_host}:{port} refused: {reply.error}")
+                try:
+                    transport.receive(xfer, self.layout, task.local_block_ids, reply.extra,
+                                      frames[1:])
+                except RetryWithoutHints as exc:
+                    if not hints:
+                        raise
+                    log.info("KV pull from %s:%d: %s; pulling again without %s",
+                             task.remote_host, port, exc, sorted(hints))
+                    hints = {}
+                    xfer.xfer_id = uuid.uuid4().hex  # a late first reply must not be taken
+                    continue
+                break
             xfer.nbytes = reply.nbytes
             ok = True
             xfer.mark(TransferState.DONE)

@@ -180,13 +180,16 @@ class SideChannelServer:
             self._reply(router, route, m.PullReply(msg.xfer_id, False, error=error))
             return
         transport = self.transports[msg.transport]
-        xfer = Transfer(msg.xfer_id, msg.req_id, len(msg.block_ids), peer=f"{msg.peer}/{msg.tp_rank}")
+        xfer = Transfer(msg.xfer_id, msg.req_id, len(msg.block_ids), peer=f"{msg.peer}/{msg.tp_rank}",
+                        hints=msg.hints, expires_at=lease.expires_at)
         try:
             out = transport.send(xfer, self.layout, msg.block_ids)
         except Exception as exc:
             log.exception("gathering KV blocks of %s failed", msg.req_id)
             self._reply(router, route, m.PullReply(msg.xfer_id, False, error=f"gather failed: {exc}"))
             return
+        if out.tracker is not None:  # frames read from the blocks: keep them until ZMQ is done
+            self.leases.hold(msg.req_id, out.tracker)
         xfer.nbytes = out.nbytes
         xfer.mark(TransferState.SENDING)
         lease.pulls += 1
@@ -219,6 +222,12 @@ class SideChannelServer:
     def _done(self, msg: m.Done) -> None:
         with self._inflight_lock:
             held = self._inflight.pop(msg.xfer_id, None)
+            # earlier pulls of the same request that the decode side retried (without hints)
+            stale = [k for k, (x, _) in self._inflight.items() if x.req_id == msg.req_id]
+            older = [self._inflight.pop(k) for k in stale]
+        for xfer, transport in older:
+            transport.finish(xfer)
+            xfer.mark(TransferState.FAILED, "superseded")
         if held is not None:
             xfer, transport = held
             transport.finish(xfer)

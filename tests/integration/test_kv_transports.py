@@ -62,6 +62,9 @@ def prefill_main(conn, port: int) -> None:
             leases.add(cmd[1], cmd[2], time.time() + 60)
             server.wake()
             conn.send("ok")
+        elif cmd[0] == "tcp_zero_copy_min":  # force the zero-copy frames (or the gather)
+            transports["tcp"].zero_copy_min_region = cmd[1]
+            conn.send("ok")
         elif cmd[0] == "finished":  # leases confirmed by the decode side
             conn.send(sorted(leases.take_finished()))
         elif cmd[0] == "stop":
@@ -129,11 +132,28 @@ CASES = [  # (prefill block ids, decode block ids)
 ]
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", "torch_dist"])
-def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, transport: str) -> None:
+VARIANTS = ["tcp", "tcp-zero-copy", "shm", "shm-segment", "torch_dist"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, variant: str) -> None:
+    """tcp: gathered into one frame / zero-copy frames straight from the KV cache; shm: direct
+    read of the prefill process's memory / through a shared-memory segment."""
     kv, puller = decode
+    transport = variant.split("-")[0]
+    prefill.conn.send(("tcp_zero_copy_min", 0 if variant == "tcp-zero-copy" else 1 << 40))
+    assert prefill.conn.recv() == "ok"
+    shm = puller.transports["shm"]
+    direct, shm.direct = shm.direct, shm.direct and variant != "shm-segment"
+    try:
+        _pull_cases(prefill, kv, puller, transport, variant)
+    finally:
+        shm.direct = direct
+
+
+def _pull_cases(prefill: Prefill, kv, puller: Puller, transport: str, variant: str) -> None:
     for i, (remote, local) in enumerate(CASES):
-        req = f"{transport}-{i}"
+        req = f"{variant}-{i}"
         prefill.lease(req, remote)
         xfer = puller.pull(PullTask(f"d-{req}", req, HOST, prefill.port, remote, local, transport))
         assert xfer.nbytes == puller.layout.nbytes(len(remote))
@@ -143,11 +163,11 @@ def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, trans
     deadline, done = time.monotonic() + 10, set()
     while time.monotonic() < deadline:  # every lease was confirmed by a done message
         done |= set(prefill.finished())
-        if all(f"{transport}-{i}" in done for i in range(len(CASES))):
+        if all(f"{variant}-{i}" in done for i in range(len(CASES))):
             break
         time.sleep(0.05)
     else:
-        raise AssertionError(f"{transport}: leases not confirmed: {done}")
+        raise AssertionError(f"{variant}: leases not confirmed: {done}")
 
 
 def test_missing_lease_is_refused_across_processes(prefill: Prefill, decode) -> None:

@@ -154,3 +154,46 @@ def test_fingerprint_ignores_block_count() -> None:
     a = BlockLayout({"l": torch.zeros(2, 10, 3, 4, 8)}, 10)
     b = BlockLayout({"l": torch.zeros(2, 77, 3, 4, 8)}, 77)
     assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("make,block_dim", LAYOUTS, ids=["cpu", "gpu", "tuple"])
+@pytest.mark.parametrize("src_ids,dst_ids", ID_SETS)
+def test_regions_are_the_gathered_bytes_in_place(make, block_dim, src_ids, dst_ids) -> None:
+    import numpy as np
+
+    src = BlockLayout(make(3, torch.bfloat16, 1), NB)
+    regions = src.regions(src_ids)
+    assert regions is not None
+    assert np.concatenate(regions).tobytes() == src.gather(src_ids).numpy().tobytes()
+    # consecutive ids are one region per lead index and tensor; adjacent regions are merged
+    assert len(regions) <= sum(len(src_ids) * max(1, int(np.prod(p.tensor.shape[:p.block_dim])))
+                               for p in src.planes)
+
+
+@pytest.mark.parametrize("make,block_dim", LAYOUTS, ids=["cpu", "gpu", "tuple"])
+@pytest.mark.parametrize("src_ids,dst_ids", ID_SETS)
+def test_scatter_from_parts_any_cut(make, block_dim, src_ids, dst_ids) -> None:
+    import random
+
+    src = BlockLayout(make(3, torch.float16, 1), NB)
+    dst_kv = make(3, torch.float16, 2)
+    dst = BlockLayout(dst_kv, NB)
+    flat = src.gather(src_ids).numpy().tobytes()
+    rnd = random.Random(len(src_ids))
+    cuts = sorted(rnd.sample(range(1, len(flat)), 7))
+    parts = [flat[a:b] for a, b in zip([0, *cuts], [*cuts, len(flat)])]
+    dst.scatter_from_parts(dst_ids, parts)
+    assert dst.gather(dst_ids).numpy().tobytes() == flat
+    with pytest.raises(LayoutError, match="smaller"):
+        dst.scatter_from_parts(dst_ids, parts[:-1])
+
+
+def test_regions_none_for_non_contiguous_tensors() -> None:
+    base = torch.randn(2, NB, 3, 4, 16)
+    kv = {"l0": base[..., :8]}  # strided: not one contiguous block of memory
+    layout = BlockLayout(kv, NB)
+    assert layout.regions([1, 2]) is None
+    dst_kv = {"l0": torch.zeros(2, NB, 3, 4, 8)}
+    src_full = BlockLayout({"l0": base[..., :8].contiguous()}, NB)
+    BlockLayout(dst_kv, NB).scatter_from_parts([1, 2], [src_full.gather([1, 2]).numpy().tobytes()])
+    assert torch.equal(dst_kv["l0"][:, 1:3], base[:, 1:3, ..., :8])

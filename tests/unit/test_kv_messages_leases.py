@@ -17,6 +17,7 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize("msg", [
     m.PullRequest("x1", "req-1", [3, 4, 9], "shm", "abcd", tp_rank=1, peer="dec-0"),
     m.PullRequest("x2", "req-2", [], "tcp", ""),
+    m.PullRequest("x3", "req-3", [1], "shm", "f", hints={"cma": True}),
     m.PullReply("x1", True, nbytes=123, extra={"shm": "psm_1", "nbytes": 123}),
     m.PullReply("x1", False, error="no lease"),
     m.Done("x1", "req-1", ok=False),
@@ -117,3 +118,30 @@ def test_add_copies_block_ids() -> None:
     t.add("a", ids, time.time() + 60)
     ids.append(3)
     assert t.get("a").block_ids == [1, 2]
+
+
+def test_empty_hints_are_left_out_for_older_peers() -> None:
+    raw = msgpack.unpackb(m.encode(m.PullRequest("x", "r", [1], "tcp", "f")))
+    assert "hints" not in raw
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.done = False
+
+
+def test_hold_defers_finished_until_every_tracker_is_done() -> None:
+    clock = FakeClock()
+    t = LeaseTable(clock=clock)
+    t.add("a", [1], 1010.0)
+    t.add("b", [2], 1010.0)
+    t1, t2 = _Tracker(), _Tracker()
+    t.hold("a", t1)
+    t.hold("a", t2)
+    assert t.complete("a") and t.complete("b")
+    assert t.take_finished() == {"b"}
+    t1.done = True
+    assert t.take_finished() == set() and t.held() == 1
+    t2.done = True
+    assert t.take_finished() == {"a"}
+    assert t.take_finished() == set()

@@ -111,6 +111,7 @@ def test_pull_is_bit_exact_and_confirms(pair: Pair, transport: str) -> None:
 
 
 def test_repeated_pulls_reuse_buffers(pair: Pair) -> None:
+    pair.puller.transports["shm"].direct = False  # the segment path
     for i in range(5):
         pair.lease(f"r{i}", [i, i + 1])
         pair.puller.pull(pair.task(f"r{i}", [i, i + 1], [i + 5, i + 6], "shm"))
@@ -189,6 +190,103 @@ def _raw_pull(port: int, req_id: str, blocks: list[int], fingerprint: str):
     reply = m.decode(sock.recv_multipart()[0])
     sock.close()
     return reply
+
+
+@pytest.mark.parametrize("remote,local", [([2, 3, 4, 9], [10, 11, 0, 5]),  # runs of blocks
+                                          ([7, 5, 3, 1], [0, 1, 2, 3]),  # none consecutive
+                                          (list(range(NB)), list(range(NB - 1, -1, -1)))])
+def test_tcp_zero_copy_frames_are_bit_exact_and_hold_the_blocks(pair: Pair, remote, local) -> None:
+    tcp = pair.server_transports["tcp"]
+    tcp.zero_copy_min_region = 0  # frames straight from the KV cache, however small
+    held: list = []
+    hold = pair.leases.hold
+    pair.leases.hold = lambda req_id, tracker: (held.append(tracker), hold(req_id, tracker))
+    pair.lease("r", remote)
+    pair.puller.pull(pair.task("r", remote, local, "tcp"))
+    pair.assert_copied(remote, local)
+    assert len(held) == 1  # the reply's frames were tracked against the lease
+    pair.wait_finished("r")  # finished only once ZMQ let go of the frames
+    assert held[0].done
+    assert tcp._pool._free == []  # no staging buffer was used
+
+
+class FakeTracker:
+    def __init__(self) -> None:
+        self.done = False
+
+
+def test_tracked_frames_defer_finished_sending_after_confirmation(pair: Pair) -> None:
+    """Blocks whose frames ZMQ still holds are not reported finished (freed) on confirmation."""
+    tracker = FakeTracker()
+    pair.lease("r", [1, 2])
+    pair.leases.hold("r", tracker)
+    pair.puller.pull(pair.task("r", [1, 2], [3, 4], "tcp"))  # confirmed by a done message
+    deadline = time.monotonic() + 3
+    while pair.leases.get("r") is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.leases.get("r") is None  # the lease itself is over...
+    assert pair.leases.take_finished() == set()  # ...but the blocks stay allocated
+    assert pair.leases.held() == 1
+    tracker.done = True
+    assert pair.leases.take_finished() == {"r"}
+    assert pair.leases.held() == 0
+
+
+def test_tracked_frames_defer_finished_sending_after_expiry(pair: Pair) -> None:
+    tracker = FakeTracker()
+    pair.lease("r", [1, 2], ttl=30)
+    pair.leases.hold("r", tracker)
+    pair.clock.now += 31
+    assert pair.leases.reap_expired() == ["r"]
+    pair.server.forget({"r"})
+    assert pair.leases.take_finished() == set()
+    tracker.done = True
+    assert pair.leases.take_finished() == {"r"}
+
+
+def test_shm_direct_read_uses_no_segment(pair: Pair) -> None:
+    shm = pair.server_transports["shm"]
+    if not pair.puller.transports["shm"].direct:
+        pytest.skip("process_vm_readv not available")
+    pair.lease("r", [2, 3, 9])
+    pair.puller.pull(pair.task("r", [2, 3, 9], [0, 1, 5], "shm"))
+    pair.assert_copied([2, 3, 9], [0, 1, 5])
+    assert shm._pool.names() == set()
+    pair.wait_finished("r")
+
+
+def test_shm_direct_read_not_permitted_falls_back_to_a_segment(pair: Pair, monkeypatch) -> None:
+    import errno
+
+    from pdserve.kv.transports import cma
+
+    dec = pair.puller.transports["shm"]
+    if not dec.direct:
+        pytest.skip("process_vm_readv not available")
+    calls = []
+
+    def denied(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(cma, "read", denied)
+    for i in range(2):
+        pair.lease(f"r{i}", [4, 5])
+        pair.puller.pull(pair.task(f"r{i}", [4, 5], [i, 8 + i], "shm"))
+        pair.assert_copied([4, 5], [i, 8 + i])
+        pair.wait_finished(f"r{i}")
+    assert len(calls) == 1  # the peer is remembered: the second pull asks for a segment at once
+    assert len(pair.server_transports["shm"]._pool.names()) == 1
+    assert pair.server._inflight == {}  # the superseded first pull was dropped too
+
+
+def test_shm_direct_read_refuses_a_lease_about_to_end(pair: Pair) -> None:
+    if not pair.puller.transports["shm"].direct:
+        pytest.skip("process_vm_readv not available")
+    pair.clock.now = time.time()
+    pair.lease("r", [1], ttl=0.5)  # ends within the safety margin
+    with pytest.raises(PullError, match="lease ends before the copy"):
+        pair.puller.pull(pair.task("r", [1], [2], "shm"))
 
 
 def test_lease_expiry_frees_the_shm_segment(pair: Pair) -> None:

@@ -40,6 +40,9 @@ class Transfer:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     handle: Any = None  # transport-private resources held until finish()
+    hints: dict[str, Any] = field(default_factory=dict)  # prefill: the pull request's hints
+    expires_at: float | None = None  # prefill: the lease's end (time.time() based)
+    remote: tuple[str, int] | None = None  # decode: the side-channel address pulled from
 
     def mark(self, state: TransferState, error: str = "") -> None:
         self.state = state
@@ -56,10 +59,22 @@ class Outgoing:
     extra: dict[str, Any]
     frames: list[Any]
     nbytes: int
+    tracker: Any = None
+    """Set when ``frames`` point into the KV cache itself (zero-copy): the blocks must stay
+    allocated until ``tracker.done`` (ZMQ released the frames), even if the lease ends first."""
+
+
+class RetryWithoutHints(RuntimeError):
+    """Decode side: the reply cannot be used as offered (e.g. the peer's memory is not
+    readable from here); pull once more without hints."""
 
 
 class Transport(ABC):
     name: str = ""
+
+    def hints(self, layout: BlockLayout, remote: tuple[str, int]) -> dict[str, Any]:
+        """Decode side: hints for the prefill side, sent with the pull request."""
+        return {}
 
     @abstractmethod
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:

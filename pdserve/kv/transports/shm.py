@@ -1,4 +1,17 @@
-"""``shm``: same-host transfers through POSIX shared memory, no socket copy of the payload.
+"""``shm``: same-host transfers through shared memory, no socket copy of the payload.
+
+Fast path (CPU KV caches, Linux, decode worker allowed to read the prefill worker's memory):
+one copy. The decode side asks for it (pull hint ``cma``); the prefill side replies with its
+pid and the addresses of the leased blocks' bytes in its KV cache (``BlockLayout.regions``),
+and the decode side copies them straight into its own blocks with ``process_vm_readv``, split
+over as many threads as torch uses for its copies (``torch.get_num_threads()``). No segment, no
+gather. The blocks are leased until the decode side confirms; the decode side checks the lease's
+end (``expires_at``, same host, same clock) before and after the copy, so a copy that may have
+overlapped the blocks being freed fails instead of handing on stale data. If the read is not
+permitted (Yama ``ptrace_scope``, other PID namespace / container), the puller asks again
+without the hint, and the transport remembers not to ask that peer again.
+
+Segment path (everything else):
 
 The prefill side gathers the blocks straight into a shared-memory segment and replies with its
 name; the decode side maps it (once per segment, cached, pre-faulted) and scatters from it.
@@ -13,6 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing import shared_memory
@@ -21,7 +35,8 @@ from typing import Any
 import torch
 
 from pdserve.kv.layout import BlockLayout
-from pdserve.kv.transports.base import Outgoing, Transfer, Transport, size_class
+from pdserve.kv.transports import cma
+from pdserve.kv.transports.base import Outgoing, RetryWithoutHints, Transfer, Transport, size_class
 
 _SHM_DIR = "/dev/shm"
 
@@ -132,7 +147,14 @@ def _destroy(seg: shared_memory.SharedMemory) -> None:
 class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, max_mapped: int = 8) -> None:
+    expiry_margin = 1.0
+    """Seconds before the lease's end after which a direct read is no longer started."""
+
+    def __init__(self, max_mapped: int = 8, direct: bool | None = None) -> None:
+        if direct is None:
+            direct = os.environ.get("PDSERVE_KV_SHM_DIRECT", "1") != "0"
+        self.direct = direct and cma.available()
+        self._no_direct: set[tuple[str, int]] = set()  # peers whose memory we may not read
         self._pool = SegmentPool()
         self._attached: OrderedDict[str, _Mapping] = OrderedDict()  # LRU of decode-side mappings
         self._max_mapped = max_mapped
@@ -143,6 +165,12 @@ class ShmTransport(Transport):
         nbytes = layout.nbytes(len(block_ids))
         if nbytes == 0:
             return Outgoing(extra={"shm": "", "nbytes": 0}, frames=[], nbytes=0)
+        if xfer.hints.get("cma") and self.direct:
+            regions = layout.iov(block_ids)
+            if regions is not None:  # the blocks are read in place: nothing to hold
+                iov = [x for addr_len in regions for x in addr_len]
+                return Outgoing(extra={"cma": os.getpid(), "iov": iov, "nbytes": nbytes,
+                                       "expires_at": xfer.expires_at}, frames=[], nbytes=nbytes)
         seg = self._pool.take(nbytes)
         try:
             layout.gather_into(block_ids, torch.frombuffer(seg.buf, dtype=torch.uint8, count=nbytes))
@@ -158,6 +186,37 @@ class ShmTransport(Transport):
             self._pool.give_back(seg)
 
     # decode side
+    def hints(self, layout: BlockLayout, remote: tuple[str, int]) -> dict[str, Any]:
+        if self.direct and remote not in self._no_direct and all(
+                p.tensor.device.type == "cpu" for p in layout.planes):
+            return {"cma": True}
+        return {}
+
+    def _receive_direct(self, xfer, layout, block_ids, extra: dict[str, Any]) -> None:
+        nbytes = int(extra["nbytes"])
+        pid, flat = int(extra["cma"]), list(extra["iov"])
+        remote = list(zip(flat[0::2], flat[1::2]))
+        local_iov = layout.iov(block_ids)
+        if local_iov is None:
+            raise RuntimeError("direct shm read offered, but our KV cache has no plain regions")
+        if sum(n for _, n in remote) != nbytes or sum(n for _, n in local_iov) != nbytes:
+            raise RuntimeError(f"direct shm read: the reply announced {nbytes} bytes, "
+                               f"its regions hold {sum(n for _, n in remote)}")
+        expires_at = extra.get("expires_at")
+        if expires_at is not None and time.time() > float(expires_at) - self.expiry_margin:
+            raise RuntimeError("the prefill side's lease ends before the copy could finish")
+        try:
+            cma.read(pid, local_iov, remote, threads=torch.get_num_threads())
+        except OSError as exc:
+            if exc.errno in cma.NOT_PERMITTED:
+                if xfer.remote is not None:
+                    self._no_direct.add(xfer.remote)
+                raise RetryWithoutHints(f"cannot read the prefill worker's memory ({exc})") from exc
+            raise
+        if expires_at is not None and time.time() >= float(expires_at):
+            # the blocks may have been freed (and reused) while we copied them
+            raise RuntimeError("the prefill side's lease ended during the copy")
+
     def _segment(self, name: str) -> _Mapping:
         with self._attach_lock:
             seg = self._attached.get(name)
@@ -175,6 +234,9 @@ class ShmTransport(Transport):
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames) -> None:
         nbytes = int(extra["nbytes"])
         if nbytes == 0:
+            return
+        if "cma" in extra:
+            self._receive_direct(xfer, layout, block_ids, extra)
             return
         name = str(extra["shm"])
         try:
