@@ -35,7 +35,7 @@ class UpError(PdserveError):
     exit_code = 1
 
 
-UP_DECODE_ONLY_WHEN_QUEUED = 512  # the scheduler's --decode-only-when-queued under `pdserve up`
+UP_DECODE_ONLY_WHEN_QUEUED = 1024  # the scheduler's --decode-only-when-queued under `pdserve up`
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_daemon_commands_are_the_operator_path(tmp_path: Path) -> None:
     _, sargv, senv = cmds[-1]
     assert senv["NODE_PORTS"] == "8100,8101,8102" and senv["RANK_TABLE_FILE_PATH"] == str(host)
     assert senv["USE_OPENAI"] == "1" and sargv[sargv.index("--port") + 1] == "9000"
-    assert senv["PDSERVE_DECODE_ONLY_WHEN_QUEUED"] == "512"  # load-aware decode-only on by default
+    assert senv["PDSERVE_DECODE_ONLY_WHEN_QUEUED"] == "1024"  # load-aware decode-only on by default
     # scheduler-only flags reach the scheduler, not vLLM (which would refuse them)
     assert sargv[-1] == "--decode-only-when-queued=512" and "--max-num-seqs" not in sargv
     assert all("--decode-only-when-queued=512" not in c[1] for c in cmds[:-1])
