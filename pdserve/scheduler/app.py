@@ -48,7 +48,6 @@ _ENDPOINTS = {
     "/health": "health",
     "/metrics": "metrics",
 }
-_MAX_CACHED_CHILDREN = 4096
 _UNTRACKED = frozenset({"/health", "/metrics"})
 _INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
@@ -95,20 +94,6 @@ class Scheduler:
         self.session = session
         self.flow: PDFlow | None = None
         self.created = int(time.time())
-        # hot-path metric children, resolved once
-        self._e2e = {e: self.metrics.e2e.labels(e) for e in ("completions", "chat", "generate")}
-        self._requests: dict[tuple[str, int, str], Any] = {}  # requests_total children, by label values
-
-    def count_request(self, endpoint: str, status: int, model: str) -> None:
-        """requests_total{endpoint,status,model} += 1, with the child resolved once per label set
-        (``labels()`` takes a lock and re-checks the values on every call)."""
-        key = (endpoint, status, model)
-        child = self._requests.get(key)
-        if child is None:
-            child = self.metrics.requests.labels(endpoint, str(status), model)
-            if len(self._requests) < _MAX_CACHED_CHILDREN:  # model names come from clients: stay bounded
-                self._requests[key] = child
-        child.inc()
 
     async def start(self) -> None:
         if self.session is None:
@@ -214,7 +199,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
     ctx: RequestContext | None = request.get(CTX)
     e2e = time.perf_counter() - t0
     model = ctx.model if ctx is not None else ""
-    state.count_request(endpoint, status, model)
+    state.metrics.child(state.metrics.requests, endpoint, str(status), model).inc()
     if ctx is None:
         # refused before it became a request (bad input, API key, draining, overload): one short
         # line, so refusals are auditable too (never with headers: no key reaches a log)
@@ -222,8 +207,7 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
             access_log.info(dumps({"request_id": request[RID], "endpoint": endpoint, "status": status,
                                    "e2e_ms": round(e2e * 1e3, 2), "error": error}).decode())
         return
-    e2e_child = state._e2e.get(endpoint)
-    (e2e_child or state.metrics.e2e.labels(endpoint)).observe(e2e)
+    state.metrics.child(state.metrics.e2e, endpoint).observe(e2e)
     if ctx.capture is not None and state.capture is not None:
         ctx.capture.meta.update(status=status, e2e_ms=round(e2e * 1e3, 2), **_timings(ctx))
         state.capture.offer(ctx.capture)
@@ -283,7 +267,8 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
                          stream=bool(req.stream), key=key,
                          model=client_model if isinstance(client_model, str) else "")
     ctx.model_alias = shaped.answer_model
-    ctx.work_tokens = work_tokens(endpoint, body)
+    if cfg.decode_only_when_queued:  # backlog accounting is only needed by the busy fallback
+        ctx.work_tokens = work_tokens(endpoint, body)
     request[CTX] = ctx
     _route_decode(state, ctx)
     if state.capture is not None and (cfg.capture is not None and random.random() < cfg.capture.sample_rate):
@@ -327,8 +312,9 @@ def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
             ctx.decode_only = "short"
     if state.tracker is not None:
         _route_by_cache(state, ctx)
-    if not ctx.decode_only and prefill_locally(state.pool.prefill.healthy(), state.pool.decode.healthy(),
-                                               ctx.work_tokens, cfg.decode_only_when_queued):
+    if cfg.decode_only_when_queued and not ctx.decode_only and prefill_locally(
+            state.pool.prefill.healthy(), state.pool.decode.healthy(), ctx.work_tokens,
+            cfg.decode_only_when_queued):
         ctx.decode_only = "busy"
     if ctx.decode_only:
         state.metrics.decode_only.labels(ctx.decode_only).inc()

@@ -3,8 +3,11 @@ in one process do not collide). Names start with ``pdserve_scheduler_``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+MAX_CACHED_CHILDREN = 4096  # label sets kept resolved; some values (model) come from clients
 _LAT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
@@ -34,7 +37,8 @@ class SchedulerMetrics:
                                       ["role", "instance"], registry=r)
         self.instance_prefill_backlog = Gauge(p + "instance_prefill_backlog_tokens", "Estimated prompt tokens "
                                               "routed to the instance and not yet computed (prefill calls in "
-                                              "flight; decode-only requests before their first token)",
+                                              "flight; decode-only requests before their first token); "
+                                              "tracked with --decode-only-when-queued",
                                               ["role", "instance"], registry=r)
         self.queue_length = Gauge(p + "queue_length", "Requests waiting for a free slot", registry=r)
         self.retries = Counter(p + "retries_total", "Requests retried on another instance",
@@ -53,6 +57,20 @@ class SchedulerMetrics:
                                        "queue was full (requests are never slowed down for capture)", registry=r)
         self.draining = Gauge(p + "draining", "1 while the scheduler drains (refuses new requests) before exiting",
                               registry=r)
+
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, resolved once per label set: ``labels()`` takes a lock
+        and re-checks the values on every call, which the request hot path should not pay. The
+        cache is bounded; a label set past the bound is still counted, just not cached."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < MAX_CACHED_CHILDREN:
+                self._children[key] = child
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

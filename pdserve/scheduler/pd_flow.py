@@ -153,16 +153,6 @@ class PDFlow:
         self.metrics = metrics
         self.session = session
         self.tracker = tracker
-        # metric children by label value, resolved on first use (labels() takes a lock and
-        # re-validates the values on every call); label values are instance names and endpoints
-        self._children: dict[tuple[str, str], Any] = {}
-
-    def _child(self, metric: Any, label: str) -> Any:
-        key = (id(metric), label)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(label)
-        return child
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
@@ -205,7 +195,7 @@ class PDFlow:
                 raise UpstreamClientError(status, payload, "application/json")
             ctx.prefill_done = time.perf_counter()
             ctx.prefill_s = ctx.prefill_done - t
-            self._child(self.metrics.prefill, inst.spec.name).observe(ctx.prefill_s)
+            self.metrics.child(self.metrics.prefill, inst.spec.name).observe(ctx.prefill_s)
             try:
                 data = loads(payload)
             except ValueError:
@@ -407,7 +397,7 @@ class PDFlow:
                             first: bytes, out: web.StreamResponse, relay: Relay, name: str) -> bool:
         """Forward SSE events until [DONE]; on upstream failure end the stream with an error event.
         Returns True when the upstream answer was read to its end."""
-        itl = self._child(self.metrics.itl, ctx.endpoint)
+        itl = self.metrics.child(self.metrics.itl, ctx.endpoint)
         buf = first
         last = first_at = 0.0
         saw_done = False
@@ -427,7 +417,7 @@ class PDFlow:
                 now = time.perf_counter()
                 if ctx.ttft_s is None:
                     ctx.ttft_s = now - ctx.t0
-                    self._child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
+                    self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
                     if ctx.prefill_done is not None and pre.kv_transfer_params is not None:
                         self.metrics.kv_handover.observe(now - ctx.prefill_done)
                     first_at = now
@@ -463,6 +453,6 @@ class PDFlow:
             choices = ctx.body.get("n") or 1
             per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
             if per_choice > 1:
-                self._child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))
+                self.metrics.child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))
         await out.write_eof()
         return err is None

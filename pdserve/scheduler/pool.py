@@ -46,6 +46,8 @@ class Instance:
 
     def add_backlog(self, tokens: int) -> None:
         """Prompt work routed here (positive) or done (negative)."""
+        if not tokens:
+            return
         self.prefill_backlog += tokens
         self._g_backlog.set(self.prefill_backlog)
 

@@ -52,18 +52,23 @@ async def test_requests_total_children_cached_and_bounded(make_cluster: MakeClus
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """requests_total children are resolved once per label set (hot path), still count every
     request, and the cache stays bounded (the model label can come from clients)."""
-    from pdserve.scheduler import app as app_mod
+    from pdserve.scheduler import metrics as metrics_mod
 
     c = await make_cluster(1, 1)
+    m = c.state.metrics
+
+    def cached_requests() -> int:
+        return sum(1 for metric_id, _ in m._children if metric_id == id(m.requests))
+
     for _ in range(3):
         async with c.post("/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 2}) as r:
             assert r.status == 200
-    assert len(c.state._requests) == 1
-    monkeypatch.setattr(app_mod, "_MAX_CACHED_CHILDREN", 1)
+    assert cached_requests() == 1
+    monkeypatch.setattr(metrics_mod, "MAX_CACHED_CHILDREN", len(m._children))
     for _ in range(2):
         async with c.post("/v1/completions", json={"model": "other", "prompt": "a", "max_tokens": 2}) as r:
             assert r.status == 404
-    assert len(c.state._requests) == 1  # a new label set over the bound: counted, not cached
+    assert cached_requests() == 1  # a new label set over the bound: counted, not cached
     async with c.get("/metrics") as r:
         text = await r.text()
     p = "pdserve_scheduler_requests_total"

@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Sequence
 
 IOV_MAX = 1024
 NOT_PERMITTED = {errno.EPERM, errno.ESRCH, errno.ENOSYS, errno.EACCES}
@@ -127,7 +126,3 @@ def read(pid: int, local: Iov, remote: Iov, threads: int = 1, split_min: int = 8
         raise error
     return total
 
-
-def iov_of(arrays: Sequence) -> Iov:
-    """(address, length) of each contiguous numpy array."""
-    return [(a.__array_interface__["data"][0], a.nbytes) for a in arrays]
