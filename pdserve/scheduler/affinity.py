@@ -71,16 +71,27 @@ def _capped(text: str, limit: int) -> int:
     return max(limit, 0) if len(text) >= 2 * limit else upper_tokens(text)
 
 
+def batch_prompts(endpoint: str, body: dict[str, Any]) -> tuple[str, list[Any]] | None:
+    """A completions ``prompt`` given as a list, as (kind, prompts): ("ids", [token-id list, ...])
+    or ("text", [str, ...]); None for one text prompt or chat (see :func:`prompt_pieces`)."""
+    p = body.get("prompt")
+    if endpoint == "chat" or not isinstance(p, list) or not p:
+        return None
+    if isinstance(p[0], int):
+        return "ids", [p]
+    if isinstance(p[0], list):
+        return "ids", [x for x in p if isinstance(x, list)]
+    if isinstance(p[0], str):
+        return "text", [x for x in p if isinstance(x, str)]
+    return None
+
+
 def prompt_upper_tokens(endpoint: str, body: dict[str, Any], limit: int) -> int:
     """Upper token estimate of the prompt (exact for token ids); values >= ``limit`` are not exact."""
-    p = body.get("prompt")
-    if endpoint != "chat" and isinstance(p, list) and p:
-        if isinstance(p[0], int):
-            return len(p)
-        if isinstance(p[0], list):
-            return max(len(x) for x in p if isinstance(x, list))
-        if isinstance(p[0], str):
-            return max(_capped(x, limit) for x in p if isinstance(x, str))
+    batch = batch_prompts(endpoint, body)
+    if batch is not None:  # the longest prompt of the batch
+        kind, prompts = batch
+        return max(len(x) if kind == "ids" else _capped(x, limit) for x in prompts)
     total = 0
     for piece in prompt_pieces(endpoint, body):
         total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint == "chat" else 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pdserve.scheduler.affinity import CHAT_OVERHEAD_TOKENS, prompt_pieces
+from pdserve.scheduler.affinity import CHAT_OVERHEAD_TOKENS, batch_prompts, prompt_pieces
 
 if TYPE_CHECKING:
     from pdserve.scheduler.pool import Instance
@@ -25,14 +25,11 @@ TYPICAL_CHARS_PER_TOKEN = 4.0  # English BPE average; only compares backlogs, ne
 
 def work_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """A typical (not bounding) estimate of the prompt tokens to compute: exact for token ids."""
-    p = body.get("prompt")
-    if endpoint != "chat" and isinstance(p, list) and p:
-        if isinstance(p[0], int):
-            return len(p)
-        if isinstance(p[0], list):
-            return sum(len(x) for x in p if isinstance(x, list))
-        if isinstance(p[0], str):  # a batch of text prompts
-            return int(sum(len(x) for x in p if isinstance(x, str)) / TYPICAL_CHARS_PER_TOKEN)
+    batch = batch_prompts(endpoint, body)
+    if batch is not None:  # every prompt of the batch is computed
+        kind, prompts = batch
+        total = sum(len(x) for x in prompts)
+        return total if kind == "ids" else int(total / TYPICAL_CHARS_PER_TOKEN)
     chars = 0
     pieces = 0
     for piece in prompt_pieces(endpoint, body):
