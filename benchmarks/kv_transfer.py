@@ -68,13 +68,14 @@ def prefill_main(conn, args: dict[str, Any], port: int, zmq_port: int) -> None:
     import zmq
 
     from pdserve.kv.layout import BlockLayout
+    from pdserve.kv.lease_board import LeaseBoard
     from pdserve.kv.leases import LeaseTable
     from pdserve.kv.side_channel import SideChannelServer
     from pdserve.kv.transports import make_transports
 
     kv = make_kv(args["layers"], args["num_blocks"], args["heads"], args["block"], args["dim"], 1)
     layout = BlockLayout(kv, args["num_blocks"])
-    leases = LeaseTable()
+    leases = LeaseTable(board=LeaseBoard(layout.num_blocks))
     transports = make_transports(store_host=HOST, store_port=port + 100)
     server = SideChannelServer(HOST, port, layout, leases, transports, lease_wait_seconds=5)
     server.start()

@@ -255,15 +255,52 @@ class BlockLayout:
         assert planes is not None
         return [planes[pi][0][off : off + size] for pi, off, size in ext]
 
-    def iov(self, block_ids: Sequence[int]) -> list[tuple[int, int]] | None:
-        """(address, length) of each of :meth:`regions` (for ``process_vm_readv``)."""
-        ext = self._extents(block_ids)
-        if ext is None:
-            return None
+    def bases(self) -> list[int] | None:
+        """Each plane's start address (None unless :meth:`regions` works). A peer with the same
+        fingerprint computes our blocks' addresses from these (``iov(..., bases=)``)."""
+        cached = getattr(self, "_bases_cache", False)
+        if cached is False:
+            planes = self._flat_planes()
+            cached = None if planes is None else [_addr(flat) for flat, _, _, _ in planes]
+            self._bases_cache = cached
+        return cached
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per (plane, lead index) row, in flat order: plane index, byte offset of the row in
+        its plane, bytes per block. Cached; None when :meth:`_flat_planes` is."""
+        cached = getattr(self, "_rows_cache", False)
+        if cached is not False:
+            return cached
         planes = self._flat_planes()
-        assert planes is not None
-        bases = [_addr(flat) for flat, _, _, _ in planes]
-        return [(bases[pi] + off, size) for pi, off, size in ext]
+        out = None
+        if planes is not None:
+            rows = [(pi, li * nb * inner, inner) for pi, (_f, lead, inner, nb) in enumerate(planes)
+                    for li in range(lead)]
+            arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            out = (arr[:, 0], arr[:, 1], arr[:, 2])
+        self._rows_cache = out
+        return out
+
+    def iov(self, block_ids: Sequence[int], bases: Sequence[int] | None = None) -> np.ndarray | None:
+        """(address, length) of the blocks' bytes in flat order, as an int64 ``[n, 2]`` array
+        (for ``process_vm_readv``; one entry per row and run of consecutive ids, not merged);
+        with ``bases``, the addresses of those blocks in a peer's tensors of the same layout."""
+        rows = self._rows()
+        if rows is None:
+            return None
+        if bases is None:
+            bases = self.bases()
+        assert bases is not None
+        if len(bases) != len(self.planes):
+            raise LayoutError(f"{len(bases)} plane addresses given for {len(self.planes)} planes")
+        plane, offset, inner = rows
+        runs = np.array([(start, k) for start, _at, k in self._runs(block_ids)],
+                        dtype=np.int64).reshape(-1, 2)
+        row_base = np.asarray(bases, dtype=np.int64)[plane] + offset
+        out = np.empty((len(plane), len(runs), 2), dtype=np.int64)
+        out[:, :, 0] = row_base[:, None] + runs[None, :, 0] * inner[:, None]
+        out[:, :, 1] = runs[None, :, 1] * inner[:, None]
+        return out.reshape(-1, 2)
 
     def scatter_from_parts(self, block_ids: Sequence[int], parts: Sequence[Any]) -> None:
         """Like :meth:`scatter_from`, from several buffers whose concatenation is the payload

@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
+from pdserve.kv.lease_board import LeaseBoard
+
 log = logging.getLogger(__name__)
+
+ENDED_MEMORY = 4096  # ended leases remembered, to refuse late pulls at once
 
 
 @dataclass
@@ -27,11 +32,15 @@ class Lease:
 class LeaseTable:
     """Thread-safe: the engine thread adds/reaps, the side-channel thread reads/completes."""
 
-    def __init__(self, clock=time.time) -> None:
+    def __init__(self, clock=time.time, board: LeaseBoard | None = None) -> None:
         self._clock = clock
+        self.board = board
+        """When set, each lease's blocks are tagged on it while the lease lasts (for same-host
+        decode workers that read the blocks directly, see ``lease_board``)."""
         self._leases: dict[str, Lease] = {}
         self._finished: set[str] = set()
         self._held: dict[str, list] = {}  # req_id → trackers of frames still read from its blocks
+        self._ended: OrderedDict[str, None] = OrderedDict()  # recently ended leases (bounded)
         self._cond = threading.Condition()
         self.expired_total = 0
         self.completed_total = 0
@@ -39,6 +48,8 @@ class LeaseTable:
     def add(self, req_id: str, block_ids: list[int], expires_at: float) -> None:
         with self._cond:
             self._leases[req_id] = Lease(req_id, list(block_ids), expires_at)
+            if self.board is not None:
+                self.board.post(req_id, block_ids)
             self._cond.notify_all()
 
     def wait_for(self, req_id: str, timeout: float) -> Lease | None:
@@ -64,6 +75,7 @@ class LeaseTable:
             lease = self._leases.pop(req_id, None)
             if lease is None:
                 return False
+            self._untag(lease)
             self._finished.add(req_id)
             self.completed_total += 1
             return True
@@ -73,13 +85,26 @@ class LeaseTable:
         with self._cond:
             expired = [r for r, lease in self._leases.items() if lease.expires_at <= now]
             for req_id in expired:
-                del self._leases[req_id]
+                self._untag(self._leases.pop(req_id))
                 self._finished.add(req_id)
             self.expired_total += len(expired)
         for req_id in expired:
             log.warning("KV lease of request %s expired: no decode instance pulled it; "
                         "freeing its blocks", req_id)
         return expired
+
+    def _untag(self, lease: Lease) -> None:
+        """The lease ended: before its blocks can be reported free (called under the lock)."""
+        if self.board is not None:
+            self.board.clear(lease.req_id, lease.block_ids)
+        self._ended[lease.req_id] = None
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    def ended(self, req_id: str) -> bool:
+        """Was ``req_id``'s lease confirmed or expired lately (a pull for it can never succeed)?"""
+        with self._cond:
+            return req_id in self._ended
 
     def hold(self, req_id: str, tracker) -> None:
         """Keep ``req_id``'s blocks allocated until ``tracker.done``, however the lease ends.

@@ -61,6 +61,8 @@ class SideChannelServer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-side-{port}", daemon=True)
+        for transport in transports.values():
+            transport.attach(leases)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -169,6 +171,11 @@ class SideChannelServer:
     def _pull(self, router: zmq.Socket, route: list[Any], msg: m.PullRequest, deadline: float) -> None:
         lease = self.leases.get(msg.req_id)
         if lease is None:
+            if self.leases.ended(msg.req_id):
+                self._reply(router, route, m.PullReply(msg.xfer_id, False, error=(
+                    f"no KV lease for request {msg.req_id}: it already ended (pulled and "
+                    "confirmed, released, or expired)")))
+                return
             if time.monotonic() < deadline:
                 self._parked.append((deadline, route, msg))
                 return

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.kv.config import ConnectorSettings
 from pdserve.kv.layout import BlockLayout
+from pdserve.kv.lease_board import LeaseBoard
 from pdserve.kv.leases import LeaseTable
 from pdserve.kv.metadata import LoadSpec, PdserveMetadata
 from pdserve.kv.puller import Puller, PullError
@@ -50,6 +51,9 @@ class WorkerSide:
                  "layout %s", "producer" if self.is_producer else "consumer", self.tp_rank,
                  len(self.layout.planes), self.layout.bytes_per_block, self.layout.fingerprint)
         if self.is_producer:
+            if self.leases.board is not None:  # re-registered: nobody may trust the old tags
+                self.leases.board.reset()
+            self.leases.board = LeaseBoard(self.layout.num_blocks)
             self.server = SideChannelServer(
                 self.host, self.port + self.tp_rank, self.layout, self.leases, self.transports,
                 lease_wait_seconds=self.settings.lease_wait_seconds,

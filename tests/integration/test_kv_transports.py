@@ -47,11 +47,12 @@ def make_kv(seed: int, dtype=torch.bfloat16):
 
 
 def prefill_main(conn, port: int) -> None:
+    from pdserve.kv.lease_board import LeaseBoard
     from pdserve.kv.leases import LeaseTable
     from pdserve.kv.side_channel import SideChannelServer
 
     layout = BlockLayout(make_kv(1), NB)
-    leases = LeaseTable()
+    leases = LeaseTable(board=LeaseBoard(NB))
     transports = make_transports(store_host=HOST, store_port=port + STORE_OFFSET, timeout=20)
     server = SideChannelServer(HOST, port, layout, leases, transports, lease_wait_seconds=5)
     server.start()
@@ -195,3 +196,62 @@ def test_torch_dist_one_decode_worker_two_prefill_instances(prefill: Prefill, de
                                    kv[name][:, local].view(torch.uint8))
     finally:
         other.stop()
+
+
+def _expect(prefill: Prefill, kv, remote: list[int], local: list[int]) -> None:
+    for name, src in SRC.items():
+        assert torch.equal(src[:, remote].view(torch.uint8), kv[name][:, local].view(torch.uint8))
+
+
+def _confirmed(prefill: Prefill, req: str) -> None:
+    deadline, done = time.monotonic() + 10, set()
+    while req not in done:
+        assert time.monotonic() < deadline, f"lease {req} not confirmed"
+        done |= set(prefill.finished())
+        time.sleep(0.02)
+
+
+def test_shm_direct_read_skips_the_round_trip_only_while_the_lease_holds(prefill: Prefill, decode,
+                                                                         monkeypatch) -> None:
+    """After one ordinary direct pull, shm copies without asking (no reply awaited); a lease
+    that is not granted yet or already ended sends it down the ordinary pull instead."""
+    kv, puller = decode
+    shm = puller.transports["shm"]
+    if not shm.direct:
+        pytest.skip("process_vm_readv is not usable here")
+    prefill.lease("board-0", [0, 1])
+    puller.pull(PullTask("d-board-0", "board-0", HOST, prefill.port, [0, 1], [4, 5], "shm"))
+    assert (HOST, prefill.port) in shm._peers  # learned from the reply
+    _confirmed(prefill, "board-0")
+
+    asked = []
+    real_await = puller._await_reply
+    monkeypatch.setattr(puller, "_await_reply", lambda *a: asked.append(a) or real_await(*a))
+    prefill.lease("board-1", [7, 3, 8])
+    xfer = puller.pull(PullTask("d-board-1", "board-1", HOST, prefill.port, [7, 3, 8], [9, 10, 2],
+                                "shm"))
+    assert asked == [] and xfer.nbytes == puller.layout.nbytes(3)
+    _expect(prefill, kv, [7, 3, 8], [9, 10, 2])
+    _confirmed(prefill, "board-1")  # the fire-and-forget done freed the lease
+
+    # the same request again: its lease ended, so the board no longer vouches for the blocks
+    puller_timeout, puller.timeout = puller.timeout, 2
+    try:
+        with pytest.raises(PullError, match="no KV lease"):
+            puller.pull(PullTask("d-board-1b", "board-1", HOST, prefill.port, [7, 3, 8],
+                                 [9, 10, 2], "shm"))
+    finally:
+        puller.timeout = puller_timeout
+    assert len(asked) == 1  # it asked, and was refused
+
+    # a lease granted only after the pull started: the ordinary pull waits for it
+    import threading
+
+    timer = threading.Timer(0.2, prefill.lease, args=("board-2", [11, 12]))
+    timer.start()
+    try:
+        puller.pull(PullTask("d-board-2", "board-2", HOST, prefill.port, [11, 12], [13, 14], "shm"))
+    finally:
+        timer.join()
+    assert len(asked) == 2
+    _expect(prefill, kv, [11, 12], [13, 14])

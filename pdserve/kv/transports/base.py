@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pdserve.kv.layout import BlockLayout
+from pdserve.kv.leases import LeaseTable
 
 
 class TransferState(enum.Enum):
@@ -75,6 +76,15 @@ class Transport(ABC):
     def hints(self, layout: BlockLayout, remote: tuple[str, int]) -> dict[str, Any]:
         """Decode side: hints for the prefill side, sent with the pull request."""
         return {}
+
+    def attach(self, leases: LeaseTable) -> None:
+        """Prefill side: a side channel serving these leases uses this transport."""
+
+    def pull_direct(self, xfer: Transfer, layout: BlockLayout, remote_block_ids: Sequence[int],
+                    block_ids: Sequence[int], remote_req_id: str) -> int | None:
+        """Decode side: copy the blocks without the pull round trip, if this transport can do
+        that safely right now. The bytes copied, or None to pull the ordinary way."""
+        return None
 
     @abstractmethod
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:

@@ -11,6 +11,14 @@ overlapped the blocks being freed fails instead of handing on stale data. If the
 permitted (Yama ``ptrace_scope``, other PID namespace / container), the puller asks again
 without the hint, and the transport remembers not to ask that peer again.
 
+No round trip at all (after the first direct read from a peer): that reply also carries the
+peer's plane addresses and its lease board (``lease_board``). From then on the decode side
+computes the blocks' addresses itself and copies at once, checking on the board before and
+after the copy that the request's lease holds every block; if not (lease not granted yet,
+ended, a block shared with another lease, peer restarted), it pulls the ordinary way, which
+also refreshes what it knows of the peer. Only the ``done`` confirmation is sent, without
+waiting.
+
 Segment path (everything else):
 
 The prefill side gathers the blocks straight into a shared-memory segment and replies with its
@@ -30,11 +38,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing import shared_memory
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pdserve.kv.layout import BlockLayout
+from pdserve.kv.lease_board import TAG_BYTES, tag_of
+from pdserve.kv.leases import LeaseTable
 from pdserve.kv.transports import cma
 from pdserve.kv.transports.base import Outgoing, RetryWithoutHints, Transfer, Transport, size_class
 
@@ -144,6 +156,30 @@ def _destroy(seg: shared_memory.SharedMemory) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class _Peer:
+    """A prefill worker whose KV cache this process may read directly."""
+
+    pid: int
+    bases: list[int]  # its plane addresses (same layout fingerprint as ours)
+    board: int  # address of its lease board
+
+
+def _board_holds(peer: _Peer, block_ids: Sequence[int], req_id: str) -> bool:
+    """Do all ``block_ids`` carry ``req_id``'s tag on the peer's lease board?"""
+    runs: list[tuple[int, int]] = []  # (address, length) per run of consecutive block ids
+    prev = None
+    for b in block_ids:
+        if prev is not None and b == prev + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + TAG_BYTES)
+        else:
+            runs.append((peer.board + int(b) * TAG_BYTES, TAG_BYTES))
+        prev = b
+    got = np.zeros(len(block_ids), dtype=np.uint64)
+    cma.read(peer.pid, [(int(got.ctypes.data), got.nbytes)], runs)
+    return bool(np.all(got == np.uint64(tag_of(req_id))))
+
+
 class ShmTransport(Transport):
     name = "shm"
 
@@ -159,6 +195,11 @@ class ShmTransport(Transport):
         self._attached: OrderedDict[str, _Mapping] = OrderedDict()  # LRU of decode-side mappings
         self._max_mapped = max_mapped
         self._attach_lock = threading.Lock()
+        self._leases: LeaseTable | None = None  # prefill side
+        self._peers: dict[tuple[str, int], _Peer] = {}  # decode side: readable without asking
+
+    def attach(self, leases: LeaseTable) -> None:
+        self._leases = leases
 
     # prefill side
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
@@ -168,9 +209,12 @@ class ShmTransport(Transport):
         if xfer.hints.get("cma") and self.direct:
             regions = layout.iov(block_ids)
             if regions is not None:  # the blocks are read in place: nothing to hold
-                iov = [x for addr_len in regions for x in addr_len]
-                return Outgoing(extra={"cma": os.getpid(), "iov": iov, "nbytes": nbytes,
-                                       "expires_at": xfer.expires_at}, frames=[], nbytes=nbytes)
+                extra = {"cma": os.getpid(), "iov": regions.ravel().tolist(), "nbytes": nbytes,
+                         "expires_at": xfer.expires_at}
+                board = self._leases.board if self._leases is not None else None
+                if board is not None:  # lets the peer skip the round trip next time
+                    extra.update(bases=layout.bases(), board=board.address)
+                return Outgoing(extra=extra, frames=[], nbytes=nbytes)
         seg = self._pool.take(nbytes)
         try:
             layout.gather_into(block_ids, torch.frombuffer(seg.buf, dtype=torch.uint8, count=nbytes))
@@ -194,14 +238,14 @@ class ShmTransport(Transport):
 
     def _receive_direct(self, xfer, layout, block_ids, extra: dict[str, Any]) -> None:
         nbytes = int(extra["nbytes"])
-        pid, flat = int(extra["cma"]), list(extra["iov"])
-        remote = list(zip(flat[0::2], flat[1::2]))
+        pid = int(extra["cma"])
+        remote = np.asarray(extra["iov"], dtype=np.int64).reshape(-1, 2)
         local_iov = layout.iov(block_ids)
         if local_iov is None:
             raise RuntimeError("direct shm read offered, but our KV cache has no plain regions")
-        if sum(n for _, n in remote) != nbytes or sum(n for _, n in local_iov) != nbytes:
+        if int(remote[:, 1].sum()) != nbytes or int(local_iov[:, 1].sum()) != nbytes:
             raise RuntimeError(f"direct shm read: the reply announced {nbytes} bytes, "
-                               f"its regions hold {sum(n for _, n in remote)}")
+                               f"its regions hold {int(remote[:, 1].sum())}")
         expires_at = extra.get("expires_at")
         if expires_at is not None and time.time() > float(expires_at) - self.expiry_margin:
             raise RuntimeError("the prefill side's lease ends before the copy could finish")
@@ -216,6 +260,28 @@ class ShmTransport(Transport):
         if expires_at is not None and time.time() >= float(expires_at):
             # the blocks may have been freed (and reused) while we copied them
             raise RuntimeError("the prefill side's lease ended during the copy")
+        bases, board = extra.get("bases"), extra.get("board")
+        if (xfer.remote is not None and isinstance(bases, list) and isinstance(board, int)
+                and len(bases) == len(layout.planes)):
+            self._peers[xfer.remote] = _Peer(pid, [int(b) for b in bases], board)
+
+    def pull_direct(self, xfer, layout, remote_block_ids, block_ids, remote_req_id) -> int | None:
+        peer = self._peers.get(xfer.remote) if xfer.remote is not None else None
+        if peer is None or not self.direct or not block_ids:
+            return None
+        local, remote = layout.iov(block_ids), layout.iov(remote_block_ids, bases=peer.bases)
+        if local is None or remote is None:
+            return None
+        try:
+            if not _board_holds(peer, remote_block_ids, remote_req_id):
+                return None  # lease not granted yet (or gone): the pull waits for it / says so
+            cma.read(peer.pid, local, remote, threads=torch.get_num_threads())
+            if not _board_holds(peer, remote_block_ids, remote_req_id):
+                return None  # the lease ended during the copy: the pull re-copies or refuses
+        except OSError:  # the peer is gone or moved: learn it again from the next pull
+            self._peers.pop(xfer.remote, None)
+            return None
+        return layout.nbytes(len(block_ids))
 
     def _segment(self, name: str) -> _Mapping:
         with self._attach_lock:
