@@ -88,7 +88,7 @@ class Puller:
             nbytes = transport.pull_direct(xfer, self.layout, task.remote_block_ids,
                                            task.local_block_ids, task.remote_req_id)
             if nbytes is not None:  # copied without a round trip; confirm below as usual
-                xfer.nbytes, ok = nbytes, True
+                xfer.nbytes, xfer.direct, ok = nbytes, True, True
                 xfer.mark(TransferState.DONE)
                 return xfer
             while True:

@@ -20,6 +20,7 @@ COUNTERS = {
     "lease_expiries": "KV leases that expired before a decode instance confirmed them",
     "leases_completed": "KV leases ended by a decode instance's confirmation or release",
     "pulls": "KV pulls completed by this decode instance",
+    "direct_pulls": "KV pulls copied without a round trip (shm direct read vouched by the lease board)",
     "pull_failures": "KV pulls that failed or timed out",
     "pull_bytes": "bytes of KV pulled by this decode instance",
     "served_bytes": "bytes of KV served by this prefill instance",

@@ -109,6 +109,7 @@ class WorkerSide:
                   xfer.n_blocks, xfer.nbytes, task.transport, took * 1e3)
         with self._lock:
             self.stats.add("pulls")
+            self.stats.add("direct_pulls", int(xfer.direct))
             self.stats.add("pull_bytes", xfer.nbytes)
             self.stats.add("pull_seconds", took)
             self._recv_done.add(task.req_id)

@@ -68,6 +68,7 @@ def test_handover_parity_direct(pd_cluster, reference):
         return metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total", source=source)
 
     pulled_before, computed_before = by_source("external_kv_transfer"), by_source("local_compute")
+    direct_before = metric(pd_cluster.decode_url, "pdserve:kv_direct_pulls_total")
     expiries_before = metric(pd_cluster.prefill_url, "pdserve:kv_lease_expiries_total")
     for prompt in PROMPTS:
         pre = _complete(pd_cluster.prefill_url, model, prompt, max_tokens=1,
@@ -83,6 +84,8 @@ def test_handover_parity_direct(pd_cluster, reference):
     assert computed <= 2 * len(PROMPTS), computed
     assert by_source("external_kv_transfer") - pulled_before > 1000
     assert metric(pd_cluster.decode_url, "pdserve:kv_pulls_total") >= len(PROMPTS) // 2
+    # same host: after the first pull from the prefill worker, shm reads without a round trip
+    assert metric(pd_cluster.decode_url, "pdserve:kv_direct_pulls_total") > direct_before
     # no KV stays held on the prefill side once the decode side confirmed: freed at once,
     # not by lease expiry
     assert _wait_for_idle(pd_cluster.prefill_url)

@@ -44,6 +44,7 @@ class Transfer:
     hints: dict[str, Any] = field(default_factory=dict)  # prefill: the pull request's hints
     expires_at: float | None = None  # prefill: the lease's end (time.time() based)
     remote: tuple[str, int] | None = None  # decode: the side-channel address pulled from
+    direct: bool = False  # decode: copied without a round trip (Transport.pull_direct)
 
     def mark(self, state: TransferState, error: str = "") -> None:
         self.state = state
