@@ -53,11 +53,10 @@ def make_kv(layers: int, num_blocks: int, heads: int, block: int, dim: int, seed
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return {
-        f"model.layers.{i}.self_attn.attn": torch.randn(
-            2, num_blocks, heads, block, dim, generator=g).to(torch.bfloat16)
-        for i in range(layers)
-    }
+    buf = torch.empty(layers, 2, num_blocks, heads, block, dim, dtype=torch.bfloat16)
+    for i in range(layers):  # like vLLM: one backing buffer, a view of it per layer
+        buf[i] = torch.randn(2, num_blocks, heads, block, dim, generator=g)
+    return {f"model.layers.{i}.self_attn.attn": buf[i] for i in range(layers)}
 
 
 # ---------------------------------------------------------------------------- prefill process
@@ -75,8 +74,9 @@ def prefill_main(conn, args: dict[str, Any], port: int, zmq_port: int) -> None:
 
     kv = make_kv(args["layers"], args["num_blocks"], args["heads"], args["block"], args["dim"], 1)
     layout = BlockLayout(kv, args["num_blocks"])
-    leases = LeaseTable(board=LeaseBoard(layout.num_blocks))
+    leases = LeaseTable(board=LeaseBoard(layout.num_blocks, shared=True))
     transports = make_transports(store_host=HOST, store_port=port + 100)
+    transports["shm"].share(layout)  # as the connector's prefill worker does
     server = SideChannelServer(HOST, port, layout, leases, transports, lease_wait_seconds=5)
     server.start()
 

@@ -31,8 +31,18 @@ def tag_of(req_id: str) -> int:
 class LeaseBoard:
     """The tags, one uint64 per block, at a fixed address for the life of the process."""
 
-    def __init__(self, num_blocks: int) -> None:
-        self.tags = np.zeros(max(num_blocks, 1), dtype=np.uint64)
+    def __init__(self, num_blocks: int, shared: bool = False) -> None:
+        self.fd: int | None = None
+        """With ``shared``, the memfd holding the tags (same-host decode workers map it)."""
+        made = None
+        if shared:
+            from pdserve.kv.transports.shared_kv import shared_array
+
+            made = shared_array(max(num_blocks, 1), np.uint64)
+        if made is not None:
+            self.tags, self.fd = made
+        else:
+            self.tags = np.zeros(max(num_blocks, 1), dtype=np.uint64)
         self._lock = threading.Lock()
 
     @property

@@ -81,7 +81,6 @@ class Puller:
         transport = self.transports[task.transport]
         sock = self._socket(task.remote_host, port)
         xfer.remote = (task.remote_host, port)
-        hints = transport.hints(self.layout, xfer.remote)
         deadline = time.monotonic() + self.timeout
         ok = False
         try:
@@ -91,6 +90,7 @@ class Puller:
                 xfer.nbytes, xfer.direct, ok = nbytes, True, True
                 xfer.mark(TransferState.DONE)
                 return xfer
+            hints = transport.hints(self.layout, xfer.remote)
             while True:
                 req = m.PullRequest(xfer.xfer_id, task.remote_req_id, task.remote_block_ids,
                                     task.transport, self.layout.fingerprint, self.tp_rank,

@@ -53,7 +53,8 @@ class WorkerSide:
         if self.is_producer:
             if self.leases.board is not None:  # re-registered: nobody may trust the old tags
                 self.leases.board.reset()
-            self.leases.board = LeaseBoard(self.layout.num_blocks)
+            self.leases.board = LeaseBoard(self.layout.num_blocks, shared=True)
+            self.transports["shm"].share(self.layout)  # before any forward pass writes it
             self.server = SideChannelServer(
                 self.host, self.port + self.tp_rank, self.layout, self.leases, self.transports,
                 lease_wait_seconds=self.settings.lease_wait_seconds,

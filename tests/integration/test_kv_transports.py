@@ -17,7 +17,7 @@ import torch
 
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.puller import Puller, PullError, PullTask
-from pdserve.kv.transports import make_transports
+from pdserve.kv.transports import make_transports, shared_kv
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +41,11 @@ def free_port() -> int:
 
 
 def make_kv(seed: int, dtype=torch.bfloat16):
+    """Like vLLM: one backing buffer, a view of it per layer."""
     g = torch.Generator().manual_seed(seed)
-    return {f"model.layers.{i}.attn": torch.randn(2, NB, 3, 16, 64, generator=g).to(dtype)
-            for i in range(4)}
+    shape = (2, NB, 3, 16, 64)
+    buf = torch.randn(4, *shape, generator=g).to(dtype)
+    return {f"model.layers.{i}.attn": buf[i] for i in range(4)}
 
 
 def prefill_main(conn, port: int) -> None:
@@ -52,8 +54,9 @@ def prefill_main(conn, port: int) -> None:
     from pdserve.kv.side_channel import SideChannelServer
 
     layout = BlockLayout(make_kv(1), NB)
-    leases = LeaseTable(board=LeaseBoard(NB))
+    leases = LeaseTable(board=LeaseBoard(NB, shared=True))
     transports = make_transports(store_host=HOST, store_port=port + STORE_OFFSET, timeout=20)
+    transports["shm"].share(layout)  # as the connector's prefill worker does
     server = SideChannelServer(HOST, port, layout, leases, transports, lease_wait_seconds=5)
     server.start()
     conn.send("ready")
@@ -230,9 +233,19 @@ def test_shm_direct_read_skips_the_round_trip_only_while_the_lease_holds(prefill
     prefill.lease("board-1", [7, 3, 8])
     xfer = puller.pull(PullTask("d-board-1", "board-1", HOST, prefill.port, [7, 3, 8], [9, 10, 2],
                                 "shm"))
-    assert asked == [] and xfer.nbytes == puller.layout.nbytes(3)
+    assert asked == [] and xfer.nbytes == puller.layout.nbytes(3) and xfer.direct
     _expect(prefill, kv, [7, 3, 8], [9, 10, 2])
     _confirmed(prefill, "board-1")  # the fire-and-forget done freed the lease
+    peer = shm._peers[(HOST, prefill.port)]
+    if shared_kv.enabled():  # the prefill KV buffer is mapped here: memcpy, not process_vm_readv
+        assert peer.memory is not None
+
+    # blocks in the buffer's first and last (unshared, partial) pages: process_vm_readv for them
+    prefill.lease("board-3", [0, NB - 1])
+    xfer = puller.pull(PullTask("d-board-3", "board-3", HOST, prefill.port, [0, NB - 1], [6, 1],
+                                "shm"))
+    assert asked == [] and xfer.direct
+    _expect(prefill, kv, [0, NB - 1], [6, 1])
 
     # the same request again: its lease ended, so the board no longer vouches for the blocks
     puller_timeout, puller.timeout = puller.timeout, 2

@@ -118,12 +118,20 @@ def read(pid: int, local: Iov | np.ndarray, remote: Iov | np.ndarray, threads: i
         _read_part(pid, local, remote)
         return total
     bounds = [total * i // parts for i in range(parts + 1)]
-    jobs = [(_cut(local, a, b), _cut(remote, a, b)) for a, b in zip(bounds, bounds[1:])]
-    futures = [_executor(parts - 1).submit(_read_part, pid, lo, re) for lo, re in jobs[1:]]
+    run_parts([(_read_part, (pid, _cut(local, a, b), _cut(remote, a, b)))
+               for a, b in zip(bounds, bounds[1:])])
+    return total
+
+
+def run_parts(jobs: list[tuple]) -> None:
+    """Run ``(fn, args)`` jobs in parallel: the caller's thread does the first. Waits for all
+    (they write into the caller's buffers) and re-raises the first error."""
+    futures = [_executor(len(jobs) - 1).submit(fn, *args) for fn, args in jobs[1:]]
     error: BaseException | None = None
     try:
-        _read_part(pid, *jobs[0])
-    except BaseException as exc:  # still wait for the others: they write into our buffers
+        fn, args = jobs[0]
+        fn(*args)
+    except BaseException as exc:
         error = exc
     for f in futures:
         try:
@@ -132,5 +140,3 @@ def read(pid: int, local: Iov | np.ndarray, remote: Iov | np.ndarray, threads: i
             error = error or exc
     if error is not None:
         raise error
-    return total
-

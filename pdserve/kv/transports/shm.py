@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from multiprocessing import shared_memory
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -47,8 +48,9 @@ import torch
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.lease_board import TAG_BYTES, tag_of
 from pdserve.kv.leases import LeaseTable
-from pdserve.kv.transports import cma
+from pdserve.kv.transports import cma, shared_kv
 from pdserve.kv.transports.base import Outgoing, RetryWithoutHints, Transfer, Transport, size_class
+from pdserve.kv.transports.shared_kv import AddressSpace, PeerMemory
 
 _SHM_DIR = "/dev/shm"
 
@@ -156,28 +158,46 @@ def _destroy(seg: shared_memory.SharedMemory) -> None:
         pass
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Peer:
     """A prefill worker whose KV cache this process may read directly."""
 
     pid: int
     bases: list[int]  # its plane addresses (same layout fingerprint as ours)
     board: int  # address of its lease board
+    memory: PeerMemory | None = None  # its KV buffers and board, mapped here (memcpy path)
+    pidfd: int | None = None  # readable once the peer exited: drop the mapping then
 
+    def same_process(self, pid: int, bases: list[int], board: int) -> bool:
+        return (pid, bases, board) == (self.pid, self.bases, self.board) and not self.exited()
 
-def _board_holds(peer: _Peer, block_ids: Sequence[int], req_id: str) -> bool:
-    """Do all ``block_ids`` carry ``req_id``'s tag on the peer's lease board?"""
-    runs: list[tuple[int, int]] = []  # (address, length) per run of consecutive block ids
-    prev = None
-    for b in block_ids:
-        if prev is not None and b == prev + 1:
-            runs[-1] = (runs[-1][0], runs[-1][1] + TAG_BYTES)
-        else:
-            runs.append((peer.board + int(b) * TAG_BYTES, TAG_BYTES))
-        prev = b
-    got = np.zeros(len(block_ids), dtype=np.uint64)
-    cma.read(peer.pid, [(int(got.ctypes.data), got.nbytes)], runs)
-    return bool(np.all(got == np.uint64(tag_of(req_id))))
+    def exited(self) -> bool:
+        if self.pidfd is None:
+            return False
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+    def holds(self, block_ids: Sequence[int], req_id: str) -> bool:
+        """Do all ``block_ids`` carry ``req_id``'s tag on the peer's lease board?"""
+        tag = np.uint64(tag_of(req_id))
+        if self.memory is not None:
+            return bool(np.all(self.memory.board[np.asarray(block_ids, dtype=np.int64)] == tag))
+        runs: list[tuple[int, int]] = []  # (address, length) per run of consecutive block ids
+        prev = None
+        for b in block_ids:
+            if prev is not None and b == prev + 1:
+                runs[-1] = (runs[-1][0], runs[-1][1] + TAG_BYTES)
+            else:
+                runs.append((self.board + int(b) * TAG_BYTES, TAG_BYTES))
+            prev = b
+        got = np.zeros(len(block_ids), dtype=np.uint64)
+        cma.read(self.pid, [(int(got.ctypes.data), got.nbytes)], runs)
+        return bool(np.all(got == tag))
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.memory = None  # unmapped once no copy uses it any more
 
 
 class ShmTransport(Transport):
@@ -197,9 +217,17 @@ class ShmTransport(Transport):
         self._attach_lock = threading.Lock()
         self._leases: LeaseTable | None = None  # prefill side
         self._peers: dict[tuple[str, int], _Peer] = {}  # decode side: readable without asking
+        self._shared: list[list[int]] = []  # prefill side: KV buffers offered for mapping
+        self._local: AddressSpace | None = None  # decode side: our KV buffers by address
+        self._swept = 0.0
 
     def attach(self, leases: LeaseTable) -> None:
         self._leases = leases
+
+    def share(self, layout: BlockLayout) -> None:
+        """Prefill side, at KV registration: let same-host decode workers map the KV cache."""
+        if self.direct:
+            self._shared = shared_kv.share(layout)
 
     # prefill side
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
@@ -214,6 +242,9 @@ class ShmTransport(Transport):
                 board = self._leases.board if self._leases is not None else None
                 if board is not None:  # lets the peer skip the round trip next time
                     extra.update(bases=layout.bases(), board=board.address)
+                    if self._shared and board.fd is not None:  # ... and copy with memcpy
+                        extra.update(shared=self._shared, board_fd=board.fd,
+                                     board_len=int(board.tags.size))
                 return Outgoing(extra=extra, frames=[], nbytes=nbytes)
         seg = self._pool.take(nbytes)
         try:
@@ -263,9 +294,39 @@ class ShmTransport(Transport):
         bases, board = extra.get("bases"), extra.get("board")
         if (xfer.remote is not None and isinstance(bases, list) and isinstance(board, int)
                 and len(bases) == len(layout.planes)):
-            self._peers[xfer.remote] = _Peer(pid, [int(b) for b in bases], board)
+            self._learn(xfer.remote, pid, [int(b) for b in bases], board, extra)
+
+    def _learn(self, remote: tuple[str, int], pid: int, bases: list[int], board: int,
+               extra: dict[str, Any]) -> None:
+        """Remember a prefill worker we may read directly (once per process, not per pull)."""
+        known = self._peers.get(remote)
+        if known is not None and known.same_process(pid, bases, board):
+            return
+        if known is not None:
+            known.close()
+        peer = _Peer(pid, bases, board)
+        try:
+            peer.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass
+        shared, board_fd = extra.get("shared"), extra.get("board_fd")
+        if isinstance(shared, list) and isinstance(board_fd, int):
+            peer.memory = PeerMemory.open(pid, shared, board_fd, int(extra.get("board_len", 0)))
+        self._peers[remote] = peer
+
+    def _drop_exited(self) -> None:
+        """Unmap peers that exited (their KV memory lives on while we map it); once a second."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for remote, peer in list(self._peers.items()):
+            if peer.exited():
+                peer.close()
+                self._peers.pop(remote, None)
 
     def pull_direct(self, xfer, layout, remote_block_ids, block_ids, remote_req_id) -> int | None:
+        self._drop_exited()
         peer = self._peers.get(xfer.remote) if xfer.remote is not None else None
         if peer is None or not self.direct or not block_ids:
             return None
@@ -273,15 +334,24 @@ class ShmTransport(Transport):
         if local is None or remote is None:
             return None
         try:
-            if not _board_holds(peer, remote_block_ids, remote_req_id):
+            if not peer.holds(remote_block_ids, remote_req_id):
                 return None  # lease not granted yet (or gone): the pull waits for it / says so
-            cma.read(peer.pid, local, remote, threads=torch.get_num_threads())
-            if not _board_holds(peer, remote_block_ids, remote_req_id):
+            threads = torch.get_num_threads()
+            if peer.memory is None or not peer.memory.copy(self._local_space(layout), local,
+                                                           remote, threads=threads):
+                cma.read(peer.pid, local, remote, threads=threads)
+            if not peer.holds(remote_block_ids, remote_req_id):
                 return None  # the lease ended during the copy: the pull re-copies or refuses
         except OSError:  # the peer is gone or moved: learn it again from the next pull
             self._peers.pop(xfer.remote, None)
+            peer.close()
             return None
         return layout.nbytes(len(block_ids))
+
+    def _local_space(self, layout: BlockLayout) -> AddressSpace:
+        if self._local is None:
+            self._local = AddressSpace.of_layout(layout)
+        return self._local
 
     def _segment(self, name: str) -> _Mapping:
         with self._attach_lock:
