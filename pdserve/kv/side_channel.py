@@ -62,7 +62,7 @@ class SideChannelServer:
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-side-{port}", daemon=True)
         for transport in transports.values():
-            transport.attach(leases)
+            transport.attach(leases, host, self.allowed_peers)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

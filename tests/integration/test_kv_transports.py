@@ -136,23 +136,30 @@ CASES = [  # (prefill block ids, decode block ids)
 ]
 
 
-VARIANTS = ["tcp", "tcp-zero-copy", "shm", "shm-segment", "torch_dist"]
+VARIANTS = ["tcp", "tcp-zero-copy", "tcp-stream", "shm", "shm-segment", "torch_dist"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, variant: str) -> None:
-    """tcp: gathered into one frame / zero-copy frames straight from the KV cache; shm: direct
-    read of the prefill process's memory / through a shared-memory segment."""
+def test_transport_is_bit_exact_across_processes(prefill: Prefill, decode, variant: str,
+                                                 monkeypatch) -> None:
+    """tcp: gathered into one frame / zero-copy frames straight from the KV cache / a plain TCP
+    stream, sendmsg to recvmsg_into; shm: direct read of the prefill process's memory / through a
+    shared-memory segment."""
     kv, puller = decode
     transport = variant.split("-")[0]
     prefill.conn.send(("tcp_zero_copy_min", 0 if variant == "tcp-zero-copy" else 1 << 40))
     assert prefill.conn.recv() == "ok"
-    shm = puller.transports["shm"]
-    direct, shm.direct = shm.direct, shm.direct and variant != "shm-segment"
-    try:
-        _pull_cases(prefill, kv, puller, transport, variant)
-    finally:
-        shm.direct = direct
+    shm, tcp = puller.transports["shm"], puller.transports["tcp"]
+    monkeypatch.setattr(shm, "direct", shm.direct and variant != "shm-segment")
+    monkeypatch.setattr(tcp, "stream", variant == "tcp-stream")
+    streamed = []
+    real_receive = tcp._client.receive
+    monkeypatch.setattr(tcp._client, "receive", lambda *a: streamed.append(1) or real_receive(*a))
+    _pull_cases(prefill, kv, puller, transport, variant)
+    if variant == "tcp-stream":  # the first reply names the stream port; the rest use it
+        assert len(streamed) >= len(CASES) - 1
+    else:
+        assert not streamed
 
 
 def _pull_cases(prefill: Prefill, kv, puller: Puller, transport: str, variant: str) -> None:
@@ -268,3 +275,17 @@ def test_shm_direct_read_skips_the_round_trip_only_while_the_lease_holds(prefill
         timer.join()
     assert len(asked) == 2
     _expect(prefill, kv, [11, 12], [13, 14])
+
+
+def test_tcp_falls_back_to_zmq_frames_when_the_stream_is_unreachable(prefill: Prefill, decode,
+                                                                      monkeypatch) -> None:
+    kv, puller = decode
+    tcp = puller.transports["tcp"]
+    monkeypatch.setattr(tcp, "stream", True)
+    monkeypatch.setattr(tcp, "_stream_ports", {(HOST, prefill.port): free_port()})  # nobody there
+    monkeypatch.setattr(tcp, "_no_stream", set())
+    monkeypatch.setattr(tcp, "_client", type(tcp._client)())
+    prefill.lease("nostream", [2, 3])
+    puller.pull(PullTask("d-nostream", "nostream", HOST, prefill.port, [2, 3], [15, 16], "tcp"))
+    _expect(prefill, kv, [2, 3], [15, 16])
+    assert (HOST, prefill.port) in tcp._no_stream

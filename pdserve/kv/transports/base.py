@@ -78,8 +78,8 @@ class Transport(ABC):
         """Decode side: hints for the prefill side, sent with the pull request."""
         return {}
 
-    def attach(self, leases: LeaseTable) -> None:
-        """Prefill side: a side channel serving these leases uses this transport."""
+    def attach(self, leases: LeaseTable, host: str, allowed_peers: Sequence[str] = ()) -> None:
+        """Prefill side: a side channel on ``host`` serving these leases uses this transport."""
 
     def pull_direct(self, xfer: Transfer, layout: BlockLayout, remote_block_ids: Sequence[int],
                     block_ids: Sequence[int], remote_req_id: str) -> int | None:

@@ -221,7 +221,7 @@ class ShmTransport(Transport):
         self._local: AddressSpace | None = None  # decode side: our KV buffers by address
         self._swept = 0.0
 
-    def attach(self, leases: LeaseTable) -> None:
+    def attach(self, leases: LeaseTable, host: str, allowed_peers: Sequence[str] = ()) -> None:
         self._leases = leases
 
     def share(self, layout: BlockLayout) -> None:

@@ -18,6 +18,7 @@ intermediate join.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,10 @@ import zmq
 
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.transports.base import BufferPool, Outgoing, Transfer, Transport
+from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer
+from pdserve.kv.transports.stream import enabled as stream_enabled
+
+log = logging.getLogger("pdserve.kv")
 
 ZERO_COPY_MIN_REGION = int(os.environ.get("PDSERVE_KV_TCP_ZERO_COPY_MIN", 256 << 10))
 """Mean region size (bytes) from which a pull is sent as frames straight from the KV cache."""
@@ -42,14 +47,40 @@ def as_buffer(t: torch.Tensor) -> memoryview:
 class TcpTransport(Transport):
     name = "tcp"
 
-    def __init__(self, zero_copy_min_region: int | None = None) -> None:
+    def __init__(self, zero_copy_min_region: int | None = None, stream: bool | None = None,
+                 stream_timeout: float = 60.0) -> None:
         self._pool = BufferPool()
         self.zero_copy_min_region = (ZERO_COPY_MIN_REGION if zero_copy_min_region is None
                                      else zero_copy_min_region)
+        self.stream = stream_enabled() if stream is None else stream
+        self.stream_timeout = stream_timeout
+        self._server: StreamServer | None = None  # prefill side
+        self._client = StreamClient()  # decode side
+        self._stream_ports: dict[tuple[str, int], int] = {}  # decode: peer → its stream port
+        self._no_stream: set[tuple[str, int]] = set()  # decode: peers whose stream is unreachable
+
+    # prefill side
+    def attach(self, leases, host: str, allowed_peers: Sequence[str] = ()) -> None:
+        if self.stream and self._server is None:
+            try:
+                self._server = StreamServer(host, allowed_peers, send_timeout=self.stream_timeout)
+            except OSError as exc:
+                log.warning("KV tcp stream not offered (%s): payloads go in ZMQ frames", exc)
 
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
+        out = self._send(xfer, layout, block_ids)
+        if self._server is not None:  # tells the decode side where to open a stream
+            out.extra["stream_port"] = self._server.port
+        return out
+
+    def _send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
         nbytes = layout.nbytes(len(block_ids))
         regions = layout.regions(block_ids) if nbytes else None
+        token = _token(xfer.hints.get("stream"))
+        if regions and token and self._server is not None and self._server.has(token):
+            tracker = SendDone()  # the blocks stay held until the payload is sent
+            xfer.handle = ("stream", token, regions, tracker)  # sent right after the reply
+            return Outgoing(extra={"stream": True}, frames=[], nbytes=nbytes, tracker=tracker)
         if regions and nbytes >= self.zero_copy_min_region * len(regions):
             frames = [zmq.Frame(memoryview(r), copy=False, track=True) for r in regions]
             tracker = zmq.MessageTracker(*frames)
@@ -61,6 +92,15 @@ class TcpTransport(Transport):
         xfer.handle = (buf, frame.tracker)  # not the frame: holding it would keep ZMQ's ref alive
         return Outgoing(extra={}, frames=[frame], nbytes=nbytes)
 
+    def after_reply(self, xfer: Transfer) -> None:
+        """Reply first, then payload: the decode side is already in ``recvmsg_into`` (copying
+        out of its socket) while this side still copies in."""
+        held = xfer.handle
+        if isinstance(held, tuple) and held[0] == "stream" and self._server is not None:
+            xfer.handle = None
+            _, token, regions, tracker = held
+            self._server.send(token, regions, tracker)
+
     def finish(self, xfer: Transfer) -> None:
         held, xfer.handle = xfer.handle, None
         if held is None:
@@ -71,8 +111,33 @@ class TcpTransport(Transport):
         if tracker is None or tracker.done:
             self._pool.give_back(buf)
 
+    # decode side
+    def hints(self, layout: BlockLayout, remote: tuple[str, int]) -> dict[str, Any]:
+        port = self._stream_ports.get(remote)
+        if not self.stream or port is None or remote in self._no_stream or layout.bases() is None:
+            return {}
+        try:
+            return {"stream": self._client.token((remote[0], port)).hex()}
+        except OSError as exc:
+            log.info("KV tcp stream to %s:%d unreachable (%s); using ZMQ frames", remote[0], port,
+                     exc)
+            self._no_stream.add(remote)
+            return {}
+
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames: Sequence[Any]) -> None:
+        port = extra.get("stream_port")
+        if xfer.remote is not None and isinstance(port, int):
+            self._stream_ports[xfer.remote] = port
         if layout.nbytes(len(block_ids)) == 0:
+            return
+        if extra.get("stream"):
+            if xfer.remote is None or xfer.remote not in self._stream_ports:
+                raise RuntimeError("tcp stream payload announced for an unknown stream")
+            addr = (xfer.remote[0], self._stream_ports[xfer.remote])
+            dst = layout.regions(block_ids)
+            if dst is None:
+                raise RuntimeError("tcp stream payload, but our KV cache has no plain regions")
+            self._client.receive(addr, dst, self.stream_timeout)
             return
         if not frames:
             raise RuntimeError("tcp reply carried no payload frame")
@@ -81,3 +146,15 @@ class TcpTransport(Transport):
 
     def close(self) -> None:
         self._pool.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def _token(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
