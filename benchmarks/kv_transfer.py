@@ -3,12 +3,13 @@
 
 A "prefill" process (spawned) holds the demo model's KV tensors and serves them through a real
 ``SideChannelServer``; this process is the "decode" side and pulls blocks with a real
-``Puller`` (full round trip: pull request, gather, payload, scatter, done). For the same byte
-counts, in the same run and interleaved with the transports, it also measures
+``Puller``, set up as the connector sets them up (the prefill KV shared with same-host decode
+workers, the lease board, the tcp stream). A pull is timed whole: after the first pull from a
+peer, ``shm`` copies without a round trip; ``tcp`` does pull request, reply and the stream. For
+the same byte counts, in the same run and interleaved with the transports, it also measures
   memcpy   torch ``copy_`` of a flat buffer of that size in this process, with torch's thread
-           count (``torch.get_num_threads()``, printed; the machine's copy bandwidth; what
-           ``shm`` is compared to). ``shm`` copies with the same thread count (its direct
-           ``process_vm_readv`` path splits the copy over torch's thread count).
+           count (``torch.get_num_threads()``, printed; what ``shm`` is compared to; the buffer
+           stays in cache between repetitions, so small sizes run at cache speed).
   zmq      a raw pyzmq loopback round trip between the two processes: a small request, the
            bytes as one zero-copy reply frame (what ``tcp`` is compared to)
 Each size is measured --reps times per method, round-robin, after a warm-up; medians are
@@ -16,7 +17,8 @@ reported. Default KV shape: SmolLM2-135M on vLLM CPU, 30 layers of bf16
 ``[2, num_blocks, 3 kv heads, 128 block, 64 head dim]`` = 2.95 MB per 128-token block.
 
     python benchmarks/kv_transfer.py [--tokens 128,512,2048,8192] [--reps 5]
-        [--transports tcp,shm,torch_dist] [--fragmented] [--shm-segment]
+        [--transports tcp,shm,torch_dist] [--fragmented] [--shm-segment | --shm-readv]
+        [--tcp-frames]
         [--json out.json] [--plot out.png]
 
 The machine is shared: numbers are noisy; compare the ratios within one run.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys
@@ -218,6 +221,10 @@ def main() -> int:
                     help="non-consecutive block ids (worst case for the copies)")
     ap.add_argument("--shm-segment", action="store_true",
                     help="shm through a shared-memory segment (not the direct read)")
+    ap.add_argument("--shm-readv", action="store_true",
+                    help="shm direct reads with process_vm_readv (no shared mapping of the KV)")
+    ap.add_argument("--tcp-frames", action="store_true",
+                    help="tcp payload in ZMQ frames (not the plain TCP stream)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -227,8 +234,14 @@ def main() -> int:
 
     import torch
 
+    if args.shm_readv:  # read by the spawned prefill process when it registers its KV
+        os.environ["PDSERVE_KV_SHM_SHARE"] = "0"
     bench = Bench(args)
-    shm_mode = "segment" if not bench.transports["shm"].direct else "direct process_vm_readv"
+    if args.tcp_frames:
+        bench.transports["tcp"].stream = False
+    shm_mode = ("segment" if not bench.transports["shm"].direct else
+                "direct process_vm_readv" if args.shm_readv else "shared mapping, memcpy")
+    tcp_mode = "ZMQ frames" if args.tcp_frames else "TCP stream, sendmsg -> recvmsg_into"
     methods = ["memcpy", "zmq", *transports]
     rows: list[dict[str, Any]] = []
     try:
@@ -272,9 +285,8 @@ def main() -> int:
           f"{args.head_dim}] ({bench.layout.bytes_per_block / 1e6:.2f} MB/block), "
           f"{'fragmented' if args.fragmented else 'consecutive'} block ids, "
           f"median of {reps} (after {args.warmup} warm-up)")
-    print(f"memcpy: torch copy_ with {torch.get_num_threads()} threads; shm: {shm_mode}"
-          f"{f' with {torch.get_num_threads()} threads' if 'direct' in shm_mode else ''}; "
-          "tcp: decode-side copy out of the frames on 1 thread")
+    print(f"memcpy: torch copy_ with {torch.get_num_threads()} threads; shm: {shm_mode}; "
+          f"tcp: {tcp_mode}")
     print(f"{'method':<11} {'tokens':>6} {'MB':>7} {'median ms':>10} {'min ms':>8} {'GB/s':>6} "
           f"{'% memcpy':>9} {'% zmq':>7}")
     for r in rows:
