@@ -54,7 +54,8 @@ class WorkerSide:
             if self.leases.board is not None:  # re-registered: nobody may trust the old tags
                 self.leases.board.reset()
             self.leases.board = LeaseBoard(self.layout.num_blocks, shared=True)
-            self.transports["shm"].share(self.layout)  # before any forward pass writes it
+            if self.settings.transport in ("auto", "shm"):  # same-host decode workers may map it
+                self.transports["shm"].share(self.layout)  # before any forward pass writes it
             self.server = SideChannelServer(
                 self.host, self.port + self.tp_rank, self.layout, self.leases, self.transports,
                 lease_wait_seconds=self.settings.lease_wait_seconds,

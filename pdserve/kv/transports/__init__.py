@@ -1,7 +1,9 @@
 """KV transports behind one small interface (see ``base.Transport``).
 
-``tcp``: payload in the ZMQ reply frames (zero-copy send); works across hosts.
-``shm``: payload in a shared-memory segment, no socket copy; same host only.
+``tcp``: payload on a plain TCP stream, kernel to KV cache on both sides (ZMQ reply frames as
+the fallback); works across hosts.
+``shm``: same host only: one memcpy from the prefill KV cache, mapped read-only (or read with
+``process_vm_readv``, or through a shared-memory segment).
 ``torch_dist``: payload over a torch.distributed pair group (gloo on CPU, nccl/hccl on
 accelerators); the ZMQ reply only carries the tag.
 """
