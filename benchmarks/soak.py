@@ -9,7 +9,8 @@ Sends streams, non-streams, client aborts and bad inputs for ``--duration`` seco
   unexpected;
 - no instance restarted (each instance's process id is the same at the end);
 - KV usage is back to idle on every instance (nothing stranded on the prefill or decode side);
-- the resident memory of each process did not grow by more than ``--max-rss-growth-mb``.
+- the private (anonymous) resident memory of each process did not grow by more than
+  ``--max-rss-growth-mb``.
 
 ``--start`` brings the cluster up itself with ``pdserve up --demo`` (and stops it after);
 otherwise ``--url`` points at a running scheduler. Only 127.0.0.1 is ever targeted.
@@ -165,7 +166,13 @@ def listener_pid(instance_url: str) -> int | None:
 
 
 def process_tree_rss(pid: int) -> dict[int, tuple[str, int]]:
-    """pid → (name, RSS bytes) of a process and its descendants."""
+    """pid → (name, private resident bytes) of a process and its descendants.
+
+    Private means anonymous memory (RSS minus file- and shmem-backed pages): where a leak
+    grows. A prefill worker's KV cache, shared with same-host decode workers through a memfd,
+    becomes resident block by block as it is first used (and shows in the decode worker's RSS
+    too once mapped): that is neither a leak nor private, so it is left out.
+    """
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -174,7 +181,9 @@ def process_tree_rss(pid: int) -> dict[int, tuple[str, int]]:
     out = {}
     for p in procs:
         try:
-            out[p.pid] = (" ".join(p.cmdline()[1:4])[:60] or p.name(), p.memory_info().rss)
+            mem = p.memory_info()
+            private = mem.rss - getattr(mem, "shared", 0)  # Linux: RssFile + RssShmem
+            out[p.pid] = (" ".join(p.cmdline()[1:4])[:60] or p.name(), private)
         except psutil.Error:
             pass
     return out
@@ -263,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if lat:
         print(f"successful request latency: median {lat[len(lat) // 2]:.2f}s, "
               f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.2f}s")
-    print(f"\n{'process':<34} {'RSS before MB':>14} {'after MB':>10} {'growth MB':>10}")
+    print(f"\n{'process':<34} {'private before MB':>18} {'after MB':>10} {'growth MB':>10}")
     for u in rss0:
-        print(f"{u:<34} {rss0[u] / 2**20:>14.0f} {rss1[u] / 2**20:>10.0f} {(rss1[u] - rss0[u]) / 2**20:>10.0f}")
+        print(f"{u:<34} {rss0[u] / 2**20:>18.0f} {rss1[u] / 2**20:>10.0f} {(rss1[u] - rss0[u]) / 2**20:>10.0f}")
     print(f"\n{'instance':<34} {'pid before':>10} {'pid after':>10} {'KV usage':>9}")
     for u in instances:
         print(f"{u:<34} {pids[u]!s:>10} {pids_after[u]!s:>10} {usage[u]:>9.3f}")
