@@ -61,6 +61,8 @@ class Release:
 
 
 _TYPES: dict[str, type] = {OP_PULL: PullRequest, OP_REPLY: PullReply, OP_DONE: Done, OP_RELEASE: Release}
+_FIELDS: dict[type, frozenset[str]] = {cls: frozenset(f.name for f in fields(cls))
+                                       for cls in _TYPES.values()}
 
 
 def encode(msg: PullRequest | PullReply | Done | Release) -> bytes:
@@ -79,8 +81,11 @@ def decode(data: bytes | memoryview) -> PullRequest | PullReply | Done | Release
     if not isinstance(raw, dict) or raw.get("op") not in _TYPES:
         raise ProtocolError(f"unknown side-channel message: {str(raw)[:200]}")
     cls = _TYPES[raw["op"]]
+    # fields this version does not know are ignored (a newer peer's additions, e.g. pull hints):
+    # mixed versions keep working, the newer side just does not get what it asked for
+    known = _FIELDS[cls]
     try:
-        msg = cls(**raw)
+        msg = cls(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:
         raise ProtocolError(f"bad {raw['op']} message: {exc}") from exc
     for f in fields(cls):  # a peer must not crash the server thread with a wrongly typed field
