@@ -219,6 +219,8 @@ class StreamClient:
     def __init__(self, connect_timeout: float = 5.0) -> None:
         self.connect_timeout = connect_timeout
         self._local = threading.local()
+        self._all: set[socket.socket] = set()  # every thread's connections, for close()
+        self._lock = threading.Lock()
 
     def _conns(self) -> dict[tuple[str, int], tuple[socket.socket, bytes]]:
         conns = getattr(self._local, "conns", None)
@@ -247,6 +249,8 @@ class StreamClient:
             sock.close()
             raise
         conns[addr] = (sock, token)
+        with self._lock:
+            self._all.add(sock)
         return token
 
     def receive(self, addr: tuple[str, int], buffers: Sequence[Any], timeout: float) -> None:
@@ -262,4 +266,12 @@ class StreamClient:
     def drop(self, addr: tuple[str, int]) -> None:
         known = self._conns().pop(addr, None)
         if known is not None:
+            with self._lock:
+                self._all.discard(known[0])
             known[0].close()
+
+    def close(self) -> None:
+        with self._lock:
+            socks, self._all = list(self._all), set()
+        for sock in socks:
+            sock.close()

@@ -146,6 +146,7 @@ class TcpTransport(Transport):
 
     def close(self) -> None:
         self._pool.clear()
+        self._client.close()
         if self._server is not None:
             self._server.close()
             self._server = None
