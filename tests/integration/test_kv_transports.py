@@ -285,7 +285,16 @@ def test_tcp_falls_back_to_zmq_frames_when_the_stream_is_unreachable(prefill: Pr
     monkeypatch.setattr(tcp, "_stream_ports", {(HOST, prefill.port): free_port()})  # nobody there
     monkeypatch.setattr(tcp, "_no_stream", set())
     monkeypatch.setattr(tcp, "_client", type(tcp._client)())
+    streamed = []
+    real_receive = tcp._client.receive
+    monkeypatch.setattr(tcp._client, "receive", lambda *a: streamed.append(1) or real_receive(*a))
     prefill.lease("nostream", [2, 3])
     puller.pull(PullTask("d-nostream", "nostream", HOST, prefill.port, [2, 3], [15, 16], "tcp"))
     _expect(prefill, kv, [2, 3], [15, 16])
-    assert (HOST, prefill.port) in tcp._no_stream
+    assert not streamed  # ZMQ frames carried it
+    # the reply named the real stream port: that one is tried again, and used
+    assert (HOST, prefill.port) not in tcp._no_stream
+    prefill.lease("stream-again", [4, 5])
+    puller.pull(PullTask("d-again", "stream-again", HOST, prefill.port, [4, 5], [17, 18], "tcp"))
+    _expect(prefill, kv, [4, 5], [17, 18])
+    assert streamed

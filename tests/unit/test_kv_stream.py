@@ -101,3 +101,17 @@ def test_peers_outside_allowed_list_are_refused() -> None:
             assert raw.recv(1) == b""  # closed by the server
     finally:
         s.close()
+
+
+def test_a_payload_never_sent_does_not_hold_its_blocks() -> None:
+    """The reply failed before the send started: finish() must end the tracker, or the lease's
+    blocks would stay held for good."""
+    from pdserve.kv.transports.base import Transfer
+    from pdserve.kv.transports.tcp import TcpTransport, _PendingSend
+
+    tcp = TcpTransport(stream=False)
+    tracker = SendDone()
+    xfer = Transfer("x", "r", 1)
+    xfer.handle = _PendingSend(b"t" * 16, [np.ones(4, dtype=np.uint8)], tracker)
+    tcp.finish(xfer)
+    assert tracker.done and xfer.handle is None

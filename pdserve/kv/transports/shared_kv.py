@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdserve.kv.layout import BlockLayout
+from pdserve.kv.transports.cma import SPLIT_MIN, run_parts
 
 log = logging.getLogger("pdserve.kv")
 
@@ -80,12 +81,8 @@ def share(layout: BlockLayout) -> list[list[int]]:
     """
     if not enabled() or layout.device.type != "cpu":
         return []
-    buffers: dict[int, int] = {}
-    for plane in layout.planes:
-        storage = plane.tensor.untyped_storage()
-        buffers[storage.data_ptr()] = storage.nbytes()
     out: list[list[int]] = []
-    for ptr, nbytes in sorted(buffers.items()):
+    for ptr, nbytes in sorted(_buffers(layout).items()):
         start = -(-ptr // PAGE) * PAGE
         end = (ptr + nbytes) // PAGE * PAGE
         if end - start < MIN_SHARED:
@@ -101,6 +98,15 @@ def share(layout: BlockLayout) -> list[list[int]]:
     if out:
         log.info("KV cache shared with same-host decode workers: %d buffer(s), %.1f GiB",
                  len(out), sum(n for _, n, _ in out) / (1 << 30))
+    return out
+
+
+def _buffers(layout: BlockLayout) -> dict[int, int]:
+    """The KV cache's backing buffers, address → bytes (vLLM: one for all layers)."""
+    out: dict[int, int] = {}
+    for plane in layout.planes:
+        storage = plane.tensor.untyped_storage()
+        out[storage.data_ptr()] = storage.nbytes()
     return out
 
 
@@ -131,17 +137,13 @@ class AddressSpace:
 
     @classmethod
     def of_layout(cls, layout: BlockLayout) -> AddressSpace:
-        buffers = {}
-        for plane in layout.planes:
-            storage = plane.tensor.untyped_storage()
-            buffers[storage.data_ptr()] = storage.nbytes()
-        return cls([(addr, n, addr) for addr, n in buffers.items()])
+        return cls([(addr, n, addr) for addr, n in _buffers(layout).items()])
 
     def translate(self, iov: np.ndarray) -> np.ndarray | None:
         """``iov``'s addresses as reachable from here; None if an entry is not inside a region."""
-        i = np.searchsorted(self._start, iov[:, 0], side="right") - 1
         if len(iov) == 0:
             return iov
+        i = np.searchsorted(self._start, iov[:, 0], side="right") - 1
         if (i < 0).any():
             return None
         off = iov[:, 0] - self._start[i]
@@ -173,7 +175,7 @@ def _memcpy_all(table: list[list[int]]) -> None:
         move(dst, src, n)
 
 
-def memcpy(dst: np.ndarray, src: np.ndarray, threads: int = 1, split_min: int = 8 << 20) -> None:
+def memcpy(dst: np.ndarray, src: np.ndarray, threads: int = 1, split_min: int = SPLIT_MIN) -> None:
     """Copy ``src`` to ``dst`` (iovec arrays of the same total size, both reachable here),
     split over ``threads`` from ``split_min`` bytes on."""
     table = pieces(dst, src)
@@ -184,8 +186,6 @@ def memcpy(dst: np.ndarray, src: np.ndarray, threads: int = 1, split_min: int = 
         return
     bounds = np.searchsorted(np.cumsum(table[:, 2]), [total * k // parts for k in range(1, parts)])
     chunks = [c.tolist() for c in np.split(table, bounds + 1) if len(c)]
-    from pdserve.kv.transports.cma import run_parts
-
     run_parts([(_memcpy_all, (c,)) for c in chunks])
 
 

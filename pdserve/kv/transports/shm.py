@@ -17,7 +17,8 @@ computes the blocks' addresses itself and copies at once, checking on the board 
 after the copy that the request's lease holds every block; if not (lease not granted yet,
 ended, a block shared with another lease, peer restarted), it pulls the ordinary way, which
 also refreshes what it knows of the peer. Only the ``done`` confirmation is sent, without
-waiting.
+waiting. When the prefill worker shares its KV cache (``shared_kv``), the copy is a plain memcpy
+from a read-only mapping of it instead of ``process_vm_readv``.
 
 Segment path (everything else):
 
@@ -330,12 +331,12 @@ class ShmTransport(Transport):
         peer = self._peers.get(xfer.remote) if xfer.remote is not None else None
         if peer is None or not self.direct or not block_ids:
             return None
-        local, remote = layout.iov(block_ids), layout.iov(remote_block_ids, bases=peer.bases)
-        if local is None or remote is None:
-            return None
         try:
             if not peer.holds(remote_block_ids, remote_req_id):
                 return None  # lease not granted yet (or gone): the pull waits for it / says so
+            local, remote = layout.iov(block_ids), layout.iov(remote_block_ids, bases=peer.bases)
+            if local is None or remote is None:
+                return None
             threads = torch.get_num_threads()
             if peer.memory is None or not peer.memory.copy(self._local_space(layout), local,
                                                            remote, threads=threads):

@@ -52,6 +52,19 @@ def _views(buffers: Sequence[Any]) -> list[memoryview]:
     return [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
 
 
+def _advance(views: list[memoryview], i: int, done: int) -> int:
+    """``done`` more bytes of ``views`` (from ``views[i]`` on) went through: the index of the
+    first view with bytes left, that view trimmed to them."""
+    while done and i < len(views):
+        if done >= views[i].nbytes:
+            done -= views[i].nbytes
+            i += 1
+        else:
+            views[i] = views[i][done:]
+            done = 0
+    return i
+
+
 def _push(sock: socket.socket, views: list[memoryview], flags: int = 0) -> list[memoryview]:
     """``sendmsg`` from the front of ``views`` (gather: no copy in user space); what is left
     (nothing, unless ``flags`` has MSG_DONTWAIT and the socket buffer filled up)."""
@@ -61,19 +74,8 @@ def _push(sock: socket.socket, views: list[memoryview], flags: int = 0) -> list[
             sent = sock.sendmsg(views[i : i + IOV_MAX], [], flags)
         except BlockingIOError:
             break
-        while sent and i < len(views):
-            if sent >= views[i].nbytes:
-                sent -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = _advance(views, i, sent)
     return views[i:]
-
-
-def send_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
-    """Send the buffers' bytes in order, blocking until the kernel took them all."""
-    _push(sock, _views(buffers))
 
 
 def recv_all(sock: socket.socket, buffers: Sequence[Any], deadline: float) -> None:
@@ -87,13 +89,7 @@ def recv_all(sock: socket.socket, buffers: Sequence[Any], deadline: float) -> No
         got = sock.recvmsg_into(views[i : i + IOV_MAX])[0]
         if got == 0:
             raise ConnectionError("the prefill side closed the tcp stream mid-payload")
-        while got and i < len(views):
-            if got >= views[i].nbytes:
-                got -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][got:]
-                got = 0
+        i = _advance(views, i, got)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

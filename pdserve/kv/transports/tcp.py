@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ class TcpTransport(Transport):
         token = _token(xfer.hints.get("stream"))
         if regions and token and self._server is not None and self._server.has(token):
             tracker = SendDone()  # the blocks stay held until the payload is sent
-            xfer.handle = ("stream", token, regions, tracker)  # sent right after the reply
+            xfer.handle = _PendingSend(token, regions, tracker)  # sent right after the reply
             return Outgoing(extra={"stream": True}, frames=[], nbytes=nbytes, tracker=tracker)
         if regions and nbytes >= self.zero_copy_min_region * len(regions):
             frames = [zmq.Frame(memoryview(r), copy=False, track=True) for r in regions]
@@ -96,14 +97,16 @@ class TcpTransport(Transport):
         """Reply first, then payload: the decode side is already in ``recvmsg_into`` (copying
         out of its socket) while this side still copies in."""
         held = xfer.handle
-        if isinstance(held, tuple) and held[0] == "stream" and self._server is not None:
+        if isinstance(held, _PendingSend) and self._server is not None:
             xfer.handle = None
-            _, token, regions, tracker = held
-            self._server.send(token, regions, tracker)
+            self._server.send(held.token, held.regions, held.tracker)
 
     def finish(self, xfer: Transfer) -> None:
         held, xfer.handle = xfer.handle, None
         if held is None:
+            return
+        if isinstance(held, _PendingSend):  # the reply never went out: nothing will be sent
+            held.tracker.done = True
             return
         buf, tracker = held
         # ZMQ may still hold the buffer (a peer stalled mid-receive, lease expired): leave that
@@ -127,6 +130,8 @@ class TcpTransport(Transport):
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames: Sequence[Any]) -> None:
         port = extra.get("stream_port")
         if xfer.remote is not None and isinstance(port, int):
+            if self._stream_ports.get(xfer.remote) != port:  # new (or restarted) peer: try it
+                self._no_stream.discard(xfer.remote)
             self._stream_ports[xfer.remote] = port
         if layout.nbytes(len(block_ids)) == 0:
             return
@@ -150,6 +155,15 @@ class TcpTransport(Transport):
         if self._server is not None:
             self._server.close()
             self._server = None
+
+
+@dataclass
+class _PendingSend:
+    """A stream payload held between the reply and its send."""
+
+    token: bytes
+    regions: list[Any]
+    tracker: SendDone
 
 
 def _token(value: Any) -> bytes | None:
