@@ -8,17 +8,18 @@ workers, the lease board, the tcp stream). A pull is timed whole: after the firs
 peer, ``shm`` copies without a round trip; ``tcp`` does pull request, reply and the stream. For
 the same byte counts, in the same run and interleaved with the transports, it also measures
   memcpy   torch ``copy_`` of a flat buffer of that size in this process, with torch's thread
-           count (``torch.get_num_threads()``, printed; what ``shm`` is compared to; the buffer
-           stays in cache between repetitions, so small sizes run at cache speed).
+           count (``torch.get_num_threads()``, printed; what ``shm`` is compared to).
   zmq      a raw pyzmq loopback round trip between the two processes: a small request, the
            bytes as one zero-copy reply frame (what ``tcp`` is compared to)
 Each size is measured --reps times per method, round-robin, after a warm-up; medians are
-reported. Default KV shape: SmolLM2-135M on vLLM CPU, 30 layers of bf16
+reported. By default every timed operation starts with cold caches (``--cache cold``: a 64 MB
+buffer is written first), so no method gains or loses from what the one before it left in the
+caches; ``--cache warm`` runs them back to back. Default KV shape: SmolLM2-135M on vLLM CPU, 30 layers of bf16
 ``[2, num_blocks, 3 kv heads, 128 block, 64 head dim]`` = 2.95 MB per 128-token block.
 
     python benchmarks/kv_transfer.py [--tokens 128,512,2048,8192] [--reps 5]
         [--transports tcp,shm,torch_dist] [--fragmented] [--shm-segment | --shm-readv]
-        [--tcp-frames]
+        [--tcp-frames] [--cache cold|warm]
         [--json out.json] [--plot out.png]
 
 The machine is shared: numbers are noisy; compare the ratios within one run.
@@ -225,6 +226,10 @@ def main() -> int:
                     help="shm direct reads with process_vm_readv (no shared mapping of the KV)")
     ap.add_argument("--tcp-frames", action="store_true",
                     help="tcp payload in ZMQ frames (not the plain TCP stream)")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="cold: evict the caches before every timed operation (default); "
+                         "warm: back to back")
+    ap.add_argument("--evict-mb", type=int, default=64, help="eviction buffer for --cache cold")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -243,6 +248,12 @@ def main() -> int:
                 "direct process_vm_readv" if args.shm_readv else "shared mapping, memcpy")
     tcp_mode = "ZMQ frames" if args.tcp_frames else "TCP stream, sendmsg -> recvmsg_into"
     methods = ["memcpy", "zmq", *transports]
+    # Cold: before each timed operation, write a buffer twice the last-level cache (with torch's
+    # threads, so both cores' caches too), as a prefill forward pass streaming the weights does
+    # before a real pull. Warm: back to back, each method after the previous one (what a method
+    # left in the caches and TLBs then favours or hurts the next; measured 232 vs 576 us for
+    # one shm pull after another pull or after a zmq receive).
+    evict = torch.zeros(args.evict_mb << 20, dtype=torch.uint8) if args.cache == "cold" else None
     rows: list[dict[str, Any]] = []
     try:
         for name in transports:  # pair up / attach / verify once, outside the timings
@@ -252,6 +263,8 @@ def main() -> int:
             times: dict[str, list[float]] = {m: [] for m in methods}
 
             def once(method: str) -> float:
+                if evict is not None:  # every method starts from the same (cold) caches
+                    evict.add_(1)
                 if method == "memcpy":
                     return bench.run_memcpy(n)
                 if method == "zmq":
@@ -284,7 +297,7 @@ def main() -> int:
     print(f"KV transfer, {args.layers} layers x bf16 [2, blocks, {args.heads}, {args.block_size}, "
           f"{args.head_dim}] ({bench.layout.bytes_per_block / 1e6:.2f} MB/block), "
           f"{'fragmented' if args.fragmented else 'consecutive'} block ids, "
-          f"median of {reps} (after {args.warmup} warm-up)")
+          f"median of {reps} (after {args.warmup} warm-up), {args.cache} caches")
     print(f"memcpy: torch copy_ with {torch.get_num_threads()} threads; shm: {shm_mode}; "
           f"tcp: {tcp_mode}")
     print(f"{'method':<11} {'tokens':>6} {'MB':>7} {'median ms':>10} {'min ms':>8} {'GB/s':>6} "

@@ -281,10 +281,10 @@ class BlockLayout:
         self._rows_cache = out
         return out
 
-    def iov(self, block_ids: Sequence[int], bases: Sequence[int] | None = None) -> np.ndarray | None:
-        """(address, length) of the blocks' bytes in flat order, as an int64 ``[n, 2]`` array
-        (for ``process_vm_readv``; one entry per row and run of consecutive ids, not merged);
-        with ``bases``, the addresses of those blocks in a peer's tensors of the same layout."""
+    def row_starts(self, bases: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per row (plane and lead index, e.g. the K half of one layer), in flat order: the
+        address of its block 0 and its bytes per block, as int64 arrays; with ``bases``, in a
+        peer's tensors of the same layout. None when :meth:`regions` is."""
         rows = self._rows()
         if rows is None:
             return None
@@ -294,10 +294,37 @@ class BlockLayout:
         if len(bases) != len(self.planes):
             raise LayoutError(f"{len(bases)} plane addresses given for {len(self.planes)} planes")
         plane, offset, inner = rows
+        return np.asarray(bases, dtype=np.int64)[plane] + offset, inner
+
+    def paired_runs(self, src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(first source id, first destination id, length) of the runs along which both id
+        lists are consecutive, e.g. the slices to copy from a peer's blocks into ours."""
+        if len(src_ids) != len(dst_ids):
+            raise LayoutError(f"{len(src_ids)} source blocks for {len(dst_ids)} destination blocks")
+        runs: list[list[int]] = []
+        for a, b in zip(src_ids, dst_ids):
+            a, b = int(a), int(b)
+            if not (0 <= a < self.num_blocks and 0 <= b < self.num_blocks):
+                raise LayoutError(f"block id {a if not 0 <= a < self.num_blocks else b} is out of "
+                                  f"range (0..{self.num_blocks - 1})")
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[2] == a and last[1] + last[2] == b:
+                last[2] += 1
+            else:
+                runs.append([a, b, 1])
+        return [(a, b, k) for a, b, k in runs]
+
+    def iov(self, block_ids: Sequence[int], bases: Sequence[int] | None = None) -> np.ndarray | None:
+        """(address, length) of the blocks' bytes in flat order, as an int64 ``[n, 2]`` array
+        (for ``process_vm_readv``; one entry per row and run of consecutive ids, not merged);
+        with ``bases``, the addresses of those blocks in a peer's tensors of the same layout."""
+        starts = self.row_starts(bases)
+        if starts is None:
+            return None
+        row_base, inner = starts
         runs = np.array([(start, k) for start, _at, k in self._runs(block_ids)],
                         dtype=np.int64).reshape(-1, 2)
-        row_base = np.asarray(bases, dtype=np.int64)[plane] + offset
-        out = np.empty((len(plane), len(runs), 2), dtype=np.int64)
+        out = np.empty((len(row_base), len(runs), 2), dtype=np.int64)
         out[:, :, 0] = row_base[:, None] + runs[None, :, 0] * inner[:, None]
         out[:, :, 1] = runs[None, :, 1] * inner[:, None]
         return out.reshape(-1, 2)

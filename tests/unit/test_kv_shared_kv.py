@@ -1,5 +1,6 @@
 """Same-host KV sharing: re-backing a buffer in place keeps its bytes and address, and a second
-mapping of the memfd sees the owner's later writes; the piece-wise memcpy is exact for any cuts."""
+mapping of the memfd sees the owner's later writes; copies from a mapped peer are exact and stay
+inside what is mapped."""
 
 from __future__ import annotations
 
@@ -10,37 +11,51 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.kv.layout import BlockLayout
+from pdserve.kv.layout import BlockLayout, LayoutError
 from pdserve.kv.transports import shared_kv
 
 pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(not shared_kv.enabled(), reason="needs Linux memfd")]
 
 
-def _iov(buf: np.ndarray, cuts) -> np.ndarray:
-    edges = [0, *sorted(int(c) for c in cuts), buf.size]
-    return np.array([(buf.ctypes.data + a, b - a) for a, b in zip(edges, edges[1:]) if b > a],
-                    dtype=np.int64)
-
-
 @pytest.mark.parametrize("threads,split_min", [(1, 8 << 20), (2, 64)])
-def test_memcpy_any_cuts_is_exact(threads: int, split_min: int) -> None:
+def test_copy_table_is_exact(threads: int, split_min: int) -> None:
     rng = np.random.default_rng(1)
     for n in (1, 5000, 300_001):
         src = rng.integers(0, 255, n, dtype=np.uint8)
         dst = np.zeros(n, dtype=np.uint8)
-        shared_kv.memcpy(_iov(dst, rng.integers(0, n, 6)), _iov(src, rng.integers(0, n, 9)),
-                         threads=threads, split_min=split_min)
+        cuts = [0, *sorted(int(c) for c in rng.integers(0, n, 7)), n]
+        pieces = [(a, b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
+        rng.shuffle(pieces)  # any order, any cut
+        table = np.array([(dst.ctypes.data + a, src.ctypes.data + a, k) for a, k in pieces],
+                         dtype=np.int64)
+        shared_kv.copy_table(table, threads=threads, split_min=split_min)
         assert np.array_equal(src, dst)
 
 
-def test_address_space_translates_inside_regions_only() -> None:
-    space = shared_kv.AddressSpace([(1000, 100, 50_000), (5000, 10, 90_000)])
-    got = space.translate(np.array([[1000, 100], [1050, 10], [5002, 8]], dtype=np.int64))
-    assert got.tolist() == [[50_000, 100], [50_050, 10], [90_002, 8]]
-    assert space.translate(np.array([[999, 2]], dtype=np.int64)) is None  # starts before
-    assert space.translate(np.array([[1090, 11]], dtype=np.int64)) is None  # runs past the end
-    assert space.translate(np.array([[2000, 1]], dtype=np.int64)) is None  # between regions
+def test_copy_blocks_from_a_mapping_and_only_inside_it() -> None:
+    """The peer's KV is "mapped" here at another address, all but its first and last page (as
+    ``share`` leaves them): blocks inside copy exactly; a block touching an edge is refused."""
+    nb = 16
+    src = torch.randn(3, 2, nb, 3, 16, 64).to(torch.bfloat16)  # 6 KiB per row and block
+    dst = torch.zeros_like(src)
+    ours = BlockLayout({f"l{i}": dst[i] for i in range(3)}, nb)
+    theirs = 0x7000_0000_0000  # the peer's address of its buffer (not mapped here)
+    page = mmap.PAGESIZE
+    here = src.data_ptr()
+    memory = shared_kv.PeerMemory([(theirs + page, src.nbytes - 2 * page, here + page)],
+                                  np.zeros(nb, dtype=np.uint64), [])
+    row = src[0, 0, 0].nbytes
+    bases = [theirs + i * src[0].nbytes for i in range(3)]
+    assert memory.copy_blocks(ours, bases, [3, 4, 9, 1], [7, 8, 0, 15])
+    for s_id, d_id in [(3, 7), (4, 8), (9, 0), (1, 15)]:
+        assert torch.equal(dst[:, :, d_id].view(torch.int16), src[:, :, s_id].view(torch.int16))
+    assert dst[:, :, [2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14]].view(torch.int16).eq(0).all()
+    assert row > page  # so block 0 (first page) and the last block (last page) lie outside
+    assert not memory.copy_blocks(ours, bases, [0], [5])
+    assert not memory.copy_blocks(ours, bases, [2, nb - 1], [5, 6])
+    with pytest.raises(LayoutError, match="out of range"):
+        memory.copy_blocks(ours, bases, [2], [nb])
 
 
 def test_share_rebacks_the_kv_buffer_in_place() -> None:

@@ -126,59 +126,36 @@ def shared_array(count: int, dtype) -> tuple[np.ndarray, int] | None:
     return np.frombuffer(buf, dtype=dtype, count=count), fd
 
 
-class AddressSpace:
-    """Where memory known by address can be reached from here: our own KV buffers (as they
-    are), or a peer's shared buffers (at the address we mapped them)."""
+class _Rows:
+    """Where each KV row's block 0 is (row: one plane at one lead index, e.g. the K half of a
+    layer), here and in our mapping of a peer's KV, and which of the peer's blocks the mapping
+    holds in every row: a pull becomes one address computation and a memcpy per row and run."""
 
-    def __init__(self, regions: Sequence[tuple[int, int, int]]) -> None:
-        """``regions``: (their address, length, our address)."""
-        table = np.array(sorted(regions), dtype=np.int64).reshape(-1, 3)
-        self._start, self._len, self._here = table[:, 0], table[:, 1], table[:, 2]
+    def __init__(self, local: np.ndarray, mapped: np.ndarray, inner: np.ndarray, lo: int,
+                 hi: int) -> None:
+        self.local, self.mapped, self.inner, self.lo, self.hi = local, mapped, inner, lo, hi
 
     @classmethod
-    def of_layout(cls, layout: BlockLayout) -> AddressSpace:
-        return cls([(addr, n, addr) for addr, n in _buffers(layout).items()])
-
-    def translate(self, iov: np.ndarray) -> np.ndarray | None:
-        """``iov``'s addresses as reachable from here; None if an entry is not inside a region."""
-        if len(iov) == 0:
-            return iov
-        i = np.searchsorted(self._start, iov[:, 0], side="right") - 1
+    def build(cls, regions: np.ndarray, layout: BlockLayout, bases: Sequence[int]) -> _Rows | None:
+        """``regions``: [n, 3] rows of (peer address, length, address here), sorted."""
+        ours, theirs = layout.row_starts(), layout.row_starts(bases)
+        if ours is None or theirs is None:
+            return None
+        (local, inner), (remote, _) = ours, theirs
+        nb = layout.num_blocks
+        # the region holding each row's middle; a row cut by a region edge loses its outer blocks
+        i = np.searchsorted(regions[:, 0], remote + inner * nb // 2, side="right") - 1
         if (i < 0).any():
             return None
-        off = iov[:, 0] - self._start[i]
-        if (off + iov[:, 1] > self._len[i]).any():
-            return None
-        out = iov.copy()
-        out[:, 0] = self._here[i] + off
-        return out
+        start, length, here = regions[i, 0], regions[i, 1], regions[i, 2]
+        lo = np.maximum(-((remote - start) // inner), 0)  # ceil((start - remote) / inner)
+        hi = np.minimum((start + length - remote) // inner, nb)
+        return cls(local, here + (remote - start), inner, int(lo.max()), int(hi.min()))
 
 
-def pieces(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
-    """Cut two iovec arrays covering the same bytes at the union of their boundaries:
-    ``[n, 3]`` rows of (destination address, source address, length)."""
-    d_end, s_end = np.cumsum(dst[:, 1]), np.cumsum(src[:, 1])
-    ends = np.union1d(d_end, s_end)
-    starts = np.concatenate(([0], ends[:-1]))
-    di = np.searchsorted(d_end, starts, side="right")
-    si = np.searchsorted(s_end, starts, side="right")
-    out = np.empty((len(ends), 3), dtype=np.int64)
-    out[:, 0] = dst[di, 0] + starts - (d_end[di] - dst[di, 1])
-    out[:, 1] = src[si, 0] + starts - (s_end[si] - src[si, 1])
-    out[:, 2] = ends - starts
-    return out
-
-
-def _memcpy_all(table: list[list[int]]) -> None:
-    move = ctypes.memmove  # a C call without the GIL, ~0.3 us each
-    for dst, src, n in table:
-        move(dst, src, n)
-
-
-def memcpy(dst: np.ndarray, src: np.ndarray, threads: int = 1, split_min: int = SPLIT_MIN) -> None:
-    """Copy ``src`` to ``dst`` (iovec arrays of the same total size, both reachable here),
-    split over ``threads`` from ``split_min`` bytes on."""
-    table = pieces(dst, src)
+def copy_table(table: np.ndarray, threads: int = 1, split_min: int = SPLIT_MIN) -> None:
+    """Run the ``[n, 3]`` (destination, source, length) copies, split over ``threads`` from
+    ``split_min`` bytes on."""
     total = int(table[:, 2].sum())
     parts = max(1, min(threads, total // max(split_min // 2, 1), len(table)))
     if parts == 1:
@@ -189,11 +166,20 @@ def memcpy(dst: np.ndarray, src: np.ndarray, threads: int = 1, split_min: int = 
     run_parts([(_memcpy_all, (c,)) for c in chunks])
 
 
+def _memcpy_all(table: list[list[int]]) -> None:
+    move = ctypes.memmove  # a C call without the GIL, ~0.3 us each
+    for dst, src, n in table:
+        move(dst, src, n)
+
+
 class PeerMemory:
     """Decode side: a prefill worker's shared KV buffers and lease board, mapped read-only."""
 
-    def __init__(self, space: AddressSpace, board: np.ndarray, maps: list[mmap.mmap]) -> None:
-        self.space, self.board, self._maps = space, board, maps
+    def __init__(self, regions: Sequence[tuple[int, int, int]], board: np.ndarray,
+                 maps: list[mmap.mmap]) -> None:
+        self.board, self._maps = board, maps
+        self._regions = np.array(sorted(regions), dtype=np.int64).reshape(-1, 3)
+        self._rows: tuple[tuple[int, tuple[int, ...]], _Rows | None] | None = None
 
     @classmethod
     def open(cls, pid: int, regions: Sequence[Sequence[int]], board_fd: int,
@@ -211,16 +197,31 @@ class PeerMemory:
             log.info("cannot map the KV cache of prefill worker pid %d (%s); reading it with "
                      "process_vm_readv", pid, exc)
             return None
-        return cls(AddressSpace(mapped), board, maps)
+        return cls(mapped, board, maps)
 
-    def copy(self, local: AddressSpace, local_iov: np.ndarray, remote_iov: np.ndarray,
-             threads: int = 1) -> bool:
-        """Copy the peer's ``remote_iov`` bytes into our ``local_iov``; False if some bytes lie
-        outside the shared buffers (the caller reads those blocks with process_vm_readv)."""
-        src, dst = self.space.translate(remote_iov), local.translate(local_iov)
-        if src is None or dst is None:
+    def _rows_for(self, layout: BlockLayout, bases: Sequence[int]) -> _Rows | None:
+        key = (id(layout), tuple(bases))
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, _Rows.build(self._regions, layout, bases))
+        return self._rows[1]
+
+    def copy_blocks(self, layout: BlockLayout, bases: Sequence[int], remote_ids: Sequence[int],
+                    local_ids: Sequence[int], threads: int = 1) -> bool:
+        """Copy the peer's blocks ``remote_ids`` (its planes at ``bases``) into our blocks
+        ``local_ids``; False if some of them lie outside the shared buffers (the caller reads
+        those with process_vm_readv)."""
+        rows = self._rows_for(layout, bases)
+        if rows is None:
             return False
-        memcpy(dst, src, threads=threads)
+        runs = layout.paired_runs(remote_ids, local_ids)
+        if any(a < rows.lo or a + k > rows.hi for a, _b, k in runs):
+            return False
+        r = np.array(runs, dtype=np.int64)
+        table = np.empty((len(rows.inner), len(r), 3), dtype=np.int64)
+        table[:, :, 0] = rows.local[:, None] + r[None, :, 1] * rows.inner[:, None]
+        table[:, :, 1] = rows.mapped[:, None] + r[None, :, 0] * rows.inner[:, None]
+        table[:, :, 2] = r[None, :, 2] * rows.inner[:, None]
+        copy_table(table.reshape(-1, 3), threads=threads)
         return True
 
 

@@ -51,7 +51,7 @@ from pdserve.kv.lease_board import TAG_BYTES, tag_of
 from pdserve.kv.leases import LeaseTable
 from pdserve.kv.transports import cma, shared_kv
 from pdserve.kv.transports.base import Outgoing, RetryWithoutHints, Transfer, Transport, size_class
-from pdserve.kv.transports.shared_kv import AddressSpace, PeerMemory
+from pdserve.kv.transports.shared_kv import PeerMemory
 
 _SHM_DIR = "/dev/shm"
 
@@ -219,7 +219,6 @@ class ShmTransport(Transport):
         self._leases: LeaseTable | None = None  # prefill side
         self._peers: dict[tuple[str, int], _Peer] = {}  # decode side: readable without asking
         self._shared: list[list[int]] = []  # prefill side: KV buffers offered for mapping
-        self._local: AddressSpace | None = None  # decode side: our KV buffers by address
         self._swept = 0.0
 
     def attach(self, leases: LeaseTable, host: str, allowed_peers: Sequence[str] = ()) -> None:
@@ -334,12 +333,12 @@ class ShmTransport(Transport):
         try:
             if not peer.holds(remote_block_ids, remote_req_id):
                 return None  # lease not granted yet (or gone): the pull waits for it / says so
-            local, remote = layout.iov(block_ids), layout.iov(remote_block_ids, bases=peer.bases)
-            if local is None or remote is None:
-                return None
             threads = torch.get_num_threads()
-            if peer.memory is None or not peer.memory.copy(self._local_space(layout), local,
-                                                           remote, threads=threads):
+            if peer.memory is None or not peer.memory.copy_blocks(
+                    layout, peer.bases, remote_block_ids, block_ids, threads=threads):
+                local, remote = layout.iov(block_ids), layout.iov(remote_block_ids, bases=peer.bases)
+                if local is None or remote is None:
+                    return None
                 cma.read(peer.pid, local, remote, threads=threads)
             if not peer.holds(remote_block_ids, remote_req_id):
                 return None  # the lease ended during the copy: the pull re-copies or refuses
@@ -348,11 +347,6 @@ class ShmTransport(Transport):
             peer.close()
             return None
         return layout.nbytes(len(block_ids))
-
-    def _local_space(self, layout: BlockLayout) -> AddressSpace:
-        if self._local is None:
-            self._local = AddressSpace.of_layout(layout)
-        return self._local
 
     def _segment(self, name: str) -> _Mapping:
         with self._attach_lock:
