@@ -4,8 +4,10 @@
 A "prefill" process (spawned) holds the demo model's KV tensors and serves them through a real
 ``SideChannelServer``; this process is the "decode" side and pulls blocks with a real
 ``Puller``, set up as the connector sets them up (the prefill KV shared with same-host decode
-workers, the lease board, the tcp stream). A pull is timed whole: after the first pull from a
-peer, ``shm`` copies without a round trip; ``tcp`` does pull request, reply and the stream. For
+workers, the lease board, the tcp stream). A pull is timed until its blocks are in place (what
+the decode engine waits for; the ``done`` confirmation to the prefill side follows): after the
+first pull from a peer, ``shm`` copies without a round trip; ``tcp`` does pull request, reply
+and the stream. For
 the same byte counts, in the same run and interleaved with the transports, it also measures
   memcpy   torch ``copy_`` of a flat buffer of that size in this process, with torch's thread
            count (``torch.get_num_threads()``, printed; what ``shm`` is compared to).
@@ -188,9 +190,10 @@ class Bench:
         self.conn.send(("lease", req_id, remote))
         assert self.conn.recv() == "ok"
         task = PullTask(req_id, req_id, HOST, self.port, remote, local, name)
+        copied: list[float] = []
         t0 = time.perf_counter()
-        self.puller.pull(task)
-        took = time.perf_counter() - t0
+        self.puller.pull(task, on_copied=lambda _x: copied.append(time.perf_counter()))
+        took = copied[0] - t0
         if check:
             self.conn.send(("blocks", remote))
             expected = self.conn.recv()

@@ -3,15 +3,19 @@
 Runs in a small thread pool next to the engine: a pull never blocks the engine's step loop,
 and it is bounded by ``load_timeout_seconds`` so a dead or slow prefill instance fails the
 request (or makes it recompute) instead of hanging it. After copying, the decode side confirms
-with ``done`` so the prefill side frees the blocks at once instead of at lease expiry.
+with ``done`` so the prefill side frees the blocks at once instead of at lease expiry. The
+caller learns that the blocks are in place (``on_copied``) before that message goes out: the
+confirmation is off the request's path.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -50,6 +54,12 @@ class Puller:
         self.torch_dist_port_offset = torch_dist_port_offset
         self._ctx = zmq.Context.instance()
         self._local = threading.local()
+        # transfer ids: unique across decode workers (random prefix), cheap per pull (counter)
+        self._id_prefix = os.urandom(8).hex()
+        self._seq = itertools.count()
+
+    def _xfer_id(self) -> str:
+        return f"{self._id_prefix}{next(self._seq):x}"
 
     def _socket(self, host: str, port: int) -> zmq.Socket:
         """One DEALER per (thread, peer), reused: no reconnect per pull."""
@@ -73,10 +83,12 @@ class Puller:
         if sock is not None:
             sock.close(linger=0)
 
-    def pull(self, task: PullTask) -> Transfer:
-        """Copy the blocks; raise :class:`PullError` on failure or timeout."""
+    def pull(self, task: PullTask,
+             on_copied: Callable[[Transfer], None] | None = None) -> Transfer:
+        """Copy the blocks; raise :class:`PullError` on failure or timeout. ``on_copied`` is
+        called once they are in place, before the confirmation is sent."""
         port = task.remote_port + self.tp_rank
-        xfer = Transfer(uuid.uuid4().hex, task.req_id, len(task.local_block_ids),
+        xfer = Transfer(self._xfer_id(), task.req_id, len(task.local_block_ids),
                         peer=f"{self.engine_id}/{self.tp_rank}")
         transport = self.transports[task.transport]
         sock = self._socket(task.remote_host, port)
@@ -114,7 +126,7 @@ class Puller:
                     log.info("KV pull from %s:%d: %s; pulling again without %s",
                              task.remote_host, port, exc, sorted(hints))
                     hints = {}
-                    xfer.xfer_id = uuid.uuid4().hex  # a late first reply must not be taken
+                    xfer.xfer_id = self._xfer_id()  # a late first reply must not be taken
                     continue
                 break
             xfer.nbytes = reply.nbytes
@@ -129,11 +141,15 @@ class Puller:
             self._drop_socket(task.remote_host, port)
             raise PullError(f"KV pull from {task.remote_host}:{port} failed: {exc}") from exc
         finally:
-            try:  # confirm either way: the prefill side frees the blocks now, not at expiry
-                self._socket(task.remote_host, port).send(
-                    m.encode(m.Done(xfer.xfer_id, task.remote_req_id, ok)), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            try:
+                if ok and on_copied is not None:
+                    on_copied(xfer)
+            finally:  # confirm either way: the prefill side frees the blocks now, not at expiry
+                try:
+                    self._socket(task.remote_host, port).send(
+                        m.encode(m.Done(xfer.xfer_id, task.remote_req_id, ok)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
 
     def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask):
         while True:

@@ -98,23 +98,27 @@ class WorkerSide:
                 self.puller.release(task.remote_host, task.remote_port, task.remote_req_id,
                                     "incompatible")  # type: ignore[union-attr]
                 raise PullError(load.error)
-            xfer = self.puller.pull(task)  # type: ignore[union-attr]
+            self.puller.pull(  # type: ignore[union-attr]
+                task, on_copied=lambda xfer: self._loaded(task.req_id, xfer, t0))
         except Exception as exc:
             log.error("request %s: KV load failed: %s", task.req_id, exc)
             self._count("pull_failures")
             with self._lock:
                 self._recv_failed.add(task.req_id)
                 self._recv_done.add(task.req_id)
-            return
+
+    def _loaded(self, req_id: str, xfer, t0: float) -> None:
+        """The blocks are in place: the engine may schedule the request (the confirmation to
+        the prefill side follows)."""
         took = time.monotonic() - t0
-        log.debug("request %s: pulled %d blocks (%d bytes) via %s in %.1f ms", task.req_id,
-                  xfer.n_blocks, xfer.nbytes, task.transport, took * 1e3)
+        log.debug("request %s: pulled %d blocks (%d bytes) in %.1f ms", req_id, xfer.n_blocks,
+                  xfer.nbytes, took * 1e3)
         with self._lock:
             self.stats.add("pulls")
             self.stats.add("direct_pulls", int(xfer.direct))
             self.stats.add("pull_bytes", xfer.nbytes)
             self.stats.add("pull_seconds", took)
-            self._recv_done.add(task.req_id)
+            self._recv_done.add(req_id)
 
     def get_transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving) since the last call."""

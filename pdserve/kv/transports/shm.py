@@ -177,9 +177,9 @@ class _Peer:
             return False
         return bool(select.select([self.pidfd], [], [], 0)[0])
 
-    def holds(self, block_ids: Sequence[int], req_id: str) -> bool:
-        """Do all ``block_ids`` carry ``req_id``'s tag on the peer's lease board?"""
-        tag = np.uint64(tag_of(req_id))
+    def holds(self, block_ids: Sequence[int], tag: int) -> bool:
+        """Do all ``block_ids`` carry this tag (``tag_of(req_id)``) on the peer's lease board?"""
+        tag = np.uint64(tag)
         if self.memory is not None:
             return bool(np.all(self.memory.board[np.asarray(block_ids, dtype=np.int64)] == tag))
         runs: list[tuple[int, int]] = []  # (address, length) per run of consecutive block ids
@@ -330,8 +330,9 @@ class ShmTransport(Transport):
         peer = self._peers.get(xfer.remote) if xfer.remote is not None else None
         if peer is None or not self.direct or not block_ids:
             return None
+        tag = tag_of(remote_req_id)
         try:
-            if not peer.holds(remote_block_ids, remote_req_id):
+            if not peer.holds(remote_block_ids, tag):
                 return None  # lease not granted yet (or gone): the pull waits for it / says so
             threads = torch.get_num_threads()
             if peer.memory is None or not peer.memory.copy_blocks(
@@ -340,7 +341,7 @@ class ShmTransport(Transport):
                 if local is None or remote is None:
                     return None
                 cma.read(peer.pid, local, remote, threads=threads)
-            if not peer.holds(remote_block_ids, remote_req_id):
+            if not peer.holds(remote_block_ids, tag):
                 return None  # the lease ended during the copy: the pull re-copies or refuses
         except OSError:  # the peer is gone or moved: learn it again from the next pull
             self._peers.pop(xfer.remote, None)
