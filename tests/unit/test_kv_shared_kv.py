@@ -27,8 +27,7 @@ def test_copy_table_is_exact(threads: int, split_min: int) -> None:
         cuts = [0, *sorted(int(c) for c in rng.integers(0, n, 7)), n]
         pieces = [(a, b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
         rng.shuffle(pieces)  # any order, any cut
-        table = np.array([(dst.ctypes.data + a, src.ctypes.data + a, k) for a, k in pieces],
-                         dtype=np.int64)
+        table = [(dst.ctypes.data + a, src.ctypes.data + a, k) for a, k in pieces]
         shared_kv.copy_table(table, threads=threads, split_min=split_min)
         assert np.array_equal(src, dst)
 

@@ -129,11 +129,12 @@ def shared_array(count: int, dtype) -> tuple[np.ndarray, int] | None:
 class _Rows:
     """Where each KV row's block 0 is (row: one plane at one lead index, e.g. the K half of a
     layer), here and in our mapping of a peer's KV, and which of the peer's blocks the mapping
-    holds in every row: a pull becomes one address computation and a memcpy per row and run."""
+    holds in every row: a pull becomes a memcpy per row and run, with plain int arithmetic
+    (a pull of a few blocks is dominated by fixed costs; numpy's per-call overhead was most of
+    them)."""
 
-    def __init__(self, local: np.ndarray, mapped: np.ndarray, inner: np.ndarray, lo: int,
-                 hi: int) -> None:
-        self.local, self.mapped, self.inner, self.lo, self.hi = local, mapped, inner, lo, hi
+    def __init__(self, rows: list[tuple[int, int, int]], lo: int, hi: int) -> None:
+        self.rows, self.lo, self.hi = rows, lo, hi  # rows: (address here, mapped address, bytes per block)
 
     @classmethod
     def build(cls, regions: np.ndarray, layout: BlockLayout, bases: Sequence[int]) -> _Rows | None:
@@ -150,23 +151,36 @@ class _Rows:
         start, length, here = regions[i, 0], regions[i, 1], regions[i, 2]
         lo = np.maximum(-((remote - start) // inner), 0)  # ceil((start - remote) / inner)
         hi = np.minimum((start + length - remote) // inner, nb)
-        return cls(local, here + (remote - start), inner, int(lo.max()), int(hi.min()))
+        rows = np.stack([local, here + (remote - start), inner], axis=1).tolist()
+        return cls([tuple(r) for r in rows], int(lo.max()), int(hi.min()))
+
+    def table(self, runs: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]] | None:
+        """(destination, source, length) per row and run of (peer block, our block, count);
+        None if a peer block lies outside the mapping."""
+        for a, _b, k in runs:
+            if a < self.lo or a + k > self.hi:
+                return None
+        return [(here + b * inner, mapped + a * inner, k * inner)
+                for here, mapped, inner in self.rows for a, b, k in runs]
 
 
-def copy_table(table: np.ndarray, threads: int = 1, split_min: int = SPLIT_MIN) -> None:
-    """Run the ``[n, 3]`` (destination, source, length) copies, split over ``threads`` from
-    ``split_min`` bytes on."""
-    total = int(table[:, 2].sum())
+def copy_table(table: Sequence[Sequence[int]], threads: int = 1, split_min: int = SPLIT_MIN) -> None:
+    """Run the (destination, source, length) copies, split over ``threads`` from ``split_min``
+    bytes on."""
+    total = sum(n for _d, _s, n in table)
     parts = max(1, min(threads, total // max(split_min // 2, 1), len(table)))
     if parts == 1:
-        _memcpy_all(table.tolist())
+        _memcpy_all(table)
         return
-    bounds = np.searchsorted(np.cumsum(table[:, 2]), [total * k // parts for k in range(1, parts)])
-    chunks = [c.tolist() for c in np.split(table, bounds + 1) if len(c)]
-    run_parts([(_memcpy_all, (c,)) for c in chunks])
+    chunks: list[list] = [[] for _ in range(parts)]
+    done = 0
+    for row in table:  # contiguous shares of about total/parts bytes each
+        chunks[min(parts - 1, done * parts // total)].append(row)
+        done += row[2]
+    run_parts([(_memcpy_all, (c,)) for c in chunks if c])
 
 
-def _memcpy_all(table: list[list[int]]) -> None:
+def _memcpy_all(table: Sequence[Sequence[int]]) -> None:
     move = ctypes.memmove  # a C call without the GIL, ~0.3 us each
     for dst, src, n in table:
         move(dst, src, n)
@@ -178,6 +192,7 @@ class PeerMemory:
     def __init__(self, regions: Sequence[tuple[int, int, int]], board: np.ndarray,
                  maps: list[mmap.mmap]) -> None:
         self.board, self._maps = board, maps
+        self.words = memoryview(board).cast("B").cast("Q")  # the board, for per-id reads
         self._regions = np.array(sorted(regions), dtype=np.int64).reshape(-1, 3)
         self._rows: tuple[tuple[int, tuple[int, ...]], _Rows | None] | None = None
 
@@ -211,17 +226,10 @@ class PeerMemory:
         ``local_ids``; False if some of them lie outside the shared buffers (the caller reads
         those with process_vm_readv)."""
         rows = self._rows_for(layout, bases)
-        if rows is None:
+        table = None if rows is None else rows.table(layout.paired_runs(remote_ids, local_ids))
+        if table is None:
             return False
-        runs = layout.paired_runs(remote_ids, local_ids)
-        if any(a < rows.lo or a + k > rows.hi for a, _b, k in runs):
-            return False
-        r = np.array(runs, dtype=np.int64)
-        table = np.empty((len(rows.inner), len(r), 3), dtype=np.int64)
-        table[:, :, 0] = rows.local[:, None] + r[None, :, 1] * rows.inner[:, None]
-        table[:, :, 1] = rows.mapped[:, None] + r[None, :, 0] * rows.inner[:, None]
-        table[:, :, 2] = r[None, :, 2] * rows.inner[:, None]
-        copy_table(table.reshape(-1, 3), threads=threads)
+        copy_table(table, threads=threads)
         return True
 
 

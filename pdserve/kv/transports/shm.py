@@ -179,9 +179,9 @@ class _Peer:
 
     def holds(self, block_ids: Sequence[int], tag: int) -> bool:
         """Do all ``block_ids`` carry this tag (``tag_of(req_id)``) on the peer's lease board?"""
-        tag = np.uint64(tag)
-        if self.memory is not None:
-            return bool(np.all(self.memory.board[np.asarray(block_ids, dtype=np.int64)] == tag))
+        if self.memory is not None:  # plain ints: a few ids, where numpy's overhead dominates
+            words = self.memory.words
+            return all(words[b] == tag for b in block_ids)
         runs: list[tuple[int, int]] = []  # (address, length) per run of consecutive block ids
         prev = None
         for b in block_ids:
@@ -192,7 +192,7 @@ class _Peer:
             prev = b
         got = np.zeros(len(block_ids), dtype=np.uint64)
         cma.read(self.pid, [(int(got.ctypes.data), got.nbytes)], runs)
-        return bool(np.all(got == tag))
+        return bool(np.all(got == np.uint64(tag)))
 
     def close(self) -> None:
         if self.pidfd is not None:
