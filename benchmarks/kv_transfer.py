@@ -240,6 +240,7 @@ def main() -> int:
     transports = [t for t in args.transports.split(",") if t]
     reps = max(3, args.reps)
 
+    import numpy as np
     import torch
 
     if args.shm_readv:  # read by the spawned prefill process when it registers its KV
@@ -251,12 +252,12 @@ def main() -> int:
                 "direct process_vm_readv" if args.shm_readv else "shared mapping, memcpy")
     tcp_mode = "ZMQ frames" if args.tcp_frames else "TCP stream, sendmsg -> recvmsg_into"
     methods = ["memcpy", "zmq", *transports]
-    # Cold: before each timed operation, write a buffer twice the last-level cache (with torch's
-    # threads, so both cores' caches too), as a prefill forward pass streaming the weights does
-    # before a real pull. Warm: back to back, each method after the previous one (what a method
+    # Cold: before each timed operation, write a buffer twice the last-level cache, as a prefill
+    # forward pass streaming the weights does before a real pull (numpy, one thread: an OpenMP
+    # team would go on spinning on the other core into the timed operation). Warm: back to back, each method after the previous one (what a method
     # left in the caches and TLBs then favours or hurts the next; measured 232 vs 576 us for
     # one shm pull after another pull or after a zmq receive).
-    evict = torch.zeros(args.evict_mb << 20, dtype=torch.uint8) if args.cache == "cold" else None
+    evict = np.zeros(args.evict_mb << 20, dtype=np.uint8) if args.cache == "cold" else None
     rows: list[dict[str, Any]] = []
     try:
         for name in transports:  # pair up / attach / verify once, outside the timings
@@ -267,7 +268,7 @@ def main() -> int:
 
             def once(method: str) -> float:
                 if evict is not None:  # every method starts from the same (cold) caches
-                    evict.add_(1)
+                    np.add(evict, 1, out=evict)
                 if method == "memcpy":
                     return bench.run_memcpy(n)
                 if method == "zmq":
