@@ -298,3 +298,29 @@ def test_tcp_falls_back_to_zmq_frames_when_the_stream_is_unreachable(prefill: Pr
     puller.pull(PullTask("d-again", "stream-again", HOST, prefill.port, [4, 5], [17, 18], "tcp"))
     _expect(prefill, kv, [4, 5], [17, 18])
     assert streamed
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_blocks_are_reported_in_place_before_the_confirmation(prefill: Prefill, decode, transport,
+                                                               monkeypatch) -> None:
+    """The engine learns that the blocks are loaded (``on_copied``, with the bytes already in
+    place) before ``done`` goes to the prefill side, which then frees the lease."""
+    from pdserve.kv import puller as puller_module
+
+    kv, puller = decode
+    events: list[str] = []
+    real_encode = puller_module.m.encode
+    monkeypatch.setattr(puller_module.m, "encode",
+                        lambda msg: events.append(type(msg).__name__) or real_encode(msg))
+    req = f"order-{transport}"
+    prefill.lease(req, [14, 15])
+
+    def copied(xfer) -> None:
+        _expect(prefill, kv, [14, 15], [16, 17])  # already in place when reported
+        events.append("copied")
+
+    xfer = puller.pull(PullTask(f"d-{req}", req, HOST, prefill.port, [14, 15], [16, 17],
+                                transport), on_copied=copied)
+    assert xfer.nbytes == puller.layout.nbytes(2)
+    assert events[-2:] == ["copied", "Done"]
+    _confirmed(prefill, req)
