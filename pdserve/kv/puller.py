@@ -107,11 +107,17 @@ class Puller:
                 req = m.PullRequest(xfer.xfer_id, task.remote_req_id, task.remote_block_ids,
                                     task.transport, self.layout.fingerprint, self.tp_rank,
                                     self.engine_id, hints=hints)
+                xfer.hints = hints
                 sock.send(m.encode(req))
                 xfer.mark(TransferState.RECEIVING)
                 transport.before_reply(xfer, self.layout,
                                        (task.remote_host, port + self.torch_dist_port_offset))
-                frames = self._await_reply(sock, xfer.xfer_id, deadline, task)
+                frames = self._await_reply(sock, xfer.xfer_id, deadline, task,
+                                           transport.payload_fd(xfer))
+                if frames is None:  # the payload came first (the reply follows, dropped as stale)
+                    transport.receive(xfer, self.layout, task.local_block_ids, {"early": True}, [])
+                    xfer.nbytes = self.layout.nbytes(len(task.local_block_ids))
+                    break
                 reply = m.decode(frames[0].buffer)
                 assert isinstance(reply, m.PullReply)
                 if not reply.ok:
@@ -128,8 +134,8 @@ class Puller:
                     hints = {}
                     xfer.xfer_id = self._xfer_id()  # a late first reply must not be taken
                     continue
+                xfer.nbytes = reply.nbytes
                 break
-            xfer.nbytes = reply.nbytes
             ok = True
             xfer.mark(TransferState.DONE)
             return xfer
@@ -151,10 +157,19 @@ class Puller:
                 except zmq.ZMQError:
                     pass
 
-    def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask):
+    def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask,
+                     payload_fd: int | None = None):
+        """The reply's frames; None if ``payload_fd`` turned readable first."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if payload_fd is not None:
+            poller.register(payload_fd, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000)):
+            events = dict(poller.poll(int(left * 1000))) if left > 0 else {}
+            if payload_fd is not None and payload_fd in events and sock not in events:
+                return None
+            if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
                 raise PullError(
                     f"KV pull of request {task.remote_req_id} from "

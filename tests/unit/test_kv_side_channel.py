@@ -349,3 +349,48 @@ def test_allowed_peers_admit_listed_addresses() -> None:
         p.assert_copied([1, 2], [7, 8])
     finally:
         p.close()
+
+
+def test_payload_ahead_of_the_reply_is_read_at_once() -> None:
+    """A transport whose payload arrives before the side-channel reply (the headed tcp stream)
+    is read without waiting for that reply; the request and then ``done`` still go out."""
+    import os
+
+    from pdserve.kv.transports.base import Outgoing, Transport
+
+    ctx = zmq.Context.instance()
+    prefill = ctx.socket(zmq.ROUTER)  # takes requests, never replies
+    port = prefill.bind_to_random_port(f"tcp://{HOST}")
+    ready_r, ready_w = os.pipe()
+    os.write(ready_w, b"x")  # the payload is there already
+    received: list[dict] = []
+
+    class Early(Transport):
+        name = "early"
+
+        def send(self, xfer, layout, block_ids) -> Outgoing:  # pragma: no cover - decode only
+            raise AssertionError
+
+        def payload_fd(self, xfer):
+            return ready_r
+
+        def receive(self, xfer, layout, block_ids, extra, frames) -> None:
+            received.append(extra)
+
+    layout = BlockLayout({"l": torch.zeros(2, 4, 16)}, 4)
+    puller = Puller(layout, {"early": Early()}, 0, "decode", timeout=5)
+    copied = []
+    try:
+        xfer = puller.pull(PullTask("d-1", "r-1", HOST, port, [0], [1], "early"),
+                           on_copied=copied.append)
+        assert received == [{"early": True}] and copied == [xfer]
+        assert xfer.nbytes == layout.nbytes(1)
+        kinds = []
+        for _ in range(2):
+            assert prefill.poll(5000)
+            kinds.append(type(m.decode(prefill.recv_multipart()[1])).__name__)
+        assert kinds == ["PullRequest", "Done"]
+    finally:
+        prefill.close(linger=0)
+        os.close(ready_r)
+        os.close(ready_w)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer
+from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer, header
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +115,25 @@ def test_a_payload_never_sent_does_not_hold_its_blocks() -> None:
     xfer.handle = _PendingSend(b"t" * 16, [np.ones(4, dtype=np.uint8)], tracker)
     tcp.finish(xfer)
     assert tracker.done and xfer.handle is None
+
+
+def test_headed_payload_is_checked_and_a_wrong_header_drops_the_connection(
+        server: StreamServer) -> None:
+    """With a header, the reader checks transfer id and size before the payload; a header for
+    another transfer means the stream is out of step: the receive fails and the connection is
+    not reused."""
+    src = np.arange(5000, dtype=np.uint8)
+    client = StreamClient()
+    addr = (HOST, server.port)
+    token = client.token(addr)
+    assert _wait(lambda: server.has(token))
+    assert client.fileno(addr) is not None
+    dst = np.zeros_like(src)
+    server.send(token, [src], SendDone(), header("xfer-1", src.nbytes))
+    client.receive(addr, [dst], timeout=5, expect=("xfer-1", src.nbytes))
+    assert np.array_equal(src, dst)
+
+    server.send(token, [src], SendDone(), header("xfer-2", src.nbytes))
+    with pytest.raises(ConnectionError, match="out of step"):
+        client.receive(addr, [dst], timeout=5, expect=("xfer-3", src.nbytes))
+    assert client.fileno(addr) is None  # dropped: the next pull opens a new connection

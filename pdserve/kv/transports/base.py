@@ -41,7 +41,7 @@ class Transfer:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     handle: Any = None  # transport-private resources held until finish()
-    hints: dict[str, Any] = field(default_factory=dict)  # prefill: the pull request's hints
+    hints: dict[str, Any] = field(default_factory=dict)  # the pull request's hints (both sides)
     expires_at: float | None = None  # prefill: the lease's end (time.time() based)
     remote: tuple[str, int] | None = None  # decode: the side-channel address pulled from
     direct: bool = False  # decode: copied without a round trip (Transport.pull_direct)
@@ -96,6 +96,12 @@ class Transport(ABC):
 
     def finish(self, xfer: Transfer) -> None:
         """Prefill side: the puller confirmed (or the lease ended): drop held resources."""
+
+    def payload_fd(self, xfer: Transfer) -> int | None:
+        """Decode side: a file descriptor that turns readable when the payload arrives ahead of
+        the reply (``receive`` is then called with ``extra={"early": True}`` and no frames; the
+        reply follows and is dropped as stale)."""
+        return None
 
     def before_reply(self, xfer: Transfer, layout: BlockLayout, store_addr: tuple[str, int]) -> None:
         """Decode side: the pull went out; prepare to receive (torch_dist pairs up here)."""

@@ -8,13 +8,18 @@ the blocks' regions to ``sendmsg`` (gather), the decode side hands its blocks' r
 ZMQ side channel.
 
 The prefill worker listens on an ephemeral port of its side-channel address and names it in its
-``tcp`` replies. A decode pull thread opens one connection per prefill worker, introduces it
+``tcp`` replies (with ``stream_header``: it can put a header before each payload). A decode pull thread opens one connection per prefill worker, introduces it
 with a random token and names the token in its pull hints. The prefill side replies, then
 sends what fits in the socket buffer at once and the rest from a small thread pool; the
 blocks stay held until the send ended. Any
 failure closes the connection (the stream may be out of step); the next pull opens a new one.
 A peer whose stream cannot be reached is pulled through ZMQ frames, as before.
 ``PDSERVE_KV_TCP_STREAM=0`` turns streams off.
+
+With a header (asked for by the decode side once the peer offered it), each payload starts with
+a magic, its byte count and the pull's transfer id. The decode side then waits for whichever
+comes first, the ZMQ reply or the stream, and reads the payload at once: the reply's trip through
+both ZMQ I/O threads is off the pull's path (it arrives later and is dropped as stale).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ log = logging.getLogger("pdserve.kv")
 TOKEN_BYTES = 16
 _ACK = b"\x01"
 IOV_MAX = 1024
+_HEADER = struct.Struct("<4sQH")  # magic, payload bytes, transfer id length (the id follows)
+_MAGIC = b"PDKV"
+
+
+def header(xfer_id: str, nbytes: int) -> bytes:
+    """What precedes a payload on the stream when the decode side asked for it."""
+    ident = xfer_id.encode()
+    return _HEADER.pack(_MAGIC, nbytes, len(ident)) + ident
 
 
 def enabled() -> bool:
@@ -161,8 +174,10 @@ class StreamServer:
         with self._lock:
             return token in self._conns
 
-    def send(self, token: bytes, buffers: Sequence[Any], tracker: SendDone) -> None:
-        """Send a payload; ``tracker.done`` once the kernel took all of it (or it failed).
+    def send(self, token: bytes, buffers: Sequence[Any], tracker: SendDone,
+             head: bytes = b"") -> None:
+        """Send ``head`` and a payload; ``tracker.done`` once the kernel took all of it (or it
+        failed).
 
         What fits in the socket buffer goes at once, from the caller's thread (no thread
         hand-off); the rest from a pool thread, so a slow reader never blocks the side channel.
@@ -173,7 +188,7 @@ class StreamServer:
             tracker.done = True
             return
         try:
-            rest = _push(conn, _views(buffers), socket.MSG_DONTWAIT)
+            rest = _push(conn, _views([head, *buffers]), socket.MSG_DONTWAIT)
         except OSError as exc:
             self._failed(token, conn, exc)
             tracker.done = True
@@ -249,12 +264,29 @@ class StreamClient:
             self._all.add(sock)
         return token
 
-    def receive(self, addr: tuple[str, int], buffers: Sequence[Any], timeout: float) -> None:
+    def fileno(self, addr: tuple[str, int]) -> int | None:
+        """This thread's stream socket to ``addr`` (to wait on it beside the side channel)."""
+        known = self._conns().get(addr)
+        return None if known is None else known[0].fileno()
+
+    def receive(self, addr: tuple[str, int], buffers: Sequence[Any], timeout: float,
+                expect: tuple[str, int] | None = None) -> None:
+        """Read a payload into ``buffers``; with ``expect`` = (transfer id, bytes), its header
+        first (a mismatch means the stream is out of step: it is closed)."""
         known = self._conns().get(addr)
         if known is None:
             raise ConnectionError("no tcp stream to the prefill worker")
+        deadline = time.monotonic() + timeout
         try:
-            recv_all(known[0], buffers, time.monotonic() + timeout)
+            if expect is not None:
+                xfer_id, nbytes = expect
+                head = bytearray(_HEADER.size + len(xfer_id.encode()))
+                recv_all(known[0], [head], deadline)
+                magic, got, id_len = _HEADER.unpack_from(head)
+                if (magic, got, bytes(head[_HEADER.size :])) != (_MAGIC, nbytes, xfer_id.encode()) \
+                        or id_len != len(head) - _HEADER.size:
+                    raise ConnectionError("the tcp stream is out of step (unexpected header)")
+            recv_all(known[0], buffers, deadline)
         except BaseException:
             self.drop(addr)  # out of step now: never reuse it
             raise

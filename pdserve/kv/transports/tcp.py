@@ -29,7 +29,7 @@ import zmq
 
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.transports.base import BufferPool, Outgoing, Transfer, Transport
-from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer
+from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer, header
 from pdserve.kv.transports.stream import enabled as stream_enabled
 
 log = logging.getLogger("pdserve.kv")
@@ -59,6 +59,7 @@ class TcpTransport(Transport):
         self._client = StreamClient()  # decode side
         self._stream_ports: dict[tuple[str, int], int] = {}  # decode: peer → its stream port
         self._no_stream: set[tuple[str, int]] = set()  # decode: peers whose stream is unreachable
+        self._headered: set[tuple[str, int]] = set()  # decode: peers that head their payloads
 
     # prefill side
     def attach(self, leases, host: str, allowed_peers: Sequence[str] = ()) -> None:
@@ -71,7 +72,7 @@ class TcpTransport(Transport):
     def send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
         out = self._send(xfer, layout, block_ids)
         if self._server is not None:  # tells the decode side where to open a stream
-            out.extra["stream_port"] = self._server.port
+            out.extra.update(stream_port=self._server.port, stream_header=True)
         return out
 
     def _send(self, xfer: Transfer, layout: BlockLayout, block_ids: Sequence[int]) -> Outgoing:
@@ -80,7 +81,8 @@ class TcpTransport(Transport):
         token = _token(xfer.hints.get("stream"))
         if regions and token and self._server is not None and self._server.has(token):
             tracker = SendDone()  # the blocks stay held until the payload is sent
-            xfer.handle = _PendingSend(token, regions, tracker)  # sent right after the reply
+            head = header(xfer.xfer_id, nbytes) if xfer.hints.get("stream_header") else b""
+            xfer.handle = _PendingSend(token, regions, tracker, head)  # sent right after the reply
             return Outgoing(extra={"stream": True}, frames=[], nbytes=nbytes, tracker=tracker)
         if regions and nbytes >= self.zero_copy_min_region * len(regions):
             frames = [zmq.Frame(memoryview(r), copy=False, track=True) for r in regions]
@@ -99,7 +101,7 @@ class TcpTransport(Transport):
         held = xfer.handle
         if isinstance(held, _PendingSend) and self._server is not None:
             xfer.handle = None
-            self._server.send(held.token, held.regions, held.tracker)
+            self._server.send(held.token, held.regions, held.tracker, held.head)
 
     def finish(self, xfer: Transfer) -> None:
         held, xfer.handle = xfer.handle, None
@@ -120,29 +122,45 @@ class TcpTransport(Transport):
         if not self.stream or port is None or remote in self._no_stream or layout.bases() is None:
             return {}
         try:
-            return {"stream": self._client.token((remote[0], port)).hex()}
+            hints: dict[str, Any] = {"stream": self._client.token((remote[0], port)).hex()}
         except OSError as exc:
             log.info("KV tcp stream to %s:%d unreachable (%s); using ZMQ frames", remote[0], port,
                      exc)
             self._no_stream.add(remote)
             return {}
+        if remote in self._headered:
+            hints["stream_header"] = True
+        return hints
+
+    def payload_fd(self, xfer: Transfer) -> int | None:
+        """The stream, when the payload will come on it with a header: the puller may read it
+        before the ZMQ reply arrived."""
+        if not xfer.hints.get("stream_header") or xfer.remote is None:
+            return None
+        port = self._stream_ports.get(xfer.remote)
+        return None if port is None else self._client.fileno((xfer.remote[0], port))
 
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames: Sequence[Any]) -> None:
         port = extra.get("stream_port")
         if xfer.remote is not None and isinstance(port, int):
             if self._stream_ports.get(xfer.remote) != port:  # new (or restarted) peer: try it
                 self._no_stream.discard(xfer.remote)
+                self._headered.discard(xfer.remote)
             self._stream_ports[xfer.remote] = port
+            if extra.get("stream_header"):
+                self._headered.add(xfer.remote)
         if layout.nbytes(len(block_ids)) == 0:
             return
-        if extra.get("stream"):
+        if extra.get("stream") or extra.get("early"):
             if xfer.remote is None or xfer.remote not in self._stream_ports:
                 raise RuntimeError("tcp stream payload announced for an unknown stream")
             addr = (xfer.remote[0], self._stream_ports[xfer.remote])
             dst = layout.regions(block_ids)
             if dst is None:
                 raise RuntimeError("tcp stream payload, but our KV cache has no plain regions")
-            self._client.receive(addr, dst, self.stream_timeout)
+            expect = ((xfer.xfer_id, layout.nbytes(len(block_ids)))
+                      if xfer.hints.get("stream_header") else None)
+            self._client.receive(addr, dst, self.stream_timeout, expect)
             return
         if not frames:
             raise RuntimeError("tcp reply carried no payload frame")
@@ -164,6 +182,7 @@ class _PendingSend:
     token: bytes
     regions: list[Any]
     tracker: SendDone
+    head: bytes = b""  # the payload's header, when the decode side asked for one
 
 
 def _token(value: Any) -> bytes | None:
