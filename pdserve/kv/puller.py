@@ -112,8 +112,7 @@ class Puller:
                 xfer.mark(TransferState.RECEIVING)
                 transport.before_reply(xfer, self.layout,
                                        (task.remote_host, port + self.torch_dist_port_offset))
-                frames = self._await_reply(sock, xfer.xfer_id, deadline, task,
-                                           transport.payload_fd(xfer))
+                frames = self._await_reply(sock, xfer.xfer_id, deadline, task, transport, xfer)
                 if frames is None:  # the payload came first (the reply follows, dropped as stale)
                     transport.receive(xfer, self.layout, task.local_block_ids, {"early": True}, [])
                     xfer.nbytes = self.layout.nbytes(len(task.local_block_ids))
@@ -158,17 +157,23 @@ class Puller:
                     pass
 
     def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask,
-                     payload_fd: int | None = None):
-        """The reply's frames; None if ``payload_fd`` turned readable first."""
+                     transport: Transport | None = None, xfer: Transfer | None = None):
+        """The reply's frames; None if the transport's payload arrived first."""
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        payload_fd = None if transport is None or xfer is None else transport.payload_fd(xfer)
         if payload_fd is not None:
             poller.register(payload_fd, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
             events = dict(poller.poll(int(left * 1000))) if left > 0 else {}
             if payload_fd is not None and payload_fd in events and sock not in events:
-                return None
+                assert transport is not None and xfer is not None
+                if transport.payload_ready(xfer):
+                    return None
+                poller.unregister(payload_fd)  # not a payload: the reply tells
+                payload_fd = None
+                continue
             if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
                 raise PullError(

@@ -351,18 +351,20 @@ def test_allowed_peers_admit_listed_addresses() -> None:
         p.close()
 
 
-def test_payload_ahead_of_the_reply_is_read_at_once() -> None:
+@pytest.mark.parametrize("payload", [True, False])
+def test_payload_ahead_of_the_reply_is_read_at_once(payload: bool) -> None:
     """A transport whose payload arrives before the side-channel reply (the headed tcp stream)
-    is read without waiting for that reply; the request and then ``done`` still go out."""
+    is read without waiting for that reply; the request and then ``done`` still go out. If what
+    turned readable is not a payload (the stream closed), the reply is awaited as usual."""
     import os
 
     from pdserve.kv.transports.base import Outgoing, Transport
 
     ctx = zmq.Context.instance()
-    prefill = ctx.socket(zmq.ROUTER)  # takes requests, never replies
+    prefill = ctx.socket(zmq.ROUTER)  # takes requests; replies only when told below
     port = prefill.bind_to_random_port(f"tcp://{HOST}")
     ready_r, ready_w = os.pipe()
-    os.write(ready_w, b"x")  # the payload is there already
+    os.write(ready_w, b"x")  # something is there already
     received: list[dict] = []
 
     class Early(Transport):
@@ -374,22 +376,41 @@ def test_payload_ahead_of_the_reply_is_read_at_once() -> None:
         def payload_fd(self, xfer):
             return ready_r
 
+        def payload_ready(self, xfer) -> bool:
+            return payload
+
         def receive(self, xfer, layout, block_ids, extra, frames) -> None:
             received.append(extra)
+
+    def reply_when_asked() -> None:
+        assert prefill.poll(5000)
+        ident, raw = prefill.recv_multipart()
+        req = m.decode(raw)
+        prefill.send_multipart([ident, m.encode(m.PullReply(req.xfer_id, True, nbytes=7,
+                                                            extra={"via": "reply"}))])
 
     layout = BlockLayout({"l": torch.zeros(2, 4, 16)}, 4)
     puller = Puller(layout, {"early": Early()}, 0, "decode", timeout=5)
     copied = []
+    replier = None if payload else threading.Thread(target=reply_when_asked)
     try:
+        if replier is not None:
+            replier.start()
         xfer = puller.pull(PullTask("d-1", "r-1", HOST, port, [0], [1], "early"),
                            on_copied=copied.append)
-        assert received == [{"early": True}] and copied == [xfer]
-        assert xfer.nbytes == layout.nbytes(1)
-        kinds = []
-        for _ in range(2):
+        assert copied == [xfer]
+        if payload:
+            assert received == [{"early": True}] and xfer.nbytes == layout.nbytes(1)
+            kinds = []
+            for _ in range(2):
+                assert prefill.poll(5000)
+                kinds.append(type(m.decode(prefill.recv_multipart()[1])).__name__)
+            assert kinds == ["PullRequest", "Done"]
+        else:
+            replier.join(5)
+            assert received == [{"via": "reply"}] and xfer.nbytes == 7
             assert prefill.poll(5000)
-            kinds.append(type(m.decode(prefill.recv_multipart()[1])).__name__)
-        assert kinds == ["PullRequest", "Done"]
+            assert isinstance(m.decode(prefill.recv_multipart()[1]), m.Done)
     finally:
         prefill.close(linger=0)
         os.close(ready_r)

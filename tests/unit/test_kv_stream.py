@@ -137,3 +137,19 @@ def test_headed_payload_is_checked_and_a_wrong_header_drops_the_connection(
     with pytest.raises(ConnectionError, match="out of step"):
         client.receive(addr, [dst], timeout=5, expect=("xfer-3", src.nbytes))
     assert client.fileno(addr) is None  # dropped: the next pull opens a new connection
+
+
+def test_a_stream_the_peer_closed_is_told_apart_from_a_payload() -> None:
+    server = StreamServer(HOST, send_timeout=5)
+    client = StreamClient()
+    addr = (HOST, server.port)
+    token = client.token(addr)
+    assert _wait(lambda: server.has(token))
+    assert not client.closed_by_peer(addr)  # open, nothing to read
+    server.send(token, [np.ones(10, dtype=np.uint8)], SendDone())
+    assert _wait(lambda: client.fileno(addr) is not None)
+    time.sleep(0.1)
+    assert not client.closed_by_peer(addr)  # data waiting
+    client.receive(addr, [np.zeros(10, dtype=np.uint8)], timeout=5)
+    server.close()  # a prefill restart
+    assert _wait(lambda: client.closed_by_peer(addr))

@@ -103,6 +103,11 @@ class Transport(ABC):
         reply follows and is dropped as stale)."""
         return None
 
+    def payload_ready(self, xfer: Transfer) -> bool:
+        """Decode side: ``payload_fd`` turned readable; False if that is not a payload (the
+        stream closed: the puller goes on waiting for the reply)."""
+        return True
+
     def before_reply(self, xfer: Transfer, layout: BlockLayout, store_addr: tuple[str, int]) -> None:
         """Decode side: the pull went out; prepare to receive (torch_dist pairs up here)."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -268,6 +269,19 @@ class StreamClient:
         """This thread's stream socket to ``addr`` (to wait on it beside the side channel)."""
         known = self._conns().get(addr)
         return None if known is None else known[0].fileno()
+
+    def closed_by_peer(self, addr: tuple[str, int]) -> bool:
+        """Is this thread's stream to ``addr`` at its end (EOF or error, not data)?"""
+        known = self._conns().get(addr)
+        if known is None:
+            return True
+        sock = known[0]
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False  # nothing to read: open
+            return sock.recv(1, socket.MSG_PEEK) == b""  # readable: returns at once
+        except OSError:
+            return True
 
     def receive(self, addr: tuple[str, int], buffers: Sequence[Any], timeout: float,
                 expect: tuple[str, int] | None = None) -> None:

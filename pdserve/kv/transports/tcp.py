@@ -140,6 +140,16 @@ class TcpTransport(Transport):
         port = self._stream_ports.get(xfer.remote)
         return None if port is None else self._client.fileno((xfer.remote[0], port))
 
+    def payload_ready(self, xfer: Transfer) -> bool:
+        """Readable because the prefill worker closed the stream (it restarted, say): drop it."""
+        if xfer.remote is None or xfer.remote not in self._stream_ports:
+            return False
+        addr = (xfer.remote[0], self._stream_ports[xfer.remote])
+        if self._client.closed_by_peer(addr):
+            self._client.drop(addr)
+            return False
+        return True
+
     def receive(self, xfer, layout, block_ids, extra: dict[str, Any], frames: Sequence[Any]) -> None:
         port = extra.get("stream_port")
         if xfer.remote is not None and isinstance(port, int):
