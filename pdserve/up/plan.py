@@ -6,8 +6,8 @@ prefill core 0, decode core 1). With more instances than cores the ids become lo
 instance is bound explicitly (``PDSERVE_CPU_BIND``) to cores reused round-robin. GPUs and NPUs
 cannot be shared that way, so too few of them is a ConfigError.
 
-Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV side channel on
-that + 10000; the scheduler on ``--port``.
+Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV side channel
+(TP rank 0) on base + 10000 + i * TP, rank r on that + r; the scheduler on ``--port``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,11 @@ class InstancePlan:
     devices: tuple[int, ...]  # ranktable device ids
     port: int
     cpu_bind: str | None = None  # explicit VLLM_CPU_OMP_THREADS_BIND when devices are logical ids
+    side_port: int = 0  # KV side channel of TP rank 0; rank r listens on side_port + r
 
     @property
     def name(self) -> str:
         return f"{self.role}{self.index}"
-
-    @property
-    def side_port(self) -> int:
-        return self.port + SIDE_PORT_OFFSET
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,9 @@ def plan_cluster(prefill: int, decode: int, platform: Platform, devices_availabl
     for g, (role, index) in enumerate(roles):
         ids = tuple(range(g * tp, (g + 1) * tp))
         bind = "|".join(str(d % have) for d in ids) if logical else None
-        out.append(InstancePlan(role, index, g, ids, base_port + g, bind))
+        # side channels TP ports apart: rank r of instance g must not take instance g+1's port
+        out.append(InstancePlan(role, index, g, ids, base_port + g, bind,
+                                side_port=base_port + SIDE_PORT_OFFSET + g * tp))
     plan = ClusterPlan(platform=platform, tp=tp, scheduler_port=scheduler_port, instances=out)
     _check_ports(plan, base_port)
     return plan

@@ -101,7 +101,7 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
     out: list[tuple[str, list[str], dict[str, str]]] = []
     for inst in plan.instances:
         argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(inst.port),
-                "--drain-seconds", str(s.drain_seconds)]
+                "--kv-port", str(inst.side_port), "--drain-seconds", str(s.drain_seconds)]
         if s.kv_connector:
             argv += ["--kv-connector", s.kv_connector]
         if plan.tp > 1:

@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="module of a third-party connector class (pdserve's own is found automatically)")
     g.add_argument("--kv-port", type=int, default=None, metavar="PORT",
                    help=f"KV side-channel base port; TP rank r uses PORT+r (default env {cmd.ENV_KV_PORT}, else "
-                        f"--port + {cmd.SIDE_PORT_OFFSET})")
+                        f"--port + {cmd.SIDE_PORT_OFFSET} + (TP - 1) x the instance's place in the global "
+                        "ranktable, so TP instances on consecutive ports do not overlap)")
     g.add_argument("--kv-transport", choices=cmd.TRANSPORTS, default=None,
                    help=f"pdserve connector transport (default env {cmd.ENV_KV_TRANSPORT}, else auto: shm on one "
                         "host, tcp across hosts)")

@@ -108,8 +108,12 @@ def _int_flag(argv: Sequence[str], names: tuple[str, ...], default: int) -> int:
                           f"write e.g. {names[0]} {default}") from None
 
 
-def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: int) -> int:
-    """--kv-port, else PDSERVE_KV_PORT, else the HTTP port + 10000; rank r uses + r."""
+def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: int,
+              position: int = 0) -> int:
+    """--kv-port, else PDSERVE_KV_PORT, else the HTTP port + 10000 + position * (TP - 1); rank r
+    uses + r. ``position`` is the instance's place in the global ranktable: instances on
+    consecutive HTTP ports (NODE_PORTS in ranktable order) then get side-channel port ranges
+    that do not overlap (TP 2 on 8001..8004: 18001, 18003, 18005, 18007)."""
     if opts.kv_port is not None:
         port, where = opts.kv_port, "--kv-port"
     elif env.get(ENV_KV_PORT, "").strip():
@@ -118,7 +122,9 @@ def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: in
             raise ConfigError("environment", ENV_KV_PORT, f"{raw!r} is not a port", f"export {ENV_KV_PORT}=18000")
         port, where = int(raw), ENV_KV_PORT
     else:
-        port, where = http_port + SIDE_PORT_OFFSET, f"--port {http_port} + {SIDE_PORT_OFFSET}"
+        port = http_port + SIDE_PORT_OFFSET + position * (tp - 1)
+        where = f"--port {http_port} + {SIDE_PORT_OFFSET}" + (
+            f" + {position} x (TP - 1)" if position and tp > 1 else "")
     if not 1024 <= port <= 65535 - (tp - 1):
         raise ConfigError("flags", "--kv-port", f"KV side-channel port {port} ({where}) is out of range "
                           f"for TP {tp} (ranks use port..port+{tp - 1})",
@@ -223,7 +229,7 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
     child_env = dict(env)
     kv_port: int | None = None
     if opts.kv_connector.lower() != NO_CONNECTOR:
-        kv_port = side_port(opts, http_port, env, len(devices))
+        kv_port = side_port(opts, http_port, env, len(devices), inst.global_index)
     if has_flag(user, "--kv-transfer-config"):
         # the operator wrote the whole config: theirs wins, ours would be a second, conflicting one
         pass

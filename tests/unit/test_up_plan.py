@@ -40,6 +40,14 @@ def test_tp2_on_cpu() -> None:
     assert plan_cluster(1, 1, "cpu", 4, tp=2).instances[1].cpu_bind is None
 
 
+def test_tp_side_channel_ports_do_not_overlap() -> None:
+    """Rank r of an instance listens on its side port + r: instances are TP ports apart, and
+    every listening port of the cluster is distinct."""
+    plan = plan_cluster(2, 2, "cpu", 8, tp=3)
+    assert [i.side_port for i in plan.instances] == [18100, 18103, 18106, 18109]
+    assert len(set(plan.ports())) == len(plan.ports())
+
+
 def test_gpus_are_not_shared() -> None:
     assert [i.devices for i in plan_cluster(1, 1, "cuda", 2).instances] == [(0,), (1,)]
     with pytest.raises(ConfigError, match="need 3 CUDA devices, this host has 2"):
@@ -84,6 +92,7 @@ def test_daemon_commands_are_the_operator_path(tmp_path: Path) -> None:
     assert argv[:4] == ["py", "-m", "pdserve", "serve"]
     assert argv[argv.index("--port") + 1] == "8100" and argv[argv.index("--max-model-len") + 1] == "2048"
     assert argv[-2:] == ["--max-num-seqs", "4"] and "--kv-connector" in argv
+    assert [c[1][c[1].index("--kv-port") + 1] for c in cmds[:-1]] == ["18100", "18101", "18102"]
     assert env["GLOBAL_RANK_TABLE_FILE_PATH"] == str(g) and env["RANK_TABLE_FILE_PATH"] == str(locals_["prefill0"])
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PDSERVE_PLATFORM"] == "cpu"
     # 3 instances on 2 cores: logical device ids, explicit round-robin binding

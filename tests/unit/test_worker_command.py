@@ -99,7 +99,21 @@ def test_kv_port_and_transport_from_env(decode: InstanceContext) -> None:
 
 
 def test_default_port_is_vllms(decode: InstanceContext) -> None:
-    assert kv_config(build(decode)[0])["kv_port"] == 18000
+    # vLLM's port 8000 + 10000, + 1 for the decode instance (second in the ranktable, TP 2)
+    assert kv_config(build(decode)[0])["kv_port"] == 18001
+
+
+def test_default_side_ports_of_tp_instances_on_consecutive_ports_do_not_overlap() -> None:
+    """2P2D with TP 2 on one host, NODE_PORTS=8001,8002,8003,8004: rank r of instance i listens
+    on its base + r, and no two ranks share a port (HTTP port + 10000 alone would)."""
+    from pdserve.worker.command import ServeOptions, side_port
+
+    bases = [side_port(ServeOptions(), 8001 + i, {}, 2, position=i) for i in range(4)]
+    assert bases == [18001, 18003, 18005, 18007]
+    ranks = [b + r for b in bases for r in range(2)]
+    assert len(set(ranks)) == len(ranks)
+    assert side_port(ServeOptions(), 8001, {}, 1, position=3) == 18001  # TP 1: as before
+    assert side_port(ServeOptions(kv_port=20000), 8004, {}, 2, position=3) == 20000  # explicit wins
 
 
 def test_bad_transport_and_port(decode: InstanceContext) -> None:
