@@ -10,10 +10,10 @@ decoding is deterministic and far from ties, which is all parity needs.
 Each decode rank r pulls its half of the KV heads from prefill rank r (side-channel port base +
 r). The greedy completions must equal the reference server's, token for token.
 
-Seen on the 2-core development host (so this test fails there): the first requests' pulls time
-out after 30 s on both ranks, and the prefill ranks serve them only just after that; in one
-manual run a later request went through, and its greedy text equalled the reference TP-2
-server's. The cause is not found yet (README, "Tensor parallelism").
+Seen on the 2-core development host (this test fails there): most pulls got no reply for 30 s
+while the prefill ranks' side-channel threads sat in ``poll`` and their main threads spun in the
+shared-memory all-reduce; in one manual run a later request went through, and its greedy text
+equalled the reference TP-2 server's. The cause is not found yet (README, "Tensor parallelism").
 """
 
 from __future__ import annotations
