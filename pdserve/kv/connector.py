@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from pdserve.kv import shared_cores
 from pdserve.kv.config import ConnectorSettings
 from pdserve.kv.metadata import PdserveMetadata
 from pdserve.kv.scheduler_side import SchedulerSide
@@ -80,6 +81,7 @@ class PdserveConnector(KVConnectorBase_V1, SupportsHMA):
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
                 block_size=vllm_config.cache_config.block_size)
         else:
+            shared_cores.apply()  # before the first step: no busy wait on shared cores
             self._worker = WorkerSide(settings, is_producer=is_producer, engine_id=engine_id,
                                       host=host, port=port, tp_rank=_tp_rank(),
                                       num_blocks=getattr(kv_cache_config, "num_blocks", None))

@@ -121,3 +121,17 @@ def test_cli_flags() -> None:
     assert args.scheduler_arg == ["--retries=2"]
     assert (args.demo, args.prefill, args.decode, args.port, args.timeout) == (True, 2, 1, 9000, 300.0)
     assert args.ask == "q" and args.once and extra == ["--max-num-seqs", "4"]
+
+
+def test_instances_on_reused_cores_are_told_so(tmp_path: Path) -> None:
+    """More ranks than cores: each instance's vLLM workers learn that their cores are shared
+    (PDSERVE_SHARED_CORES=1, no busy wait); with a core each, they are not told."""
+    s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, env={"PATH": "/bin"})
+    shared = plan_cluster(1, 1, "cpu", 2, tp=2)
+    g, locals_, host = write_ranktables(shared, tmp_path / "a")
+    cmds = daemon_commands(shared, s, g, locals_, host, python="py")
+    assert [c[2].get("PDSERVE_SHARED_CORES") for c in cmds] == ["1", "1", None]
+    own = plan_cluster(1, 1, "cpu", 2)
+    g, locals_, host = write_ranktables(own, tmp_path / "b")
+    assert all("PDSERVE_SHARED_CORES" not in c[2]
+               for c in daemon_commands(own, s, g, locals_, host, python="py"))
