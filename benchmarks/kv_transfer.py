@@ -16,7 +16,8 @@ the same byte counts, in the same run and interleaved with the transports, it al
 Each size is measured --reps times per method, round-robin, after a warm-up; medians are
 reported. By default every timed operation starts with cold caches (``--cache cold``: a 64 MB
 buffer is written first), so no method gains or loses from what the one before it left in the
-caches; ``--cache warm`` runs them back to back. Default KV shape: SmolLM2-135M on vLLM CPU, 30 layers of bf16
+caches; ``--cache warm`` runs them back to back. Default KV shape: SmolLM2-135M on vLLM CPU,
+30 layers of bf16
 ``[2, num_blocks, 3 kv heads, 128 block, 64 head dim]`` = 2.95 MB per 128-token block.
 
     python benchmarks/kv_transfer.py [--tokens 128,512,2048,8192] [--reps 5]
@@ -254,9 +255,10 @@ def main() -> int:
     methods = ["memcpy", "zmq", *transports]
     # Cold: before each timed operation, write a buffer twice the last-level cache, as a prefill
     # forward pass streaming the weights does before a real pull (numpy, one thread: an OpenMP
-    # team would go on spinning on the other core into the timed operation). Warm: back to back, each method after the previous one (what a method
-    # left in the caches and TLBs then favours or hurts the next; measured 232 vs 576 us for
-    # one shm pull after another pull or after a zmq receive).
+    # team would go on spinning on the other core into the timed operation). Warm: back to
+    # back, each method after the previous one (what a method left in the caches and TLBs then
+    # favours or hurts the next; measured 232 vs 576 us for one shm pull after another pull or
+    # after a zmq receive).
     evict = np.zeros(args.evict_mb << 20, dtype=np.uint8) if args.cache == "cold" else None
     rows: list[dict[str, Any]] = []
     try:

@@ -148,16 +148,7 @@ class BlockLayout:
 
     def _runs(self, block_ids: Sequence[int]) -> list[Run]:
         """Runs of consecutive block ids; also checks every id is in range."""
-        runs: list[list[int]] = []
-        for pos, b in enumerate(block_ids):
-            b = int(b)
-            if not 0 <= b < self.num_blocks:
-                raise LayoutError(f"block id {b} is out of range (0..{self.num_blocks - 1})")
-            if runs and runs[-1][0] + runs[-1][2] == b:
-                runs[-1][2] += 1
-            else:
-                runs.append([b, pos, 1])
-        return [(b, pos, k) for b, pos, k in runs]
+        return self.paired_runs(block_ids, range(len(block_ids)), check_dst=False)
 
     def _check_buffer(self, buf: torch.Tensor, n: int, what: str) -> None:
         if buf.dtype != torch.uint8 or buf.dim() != 1:
@@ -296,17 +287,19 @@ class BlockLayout:
         plane, offset, inner = rows
         return np.asarray(bases, dtype=np.int64)[plane] + offset, inner
 
-    def paired_runs(self, src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    def paired_runs(self, src_ids: Sequence[int], dst_ids: Sequence[int],
+                    check_dst: bool = True) -> list[tuple[int, int, int]]:
         """(first source id, first destination id, length) of the runs along which both id
-        lists are consecutive, e.g. the slices to copy from a peer's blocks into ours."""
+        lists are consecutive, e.g. the slices to copy from a peer's blocks into ours. Every
+        id must be a block of this layout (``check_dst=False``: the source ids only)."""
         if len(src_ids) != len(dst_ids):
             raise LayoutError(f"{len(src_ids)} source blocks for {len(dst_ids)} destination blocks")
         runs: list[list[int]] = []
         for a, b in zip(src_ids, dst_ids):
             a, b = int(a), int(b)
-            if not (0 <= a < self.num_blocks and 0 <= b < self.num_blocks):
-                raise LayoutError(f"block id {a if not 0 <= a < self.num_blocks else b} is out of "
-                                  f"range (0..{self.num_blocks - 1})")
+            for block in (a, b) if check_dst else (a,):
+                if not 0 <= block < self.num_blocks:
+                    raise LayoutError(f"block id {block} is out of range (0..{self.num_blocks - 1})")
             last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] == a and last[1] + last[2] == b:
                 last[2] += 1

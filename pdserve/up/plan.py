@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pdserve.errors import ConfigError
 from pdserve.platform import Platform
-from pdserve.worker.command import SIDE_PORT_OFFSET
+from pdserve.worker.command import SIDE_PORT_OFFSET, default_side_port
 
 HOST = "127.0.0.1"
 
@@ -86,9 +86,9 @@ def plan_cluster(prefill: int, decode: int, platform: Platform, devices_availabl
     for g, (role, index) in enumerate(roles):
         ids = tuple(range(g * tp, (g + 1) * tp))
         bind = "|".join(str(d % have) for d in ids) if logical else None
-        # side channels TP ports apart: rank r of instance g must not take instance g+1's port
+        # the daemon's own default: rank r of instance g never takes instance g+1's port
         out.append(InstancePlan(role, index, g, ids, base_port + g, bind,
-                                side_port=base_port + SIDE_PORT_OFFSET + g * tp))
+                                side_port=default_side_port(base_port + g, tp, g)))
     plan = ClusterPlan(platform=platform, tp=tp, scheduler_port=scheduler_port, instances=out)
     _check_ports(plan, base_port)
     return plan

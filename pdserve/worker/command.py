@@ -108,6 +108,12 @@ def _int_flag(argv: Sequence[str], names: tuple[str, ...], default: int) -> int:
                           f"write e.g. {names[0]} {default}") from None
 
 
+def default_side_port(http_port: int, tp: int, position: int) -> int:
+    """HTTP port + 10000 + position * (TP - 1): instances on consecutive HTTP ports, in global
+    ranktable order, get side-channel port ranges (rank r at + r) that do not overlap."""
+    return http_port + SIDE_PORT_OFFSET + position * (tp - 1)
+
+
 def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: int,
               position: int = 0) -> int:
     """--kv-port, else PDSERVE_KV_PORT, else the HTTP port + 10000 + position * (TP - 1); rank r
@@ -122,7 +128,7 @@ def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: in
             raise ConfigError("environment", ENV_KV_PORT, f"{raw!r} is not a port", f"export {ENV_KV_PORT}=18000")
         port, where = int(raw), ENV_KV_PORT
     else:
-        port = http_port + SIDE_PORT_OFFSET + position * (tp - 1)
+        port = default_side_port(http_port, tp, position)
         where = f"--port {http_port} + {SIDE_PORT_OFFSET}" + (
             f" + {position} x (TP - 1)" if position and tp > 1 else "")
     if not 1024 <= port <= 65535 - (tp - 1):

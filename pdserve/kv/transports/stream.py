@@ -8,11 +8,12 @@ the blocks' regions to ``sendmsg`` (gather), the decode side hands its blocks' r
 ZMQ side channel.
 
 The prefill worker listens on an ephemeral port of its side-channel address and names it in its
-``tcp`` replies (with ``stream_header``: it can put a header before each payload). A decode pull thread opens one connection per prefill worker, introduces it
-with a random token and names the token in its pull hints. The prefill side replies, then
-sends what fits in the socket buffer at once and the rest from a small thread pool; the
-blocks stay held until the send ended. Any
-failure closes the connection (the stream may be out of step); the next pull opens a new one.
+``tcp`` replies (with ``stream_header``: it can put a header before each payload). A decode
+pull thread opens one connection per prefill worker, introduces it with a random token and
+names the token in its pull hints. The prefill side replies, then sends what fits in the
+socket buffer at once and the rest from a small thread pool; the blocks stay held until the
+send ended. Any failure closes the connection (the stream may be out of step); the next pull
+opens a new one.
 A peer whose stream cannot be reached is pulled through ZMQ frames, as before.
 ``PDSERVE_KV_TCP_STREAM=0`` turns streams off.
 
