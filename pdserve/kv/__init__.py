@@ -10,6 +10,6 @@ Modules: ``config`` (extra-config settings), ``messages`` (side-channel wire for
 (gather/scatter of blocks in vLLM's paged KV tensors), ``leases`` (prefill-side block leases),
 ``transports`` (tcp / shm / torch_dist), ``side_channel`` (prefill-side server), ``puller``
 (decode-side client), ``scheduler_side`` / ``worker_side`` (the two halves of the connector),
-``connector`` (the class vLLM loads), ``shared_cores`` (no busy wait in vLLM workers on cores
-shared with another instance).
+``connector`` (the class vLLM loads), ``shared_cores`` (no busy wait in vLLM's engine and
+workers on shared CPU cores).
 """

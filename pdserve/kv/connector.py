@@ -75,13 +75,13 @@ class PdserveConnector(KVConnectorBase_V1, SupportsHMA):
                              f"model has {len(groups)} (hybrid attention)")
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        shared_cores.apply()  # before the first step: engine and workers wait, not spin
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(
                 settings, is_producer=is_producer, engine_id=engine_id, host=host, port=port,
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
                 block_size=vllm_config.cache_config.block_size)
         else:
-            shared_cores.apply()  # before the first step: no busy wait on shared cores
             self._worker = WorkerSide(settings, is_producer=is_producer, engine_id=engine_id,
                                       host=host, port=port, tp_rank=_tp_rank(),
                                       num_blocks=getattr(kv_cache_config, "num_blocks", None))

@@ -1,17 +1,22 @@
-"""vLLM workers on CPU cores shared with another instance: wait for the engine, do not spin.
+"""vLLM processes on CPU cores shared with other processes: wait for messages, do not spin.
 
-vLLM's multiprocess workers (TP > 1) spin with ``sched_yield`` for a second after every message
-they read from their engine (``shm_broadcast.SpinCondition``, ``busy_loop_s=1``, not
-configurable). While a decode request waits for its KV, the decode engine sends an empty step
-every millisecond, so the decode ranks never stop spinning. When their cores are also the prefill
-ranks' cores (more ranks than cores, e.g. ``pdserve up --tp 2`` on 2 cores), the prefill ranks'
-side-channel threads starve. The pulls then time out: on the 2-core development host, the prefill
-ranks answered only once the decode had given up.
+vLLM's engine core and its multiprocess workers talk through shared-memory queues whose readers
+spin with ``sched_yield`` for a second after every message they read
+(``shm_broadcast.SpinCondition``, ``busy_loop_s=1``, not configurable). On CPU that spin takes
+cores from the model's compute:
 
-With ``PDSERVE_SHARED_CORES=1`` (``pdserve up`` sets it when instances reuse cores), the worker
-side of the connector turns the reader's busy loop off: the worker waits on the engine's
-notification instead (measured here at TP 2 on 2 cores: all pulls on time, where they timed out
-before).
+- The engine core spins while its worker runs each step. pdserve binds only the workers (to the
+  ranktable's cores) and reserves no core for the engine, which vLLM's own automatic binding
+  does, so the spinning engine runs on some instance's compute core. On the 2-core development
+  host, with one prefill and one decode instance, the two engines used ~15 s of CPU in a
+  47-second run; with the busy wait off, median TTFT and TPOT both dropped (README, Benchmarks).
+- With TP > 1 on shared cores (``pdserve up --tp 2`` on 2 cores), the decode ranks, woken every
+  millisecond by empty steps while a request waits for its KV, starved the prefill ranks'
+  side-channel threads, and the pulls timed out.
+
+With ``PDSERVE_SHARED_CORES=1`` (the default for CPU instances; ``0`` keeps vLLM's spin), both
+halves of the connector turn the readers' busy loop off before the first step: a reader waits on
+the writer's notification instead (a ZMQ poll, tens of microseconds to wake).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def no_busy_wait(cls: type) -> None:
 
 
 def apply(env: Mapping[str, str] = os.environ) -> bool:
-    """In a vLLM worker: turn vLLM's busy wait off when ``PDSERVE_SHARED_CORES=1``."""
+    """In a vLLM engine or worker process: turn vLLM's busy wait off when ``PDSERVE_SHARED_CORES=1``."""
     if env.get(ENV, "").strip() != "1":
         return False
     try:
@@ -51,6 +56,6 @@ def apply(env: Mapping[str, str] = os.environ) -> bool:
     if not hasattr(SpinCondition, "wait"):
         return False
     no_busy_wait(SpinCondition)
-    log.info("cores shared with other instances: vLLM workers wait for their engine without "
-             "spinning (%s=1)", ENV)
+    log.info("cores shared with other processes: vLLM's engine and workers wait for each other "
+             "without spinning (%s=1)", ENV)
     return True

@@ -25,7 +25,6 @@ from typing import IO
 
 from pdserve import ranktable
 from pdserve.errors import ConfigError, PdserveError
-from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
 from pdserve.up.plan import ClusterPlan, ranktable_paths
 from pdserve.worker.process import ManagedProcess
 
@@ -97,7 +96,6 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
     base_env.update({"GLOBAL_RANK_TABLE_FILE_PATH": str(global_path), "PDSERVE_PLATFORM": plan.platform,
                      "PDSERVE_LOG_PREFIX": "", "PYTHONUNBUFFERED": "1"})
     base_env.pop("PDSERVE_CPU_BIND", None)
-    base_env.pop(SHARED_CORES_ENV, None)
     if plan.platform == "cpu":
         base_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out: list[tuple[str, list[str], dict[str, str]]] = []
@@ -112,7 +110,6 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
         env = dict(base_env, RANK_TABLE_FILE_PATH=str(locals_[inst.name]))
         if inst.cpu_bind:  # cores reused by several instances
             env["PDSERVE_CPU_BIND"] = inst.cpu_bind
-            env[SHARED_CORES_ENV] = "1"  # vLLM workers must not spin on a neighbour's core
         out.append((inst.name, argv, env))
     sched_argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(plan.scheduler_port),
                   *s.scheduler_args]

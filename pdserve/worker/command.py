@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pdserve import identity as ident
 from pdserve.errors import ConfigError
+from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
 from pdserve.platform import Platform, visible_devices_env
 from pdserve.ranktable.roles import ENV_LOCAL, Role
 from pdserve.ranktable.schema import GlobalRanktable
@@ -258,6 +259,11 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
         # wait for the slowest; a one-prompt budget finishes them in arrival order (lower TTFT)
         # and bounds how long a decode step carrying prompt work can stall the running decodes
         argv += ["--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS)]
+
+    if ctx.platform == "cpu":
+        # vLLM's engine core is never bound on CPU (pdserve binds only the workers, and reserves no
+        # core), so its busy wait for each step's result takes CPU from the workers
+        child_env.setdefault(SHARED_CORES_ENV, "1")
 
     explicit_bind = env.get(ENV_CPU_BIND, "").strip() if ctx.platform == "cpu" else ""
     if explicit_bind:

@@ -123,15 +123,13 @@ def test_cli_flags() -> None:
     assert args.ask == "q" and args.once and extra == ["--max-num-seqs", "4"]
 
 
-def test_instances_on_reused_cores_are_told_so(tmp_path: Path) -> None:
-    """More ranks than cores: each instance's vLLM workers learn that their cores are shared
-    (PDSERVE_SHARED_CORES=1, no busy wait); with a core each, they are not told."""
-    s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, env={"PATH": "/bin"})
-    shared = plan_cluster(1, 1, "cpu", 2, tp=2)
-    g, locals_, host = write_ranktables(shared, tmp_path / "a")
-    cmds = daemon_commands(shared, s, g, locals_, host, python="py")
-    assert [c[2].get("PDSERVE_SHARED_CORES") for c in cmds] == ["1", "1", None]
-    own = plan_cluster(1, 1, "cpu", 2)
-    g, locals_, host = write_ranktables(own, tmp_path / "b")
-    assert all("PDSERVE_SHARED_CORES" not in c[2]
-               for c in daemon_commands(own, s, g, locals_, host, python="py"))
+def test_shared_cores_setting_passes_through(tmp_path: Path) -> None:
+    """pdserve up leaves PDSERVE_SHARED_CORES to the daemons (on by default for CPU instances):
+    an operator's explicit value reaches every instance, reused cores or not."""
+    for env, want in (({"PATH": "/bin"}, None), ({"PATH": "/bin", "PDSERVE_SHARED_CORES": "0"}, "0")):
+        s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, env=env)
+        for tp in (1, 2):
+            plan = plan_cluster(1, 1, "cpu", 2, tp=tp)
+            g, locals_, host = write_ranktables(plan, tmp_path / f"{tp}{want}")
+            cmds = daemon_commands(plan, s, g, locals_, host, python="py")
+            assert [c[2].get("PDSERVE_SHARED_CORES") for c in cmds[:2]] == [want, want]

@@ -268,3 +268,14 @@ def test_cpu_token_budget_default_and_override(cpu_1p1d: tuple[Path, Path, Path]
     assert [a for a in argv if a.startswith("--max-num-batched-tokens")] == ["--max-num-batched-tokens=4096"]
     cuda = ctx_for(GEN / "local_ranktable_10.0.0.18_45.json", platform="cuda")
     assert "--max-num-batched-tokens" not in build(cuda)[0]  # accelerators keep vLLM's default
+
+
+def test_cpu_instances_do_not_busy_wait_by_default(cpu_1p1d: tuple[Path, Path, Path]) -> None:
+    """CPU: vLLM's engine core floats on the instances' compute cores, so its spin is turned off
+    (PDSERVE_SHARED_CORES=1) unless the operator says 0; accelerators keep vLLM's behaviour."""
+    g, p, _ = cpu_1p1d
+    ctx = ctx_for(p, g, platform="cpu", cpu_count=2)
+    assert build(ctx)[1]["PDSERVE_SHARED_CORES"] == "1"
+    assert build(ctx, env={"PDSERVE_SHARED_CORES": "0"})[1]["PDSERVE_SHARED_CORES"] == "0"
+    cuda = ctx_for(GEN / "local_ranktable_10.0.0.18_45.json", platform="cuda")
+    assert "PDSERVE_SHARED_CORES" not in build(cuda)[1]
