@@ -96,7 +96,7 @@ class SchedulerConfig:
     health_timeout: float = 3.0
     startup_timeout: float = 1800.0
     startup_poll_interval: float = 2.0
-    retries: int = 1  # extra attempts on another instance (prefill and decode)
+    retries: int = 1  # extra attempts (prefill and decode): another instance, else the same healthy one
     per_host_connections: int = 0  # aiohttp connector limit per instance (0: unlimited)
     access_log: bool = True
     # access control and shutdown
@@ -221,7 +221,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("health_timeout", ("--health-timeout",), "float", "timeouts (seconds)"),
     Opt("startup_timeout", ("--startup-timeout",), "float", "timeouts (seconds)", env="PDSERVE_STARTUP_TIMEOUT",
         help="how long to wait for the instances to become healthy at start-up"),
-    Opt("retries", ("--retries",), "int", "timeouts (seconds)", help="extra attempts on another instance (default 1)"),
+    Opt("retries", ("--retries",), "int", "timeouts (seconds)", help="extra attempts after a 5xx or dropped connection, on another instance (the same one when it is the only healthy one) (default 1)"),
     Opt("no_access_log", ("--no-access-log",), "bool", "timeouts (seconds)",
         help="no structured access-log line per request"),
     Opt("system_prompt", ("--system-prompt",), "str", "serving features", metavar="TEXT",

@@ -85,6 +85,11 @@ class PrefillResult:
     prompt_tokens: int | None
 
 
+def _down(tried: list[Instance]) -> list[Instance]:
+    """The tried instances that are no longer healthy: the only ones a last-resort retry skips."""
+    return [i for i in tried if not i.healthy]
+
+
 class _PrefillRetry(Exception):
     def __init__(self, error: ApiError) -> None:
         super().__init__(error.message)
@@ -167,9 +172,12 @@ class PDFlow:
             try:
                 inst = await self.pool.prefill.acquire(ctx.key, tried)
             except ApiError as exc:
-                if last is not None and exc.status == 503:
+                if last is None or exc.status != 503:
+                    raise
+                try:  # nobody else: the same instance again if it is still healthy (a transient failure)
+                    inst = await self.pool.prefill.acquire(ctx.key, _down(tried))
+                except ApiError:
                     raise last from None  # nobody left to retry on: report the real failure
-                raise
             if attempt:
                 ctx.retries += 1
                 self.metrics.retries.labels("prefill", reason).inc()
@@ -260,10 +268,13 @@ class PDFlow:
         try:
             inst = await self.pool.decode.acquire(ctx.key, tried)
         except ApiError as exc:
-            if retrying and exc.status == 503:
+            if not (retrying and exc.status == 503):
+                raise
+            try:  # nobody else: the same instance again if it is still healthy (e.g. its KV pull failed)
+                inst = await self.pool.decode.acquire(ctx.key, _down(tried))
+            except ApiError:
                 raise _DecodeRetry(tried[-1], ApiError(502, "decode failed and no other decode instance is "
                                                        "healthy"), False, "none") from None
-            raise
         name = inst.spec.name
         ctx.instances.append(name)
         if self.tracker is not None and ctx.points is not None:

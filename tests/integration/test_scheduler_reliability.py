@@ -73,6 +73,41 @@ async def test_decode_5xx_before_first_byte_retried_with_new_prefill(make_cluste
     assert len(c.decode[1].inference_requests()) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_only_decode_5xx_once_retried_on_it_with_new_prefill(make_cluster: MakeCluster, stream: bool) -> None:
+    """1P1D: a transient decode failure (e.g. a failed KV pull) is retried on the same, still
+    healthy instance after a fresh prefill, instead of failing the request."""
+    c = await make_cluster(1, 1)
+    c.decode[0].configure(fail_status=500, fail_times=1)
+    status, body, _ = await post(c, {"prompt": "r s", "max_tokens": 2, "stream": stream})
+    assert status == 200, body
+    assert [r["status"] for r in c.decode[0].inference_requests()] == [500, 200]
+    assert len(reqs(c.prefill)) == 2
+    async with c.get("/metrics") as r:
+        assert 'pdserve_scheduler_retries_total{reason="http_500",stage="decode"} 1.0' in await r.text()
+
+
+async def test_only_prefill_5xx_once_retried_on_it(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.prefill[0].configure(fail_status=500, fail_times=1)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 200, body
+    assert [r["status"] for r in c.prefill[0].inference_requests()] == [500, 200]
+
+
+async def test_only_instances_failing_502_after_one_retry(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    c.decode[0].configure(fail_status=500)
+    status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
+    assert status == 502 and "decode instance" in json.loads(body)["error"]["message"]
+    assert len(reqs(c.decode)) == 2 and len(reqs(c.prefill)) == 2  # one retry, no more
+    c.decode[0].configure(fail_status=None)
+    c.prefill[0].configure(fail_status=503)
+    status, body, _ = await post(c, {"prompt": "y", "max_tokens": 2})
+    assert status == 502 and "prefill instance" in json.loads(body)["error"]["message"]
+    assert len(reqs(c.prefill)) == 4
+
+
 async def test_decode_unreachable_retried_without_new_prefill(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 2, decode_policy="round-robin", health_interval=30)
     await c.decode[0].stop()
