@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _cpu_account  # noqa: E402
 import _servers  # noqa: E402
 import serve  # noqa: E402
 
@@ -367,13 +368,14 @@ def run(a: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     plans: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, dict[str, list[dict[str, Any]]]] = {}  # system -> workload -> one entry per round
 
     def save() -> Path:
         doc = {"machine": info, "repeats": repeats * rounds, "rounds": rounds, "warmup": warmup,
                "quick": a.quick, "slo_ms": slo, "kvcache_gib": a.kvcache_gib,
                "workloads": {n: {"spec": asdict(w.spec), "rates": w.rates, "max_concurrency": w.max_concurrency,
                                  "describe": w.describe()} for n, w in workloads.items()},
-               "systems": plans, "errors": errors, "results": results}
+               "systems": plans, "errors": errors, "results": results, "cpu_seconds": cpu}
         p = out_dir / "compare.json"
         p.write_text(json.dumps(doc, indent=1, default=str))
         return p
@@ -402,10 +404,17 @@ def run(a: argparse.Namespace) -> int:
                 print(f"   {wname}: {w.describe()}", flush=True)
                 spies = start_profiles(system, out_dir / "profile", a.profile, wname) \
                     if a.profile and name == BASELINE and rnd == 0 else []
+                roots = [p.pid for p in system.procs]
+                before, t0 = _cpu_account.snapshot(roots), time.monotonic()
                 try:
                     measured[wname] = asyncio.run(serve.measure(
                         plan.url, common.served_name, vocab, w.spec, load,
                         log=lambda m: print("  " + m, flush=True), alive=system.alive))
+                    usage = _cpu_account.used(before, _cpu_account.snapshot(roots))
+                    wall = time.monotonic() - t0
+                    print("   " + _cpu_account.format_usage(usage, wall, info["cpu_count"]).replace("\n", "\n   "),
+                          flush=True)
+                    cpu.setdefault(name, {}).setdefault(wname, []).append({"wall_s": wall, "seconds": usage})
                 except serve.SystemDied as died:
                     measured[wname] = died.args[0]  # what was measured until the process died
                     raise _servers.StartError(f"{name}: a process died during the {wname} workload "
