@@ -397,6 +397,8 @@ def run(a: argparse.Namespace) -> int:
                     errors.setdefault(f"{name}/{wname}", f"not run (--workloads-for {name}="
                                       f"{'+'.join(workloads_for[name])})")
                     continue
+                if f"{name}/{wname}" in errors:
+                    continue  # it broke the system in an earlier round: the other workloads still run
                 # another seed per round: a round never repeats the prompts of an earlier one
                 load = serve.LoadSpec(rates=list(w.rates), max_concurrency=w.max_concurrency, repeats=reps,
                                       warmup=warmup, seed=a.seed + rnd * repeats, slo_ms=slo,
@@ -417,8 +419,10 @@ def run(a: argparse.Namespace) -> int:
                     cpu.setdefault(name, {}).setdefault(wname, []).append({"wall_s": wall, "seconds": usage})
                 except serve.SystemDied as died:
                     measured[wname] = died.args[0]  # what was measured until the process died
-                    raise _servers.StartError(f"{name}: a process died during the {wname} workload "
-                                              f"(logs in {out_dir}/logs)") from None
+                    errors[f"{name}/{wname}"] = (f"a process died during the {wname} workload "
+                                                 f"(logs in {out_dir}/logs)")
+                    print(f"   FAILED: {name}: {errors[f'{name}/{wname}']}", flush=True)
+                    break  # the system is broken: stop it; later rounds run its other workloads
                 finally:
                     for sp in spies:
                         sp.wait(timeout=a.profile + 60)

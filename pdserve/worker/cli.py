@@ -105,7 +105,19 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.worker.daemon import supervise
 
     prefix = os.environ.get(ENV_LOG_PREFIX)
-    return supervise(name, argv, env, args.drain_seconds, prefix=f"[{name}] " if prefix is None else prefix)
+    return supervise(name, argv, env, args.drain_seconds, prefix=f"[{name}] " if prefix is None else prefix,
+                     health_url=_health_url(argv))
+
+
+def _health_url(argv: list[str]) -> str | None:
+    """The server's own /health, from the --host/--port the command line gives it."""
+    port = cmd.flag_value(argv, "--port")
+    if not port:
+        return None
+    host = cmd.flag_value(argv, "--host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
 
 
 def _run_scheduler(extra: list[str], dry_run: bool) -> int:

@@ -1,7 +1,9 @@
 """The role daemon's supervision loop: run one vLLM server, forward stop signals, report deaths.
 
 SIGTERM/SIGINT → SIGTERM to the server's process group, up to ``--drain-seconds`` for in-flight
-requests, then SIGKILL; exit 0. A server that dies on its own makes the daemon exit non-zero with
+requests, then SIGKILL; exit 0. A server that is still starting (its ``/health`` does not answer
+200) has nothing to drain: it gets ``STARTING_GRACE_S`` instead, so Ctrl-C during a slow start-up
+does not wait out the whole drain deadline (vLLM ignores SIGTERM while its engine starts). A server that dies on its own makes the daemon exit non-zero with
 the last lines of the server's log on stderr, so the reason is on screen even when the full log
 scrolled away or went to a file nobody reads.
 """
@@ -18,10 +20,26 @@ from typing import IO
 from pdserve.worker.process import ManagedProcess
 
 TAIL_LINES = 40
+STARTING_GRACE_S = 3.0
+
+
+def serving(health_url: str | None, timeout_s: float = 1.0) -> bool:
+    """Whether the server answers its health check (only then can it have requests to drain)."""
+    if not health_url:
+        return True  # unknown: assume it serves, drain in full
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(health_url, timeout=timeout_s) as r:  # noqa: S310 - our own server
+            return r.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
 
 
 def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seconds: float,
-              prefix: str | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+              prefix: str | None = None, out: IO[str] | None = None, err: IO[str] | None = None,
+              health_url: str | None = None) -> int:
     """Run the child until it exits or a stop signal arrives; return the daemon's exit code."""
     err = err or sys.stderr
     stop = threading.Event()
@@ -44,10 +62,16 @@ def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seco
                 child.remember_descendants()
                 last_scan = time.monotonic()
         if stop.is_set():
-            print(f"pdserve serve: {received[0]}: stopping {name}, draining up to {drain_seconds:g}s",
-                  file=err, flush=True)
+            deadline = drain_seconds
+            if drain_seconds > STARTING_GRACE_S and not serving(health_url):
+                deadline = STARTING_GRACE_S
+                print(f"pdserve serve: {received[0]}: stopping {name}, which is not serving yet "
+                      f"(nothing to drain): {deadline:g}s before SIGKILL", file=err, flush=True)
+            else:
+                print(f"pdserve serve: {received[0]}: stopping {name}, draining up to {drain_seconds:g}s",
+                      file=err, flush=True)
             t0 = time.monotonic()
-            rc = child.stop(drain_seconds)
+            rc = child.stop(deadline)
             print(f"pdserve serve: {name} stopped (exit {rc}) in {time.monotonic() - t0:.1f}s",
                   file=err, flush=True)
             return 0

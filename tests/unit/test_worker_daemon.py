@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from pdserve.worker.daemon import serving
 
 pytestmark = pytest.mark.unit
 
@@ -38,15 +43,16 @@ DAEMON = textwrap.dedent("""
     import sys
     from pdserve.worker.daemon import supervise
     sys.exit(supervise("prefill0", [sys.executable, sys.argv[1], sys.argv[2]], None, float(sys.argv[3]),
-                       prefix="[prefill0] "))
+                       prefix="[prefill0] ", health_url=sys.argv[4] if len(sys.argv) > 4 else None))
 """)
 
 
-def start(tmp_path: Path, mode: str, drain: float = 5.0) -> subprocess.Popen[str]:
+def start(tmp_path: Path, mode: str, drain: float = 5.0, health_url: str | None = None) -> subprocess.Popen[str]:
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", DAEMON, str(child), mode, str(drain)], env=env,
+    extra = [health_url] if health_url else []
+    return subprocess.Popen([sys.executable, "-c", DAEMON, str(child), mode, str(drain), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -119,3 +125,52 @@ def test_child_death_is_non_zero_with_log_tail(tmp_path: Path) -> None:
     tail = [line for line in err.splitlines() if line.startswith("  | ")]
     assert len(tail) == 40 and tail[-1] == "  | fatal: out of cheese"
     assert gone(grandchild(out.splitlines()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_not_serving_yet_is_not_drained(tmp_path: Path) -> None:
+    """Ctrl-C while vLLM still starts (it ignores SIGTERM then): a short grace, not the drain."""
+    d = start(tmp_path, "stubborn", drain=60.0, health_url=f"http://127.0.0.1:{free_port()}/health")
+    gc = grandchild(wait_for(d, "ready"))
+    t0 = time.monotonic()
+    d.send_signal(signal.SIGTERM)
+    _, err = d.communicate(timeout=30)
+    assert d.returncode == 0 and time.monotonic() - t0 < 15
+    assert "not serving yet (nothing to drain)" in err
+    assert gone(gc)
+
+
+def test_serving_reads_the_health_status() -> None:
+    class Health(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(Health.status)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/health"
+    try:
+        assert serving(url) and serving(None)
+        Health.status = 503
+        assert not serving(url)
+        assert not serving(f"http://127.0.0.1:{free_port()}/health")
+    finally:
+        server.shutdown()
+
+
+def test_health_url_from_the_server_command_line() -> None:
+    from pdserve.worker.cli import _health_url
+
+    assert _health_url(["--host", "0.0.0.0", "--port", "8001"]) == "http://127.0.0.1:8001/health"
+    assert _health_url(["--port=9", "--host", "::1"]) == "http://[::1]:9/health"
+    assert _health_url(["--model", "m"]) is None
