@@ -27,8 +27,11 @@ def test_readers_stop_spinning_writers_are_untouched() -> None:
     shared_cores.no_busy_wait(Spin)
     shared_cores.no_busy_wait(Spin)  # idempotent: not wrapped twice
     reader.wait(5000)
+    reader.wait()
+    reader.wait(1)
     writer.wait()
-    assert reader.calls == [(0, 5000)] and reader.busy_loop_s == 0
+    # each sleep is capped: vLLM's notifications get lost, and its own backstop is 5 s
+    assert reader.calls == [(0, 2), (0, 2), (0, 1)] and reader.busy_loop_s == 0
     assert writer.calls == [(1.0, None)]
 
 
@@ -43,3 +46,27 @@ def test_applied_to_vllm_only_when_told(monkeypatch) -> None:
 
     assert shared_cores.apply({"PDSERVE_SHARED_CORES": "1"}) is True
     assert getattr(SpinCondition, "_pdserve_no_busy_wait", False)
+
+
+def test_real_reader_with_a_lost_notification_rechecks_within_milliseconds(tmp_path) -> None:
+    """vLLM's reader, idle and never notified (a lost notification), comes back to re-read the
+    buffer within a few milliseconds; unpatched, ``wait(None)`` would block until a notification."""
+    import time
+
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    class Spin(SpinCondition):
+        pass
+
+    shared_cores.no_busy_wait(Spin)
+    ctx = zmq.Context()
+    try:
+        reader = Spin(True, ctx, f"ipc://{tmp_path}/notify")  # no writer: nothing will ever notify
+        reader.last_read = 0.0  # long idle: unpatched, this is vLLM's indefinite poll
+        t0 = time.monotonic()
+        for _ in range(5):
+            reader.wait(None)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        ctx.destroy(linger=0)
