@@ -21,8 +21,12 @@ class Proc:
     cpu_s: float
 
 
+def _is_server(cmdline: str) -> bool:
+    return "vllm.entrypoints" in cmdline or "vllm serve" in cmdline
+
+
 def _role(cmdline: str) -> str:
-    if '"kv_producer"' in cmdline or "kv_producer" in cmdline:
+    if "kv_producer" in cmdline:
         return "prefill "
     if "kv_consumer" in cmdline:
         return "decode "
@@ -35,11 +39,11 @@ def label(name: str, cmdline: str, server_cmdline: str | None) -> str:
         kind = "worker"
     elif name.startswith("VLLM::EngineCor") or "VLLM::EngineCore" in cmdline:
         kind = "engine core"
-    elif "vllm.entrypoints" in cmdline or "vllm serve" in cmdline:
+    elif _is_server(cmdline):
         kind = "API server"
     elif "pdserve" in cmdline and "serve" in cmdline:
         kind = "pdserve daemon"
-    elif "pd_proxy" in cmdline or "proxy" in cmdline:
+    elif "proxy" in cmdline:
         kind = "proxy"
     elif "resource_tracker" in cmdline:
         kind = "resource tracker"
@@ -67,12 +71,9 @@ def snapshot(root_pids: Iterable[int]) -> dict[int, Proc]:
                 with p.oneshot():
                     cmd = " ".join(p.cmdline())
                     t = p.cpu_times()
-                    server = None
-                    for q in [p, *p.parents()]:
-                        qcmd = " ".join(q.cmdline())
-                        if "vllm.entrypoints" in qcmd or "vllm serve" in qcmd:
-                            server = qcmd
-                            break
+                    # the vLLM server this process belongs to: itself or its nearest ancestor
+                    server = next((c for c in (" ".join(q.cmdline()) for q in [p, *p.parents()])
+                                   if _is_server(c)), None)
                     out[p.pid] = Proc(label(p.name(), cmd, server), t.user + t.system)
             except psutil.Error:
                 continue

@@ -221,7 +221,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("health_timeout", ("--health-timeout",), "float", "timeouts (seconds)"),
     Opt("startup_timeout", ("--startup-timeout",), "float", "timeouts (seconds)", env="PDSERVE_STARTUP_TIMEOUT",
         help="how long to wait for the instances to become healthy at start-up"),
-    Opt("retries", ("--retries",), "int", "timeouts (seconds)", help="extra attempts after a 5xx or dropped connection, on another instance (the same one when it is the only healthy one) (default 1)"),
+    Opt("retries", ("--retries",), "int", "timeouts (seconds)",
+        help="extra attempts after a 5xx or dropped connection: on another instance, or on the same "
+             "one when it is the only healthy one (default 1)"),
     Opt("no_access_log", ("--no-access-log",), "bool", "timeouts (seconds)",
         help="no structured access-log line per request"),
     Opt("system_prompt", ("--system-prompt",), "str", "serving features", metavar="TEXT",

@@ -26,6 +26,7 @@ from typing import IO
 from pdserve import ranktable
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.up.plan import ClusterPlan, ranktable_paths
+from pdserve.worker.daemon import http_get_ok
 from pdserve.worker.process import ManagedProcess
 
 
@@ -71,14 +72,6 @@ def check_ports_free(plan: ClusterPlan) -> None:
                           "stop what listens there, or pass another --port / --base-port")
 
 
-def http_get_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, TimeoutError):
-        return False
-
-
 def write_ranktables(plan: ClusterPlan, run_dir: Path) -> tuple[Path, dict[str, Path], Path]:
     prefill = [list(i.devices) for i in plan.prefill]
     decode = [list(i.devices) for i in plan.decode]
@@ -108,7 +101,7 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
             argv += ["--tensor-parallel-size", str(plan.tp)]
         argv += list(s.vllm_args)
         env = dict(base_env, RANK_TABLE_FILE_PATH=str(locals_[inst.name]))
-        if inst.cpu_bind:  # cores reused by several instances
+        if inst.cpu_bind:
             env["PDSERVE_CPU_BIND"] = inst.cpu_bind
         out.append((inst.name, argv, env))
     sched_argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(plan.scheduler_port),

@@ -3,9 +3,10 @@
 SIGTERM/SIGINT → SIGTERM to the server's process group, up to ``--drain-seconds`` for in-flight
 requests, then SIGKILL; exit 0. A server that is still starting (its ``/health`` does not answer
 200) has nothing to drain: it gets ``STARTING_GRACE_S`` instead, so Ctrl-C during a slow start-up
-does not wait out the whole drain deadline (vLLM ignores SIGTERM while its engine starts). A server that dies on its own makes the daemon exit non-zero with
-the last lines of the server's log on stderr, so the reason is on screen even when the full log
-scrolled away or went to a file nobody reads.
+does not wait out the whole drain deadline (vLLM ignores SIGTERM while its engine starts). A
+server that dies on its own makes the daemon exit non-zero with the last lines of the server's
+log on stderr, so the reason is on screen even when the full log scrolled away or went to a file
+nobody reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import IO
 
@@ -23,18 +26,18 @@ TAIL_LINES = 40
 STARTING_GRACE_S = 3.0
 
 
+def http_get_ok(url: str, timeout: float = 2.0) -> bool:
+    """GET ``url`` answers 200 (a health check); any error or timeout is "no"."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError):
+        return False
+
+
 def serving(health_url: str | None, timeout_s: float = 1.0) -> bool:
     """Whether the server answers its health check (only then can it have requests to drain)."""
-    if not health_url:
-        return True  # unknown: assume it serves, drain in full
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(health_url, timeout=timeout_s) as r:  # noqa: S310 - our own server
-            return r.status == 200
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
+    return True if not health_url else http_get_ok(health_url, timeout_s)  # unknown: drain in full
 
 
 def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seconds: float,
