@@ -66,14 +66,14 @@ class SchedulerSide:
             params["do_remote_prefill"] = False  # sibling pulled it: its blocks are cached here
             return 0, False
         remote_tokens = min(int(params.get("remote_num_tokens") or 0), request.num_prompt_tokens)
-        error = self._check_compatible(request, params)
+        error = self._check_compatible(request, params, remote_tokens)
         if error:
             # still "load" so the request fails (or recomputes) through vLLM's failure path
             self._load_errors[request.request_id] = error
         count = remote_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
-    def _check_compatible(self, request: "Request", params: dict[str, Any]) -> str:
+    def _check_compatible(self, request: "Request", params: dict[str, Any], remote_tokens: int) -> str:
         if int(params.get("tp_size", self.tp_size)) != self.tp_size:
             return (f"prefill instance has tensor-parallel size {params.get('tp_size')}, this "
                     f"decode instance {self.tp_size}: pdserve needs equal TP on both (fix the "
@@ -82,7 +82,9 @@ class SchedulerSide:
             return (f"prefill instance uses block size {params.get('block_size')}, this decode "
                     f"instance {self.block_size}: use the same --block-size on both")
         digest = params.get("prompt_digest")
-        if digest and digest != prompt_digest(request.prompt_token_ids or []):
+        # the prompt may go on past the remote tokens (the scheduler sent the prefill's first
+        # token along, to continue after it): the pulled KV must match the part it covers
+        if digest and digest != prompt_digest((request.prompt_token_ids or [])[:remote_tokens]):
             return ("the prompt tokens differ from the ones the prefill instance computed "
                     "(different tokenizer, chat template or request?)")
         return ""

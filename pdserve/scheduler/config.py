@@ -113,6 +113,7 @@ class SchedulerConfig:
     decode_only_uncached_below: int = 0  # ... or whose part not cached on a decode instance is below it
     decode_only_when_queued: int = 0  # ... or when every prefill instance has this many prompt tokens queued
     decode_affinity: bool = True  # prefer the decode instance that holds the conversation's history
+    prefill_first_token: bool = True  # stream the prefill's token at once; decode continues after it
     affinity_chunk_chars: int = 256  # granularity of the decode-side prefix tracker
     config_file: str | None = None
 
@@ -188,6 +189,10 @@ OPTIONS: tuple[Opt, ...] = (
              f"factor of the mean load (default {_D.affinity_load_factor:g})"),
     Opt("no_decode_affinity", ("--no-decode-affinity",), "bool", "routing",
         help="do not prefer the decode instance that already holds a conversation's earlier turns"),
+    Opt("no_prefill_first_token", ("--no-prefill-first-token",), "bool", "routing",
+        env="PDSERVE_NO_PREFILL_FIRST_TOKEN",
+        help="streams: do not send the prefill instance's token to the client at once; the decode instance "
+             "computes the first token again after the KV hand-over (vLLM's own proxies do this)"),
     Opt("affinity_chunk_chars", ("--affinity-chunk-chars",), "int", "routing",
         help=f"granularity of the decode-side prefix tracker, in characters (default {_D.affinity_chunk_chars})"),
     Opt("decode_only_below", ("--decode-only-below",), "int", "cache-aware disaggregation", metavar="TOKENS",
@@ -483,6 +488,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         decode_only_uncached_below=pick("decode_only_uncached_below", d.decode_only_uncached_below),
         decode_only_when_queued=pick("decode_only_when_queued", d.decode_only_when_queued),
         decode_affinity=not v["no_decode_affinity"],
+        prefill_first_token=not v["no_prefill_first_token"],
         affinity_chunk_chars=pick("affinity_chunk_chars", d.affinity_chunk_chars),
         config_file=config_path,
     )

@@ -53,6 +53,9 @@ class SchedulerMetrics:
                                      registry=r)
         self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
                                    "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool)", ["reason"], registry=r)
+        self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Streams whose first token came "
+                                          "from the prefill instance's answer (the decode instance continued "
+                                          "after it)", registry=r)
         self.capture_dropped = Counter(p + "capture_dropped_total", "Capture records dropped because the writer "
                                        "queue was full (requests are never slowed down for capture)", registry=r)
         self.draining = Gauge(p + "draining", "1 while the scheduler drains (refuses new requests) before exiting",

@@ -29,6 +29,7 @@ from pdserve.scheduler.affinity import PrefixPoints, PrefixTracker
 from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.errors import ApiError, UpstreamClientError
+from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
 from pdserve.scheduler.pool import Instance, InstancePool
@@ -83,6 +84,7 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None
     cached_tokens: int | None
     prompt_tokens: int | None
+    first: FirstToken | None = None  # the prefill's token, already sent to the client
 
 
 def _down(tried: list[Instance]) -> list[Instance]:
@@ -107,9 +109,12 @@ class _DecodeRetry(Exception):
         self.reason = reason
 
 
-def prefill_body(body: dict[str, Any], endpoint: str) -> bytes:
-    """The client's request made into a 1-token, non-streaming prefill call."""
+def prefill_body(body: dict[str, Any], endpoint: str, token_ids: bool = False) -> bytes:
+    """The client's request made into a 1-token, non-streaming prefill call (``token_ids``: ask for
+    the prompt's and the token's ids, to continue after the token)."""
     b = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
+    if token_ids:
+        b["return_token_ids"] = True
     b["max_tokens"] = 1
     if "max_completion_tokens" in b:
         b["max_completion_tokens"] = 1
@@ -163,8 +168,8 @@ class PDFlow:
         return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
 
     # -- prefill ---------------------------------------------------------------------------------
-    async def prefill(self, ctx: RequestContext) -> PrefillResult:
-        body = prefill_body(ctx.body, ctx.endpoint)
+    async def prefill(self, ctx: RequestContext, want_first: bool = False) -> PrefillResult:
+        body = prefill_body(ctx.body, ctx.endpoint, want_first)
         tried: list[Instance] = []
         last: ApiError | None = None
         reason = ""
@@ -220,7 +225,8 @@ class PDFlow:
                 kvtp = None
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
                           ctx.request_id, inst.spec.name)
-            return PrefillResult(inst.spec.name, kvtp, cached, prompt)
+            first = from_prefill(ctx.endpoint, data, self.cfg.max_model_len) if want_first else None
+            return PrefillResult(inst.spec.name, kvtp, cached, prompt, first)
         assert last is not None
         raise last
 
@@ -242,29 +248,67 @@ class PDFlow:
     # -- whole flow ------------------------------------------------------------------------------
     async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:
         # decode-only: the decode instance computes the prompt itself (no kv_transfer_params)
-        pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx)
+        want_first = (self.cfg.prefill_first_token and not ctx.decode_only and isinstance(relay, OpenAIRelay)
+                      and eligible(ctx.endpoint, ctx.body))
+        pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
+        out = None if pre.first is None else await self._send_first(ctx, request, pre.first, relay)
         tried: list[Instance] = []
-        for attempt in range(1 + self.cfg.retries):
-            if request.transport is None or request.transport.is_closing():
-                ctx.error = "client disconnected before decode"
-                raise asyncio.CancelledError()
-            try:
-                return await self._decode(ctx, request, pre, relay, tried, retrying=attempt > 0)
-            except _DecodeRetry as exc:
-                tried.append(exc.inst)
-                if attempt == self.cfg.retries:
-                    raise exc.error from None
-                ctx.retries += 1
-                self.metrics.retries.labels("decode", exc.reason).inc()
-                log.warning("request %s: %s; retrying on another decode instance%s", ctx.request_id,
-                            exc.error.message, " after a new prefill" if exc.reprefill else "")
-                if exc.reprefill and not ctx.decode_only:
-                    pre = await self.prefill(ctx)
-        raise AssertionError("unreachable")
+        try:
+            for attempt in range(1 + self.cfg.retries):
+                if request.transport is None or request.transport.is_closing():
+                    ctx.error = "client disconnected before decode"
+                    raise asyncio.CancelledError()
+                try:
+                    return await self._decode(ctx, request, pre, relay, tried, retrying=attempt > 0, out=out)
+                except _DecodeRetry as exc:
+                    tried.append(exc.inst)
+                    if attempt == self.cfg.retries:
+                        raise exc.error from None
+                    ctx.retries += 1
+                    self.metrics.retries.labels("decode", exc.reason).inc()
+                    log.warning("request %s: %s; retrying on another decode instance%s", ctx.request_id,
+                                exc.error.message, " after a new prefill" if exc.reprefill else "")
+                    if exc.reprefill and pre.first is not None:
+                        # the client has the token: the decode instance computes prompt + token itself
+                        pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, pre.first)
+                    elif exc.reprefill and not ctx.decode_only:
+                        pre = await self.prefill(ctx)
+            raise AssertionError("unreachable")
+        except (ApiError, UpstreamClientError) as exc:
+            if out is None:
+                raise
+            # the stream started with the prefill's token: end it the way vLLM ends a failed stream
+            err = exc if isinstance(exc, ApiError) else ApiError(502 if exc.status >= 500 else exc.status,
+                                                                 f"decode instance refused the continuation: "
+                                                                 f"{_snippet(exc.body)}")
+            ctx.error = err.message
+            log.warning("request %s: %s", ctx.request_id, err.message)
+            await out.write(relay.error(err))
+            await out.write_eof()
+            return out
+
+    async def _send_first(self, ctx: RequestContext, request: web.Request, first: FirstToken,
+                          relay: Relay) -> web.StreamResponse:
+        """Open the client's stream with the prefill's token (before the decode instance is asked)."""
+        out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
+        out.content_type = relay.stream_content_type or "text/event-stream"
+        await out.prepare(request)
+        opts = ctx.body.get("stream_options")
+        events = first.events(isinstance(opts, dict) and bool(opts.get("continuous_usage_stats")))
+        ctx.chunks += events.count(b"data: ")
+        if ctx.capture is not None:
+            ctx.capture.chunks.append(events)
+        await out.write(relay.transform(events))
+        ctx.ttft_s = time.perf_counter() - ctx.t0
+        self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
+        self.metrics.first_from_prefill.inc()
+        return out
 
     # -- decode ----------------------------------------------------------------------------------
     async def _decode(self, ctx: RequestContext, request: web.Request, pre: PrefillResult, relay: Relay,
-                      tried: list[Instance], retrying: bool) -> web.StreamResponse:
+                      tried: list[Instance], retrying: bool,
+                      out: web.StreamResponse | None = None) -> web.StreamResponse:
+        """One decode attempt. ``out``: the client's stream, already opened with the prefill's token."""
         try:
             inst = await self.pool.decode.acquire(ctx.key, tried)
         except ApiError as exc:
@@ -279,7 +323,12 @@ class PDFlow:
         ctx.instances.append(name)
         if self.tracker is not None and ctx.points is not None:
             self.tracker.record(name, ctx.points)  # its prefix cache will hold this prompt
-        body = decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
+        if pre.first is None:
+            path, body = ctx.path, decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
+        else:
+            path, body = "/v1/completions", pre.first.decode_body(ctx.body, pre.kv_transfer_params)
+            if ctx.endpoint == "chat":
+                relay = ChatFromCompletion(pre.first, relay)
         resp: aiohttp.ClientResponse | None = None
         finished = False
         backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself
@@ -289,7 +338,7 @@ class PDFlow:
             payload = b""
             try:
                 async with asyncio.timeout(self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout):
-                    resp = await self.session.post(inst.url + ctx.path, data=body, headers=self._headers(ctx))
+                    resp = await self.session.post(inst.url + path, data=body, headers=self._headers(ctx))
                     if ctx.stream and resp.status == 200:
                         first = await resp.content.readany()
                     else:
@@ -321,10 +370,11 @@ class PDFlow:
                 finished = True
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} closed the stream before the "
                                                   "first token"), True, "empty_stream")
-            out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
-            out.content_type = (relay.stream_content_type or resp.headers.get("Content-Type", "text/event-stream")
-                                ).split(";")[0]
-            await out.prepare(request)
+            if out is None:
+                out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
+                out.content_type = (relay.stream_content_type
+                                    or resp.headers.get("Content-Type", "text/event-stream")).split(";")[0]
+                await out.prepare(request)
             finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name)
             return out
         finally:
@@ -363,18 +413,21 @@ class PDFlow:
     def _fix_usage(self, ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any]) -> bool:
         """Record the token counts and put the prefill side's cached tokens in (the decode side
         counts the transferred KV as cached, which says nothing about the prefix cache)."""
+        changed = pre.first is not None
+        if changed:
+            FirstToken.fix_usage(usage)
         ctx.prompt_tokens = usage.get("prompt_tokens")
         ctx.completion_tokens = usage.get("completion_tokens")
         if pre.cached_tokens is None or pre.kv_transfer_params is None:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict):
                 ctx.cached_tokens = details.get("cached_tokens")
-            return False
+            return changed
         ctx.cached_tokens = pre.cached_tokens
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
             if details.get("cached_tokens") == pre.cached_tokens:
-                return False
+                return changed
             details["cached_tokens"] = pre.cached_tokens
         else:
             usage["prompt_tokens_details"] = {"cached_tokens": pre.cached_tokens}
@@ -410,7 +463,8 @@ class PDFlow:
         Returns True when the upstream answer was read to its end."""
         itl = self.metrics.child(self.metrics.itl, ctx.endpoint)
         buf = first
-        last = first_at = 0.0
+        last = first_at = 0.0 if ctx.ttft_s is None else ctx.t0 + ctx.ttft_s  # the prefill's token went out
+        handover = ctx.prefill_done is not None and pre.kv_transfer_params is not None
         saw_done = False
         err: ApiError | None = None
         content = resp.content
@@ -426,11 +480,12 @@ class PDFlow:
                     saw_done = True
                     n -= 1
                 now = time.perf_counter()
+                if handover:  # the decode instance's first event
+                    self.metrics.kv_handover.observe(now - ctx.prefill_done)  # type: ignore[operator]
+                    handover = False
                 if ctx.ttft_s is None:
                     ctx.ttft_s = now - ctx.t0
                     self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
-                    if ctx.prefill_done is not None and pre.kv_transfer_params is not None:
-                        self.metrics.kv_handover.observe(now - ctx.prefill_done)
                     first_at = now
                 elif n:
                     itl.observe(now - last)

@@ -59,6 +59,16 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+OUTPUT_ID_BASE = 1_000_000  # token id of output token k is OUTPUT_ID_BASE + k
+
+
+def _token_id(tok: str) -> int:
+    """A stable stand-in id for a prompt word (output tokens have their own range)."""
+    if tok.isdigit():
+        return int(tok)
+    return int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=3).digest(), "big")
+
+
 def _prompt_tokens(path: str, body: dict[str, Any]) -> list[str]:
     """A deterministic stand-in for tokenization: whitespace words (token ids as themselves)."""
     if path.endswith("chat/completions"):
@@ -273,6 +283,10 @@ class FakeInstance:
         max_tokens = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens") or 16
         n_out = min(cfg.output_tokens, max_tokens) if cfg.output_tokens is not None else max_tokens
         n_choices = int(body.get("n") or 1)
+        # a prompt of token ids that ends with an output token continues that answer (the scheduler
+        # sent the prefill's token along): number the tokens on from there
+        first_k = int(toks[-1]) - OUTPUT_ID_BASE + 1 if toks and toks[-1].isdigit() and \
+            int(toks[-1]) >= OUTPUT_ID_BASE else 0
         if not 1 <= n_choices <= 64 or not 1 <= int(max_tokens) <= 1_000_000:
             rec["status"] = 400
             return self._error(400, "fake instance: n must be in 1..64 and max_tokens in 1..1e6")
@@ -293,7 +307,8 @@ class FakeInstance:
                 if request.transport is not None:
                     request.transport.close()
                 return web.Response(status=500)
-            texts = ["".join(f" c{i}t{k}" for k in range(n_out)) for i in range(n_choices)]
+            ks = range(first_k, first_k + n_out)
+            texts = ["".join(f" c{i}t{k}" for k in ks) for i in range(n_choices)]
             if chat:
                 choices = [{"index": i, "message": {"role": "assistant", "content": t, "tool_calls": []},
                             "logprobs": None, "finish_reason": finish, "stop_reason": None}
@@ -303,13 +318,22 @@ class FakeInstance:
                 choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": finish, "stop_reason": None,
                             "prompt_logprobs": None} for i, t in enumerate(texts)]
                 obj = dict(head)
+            if body.get("return_token_ids"):  # like vLLM: the ids of the output and of the prompt
+                prompt_ids = [_token_id(t) for t in toks]
+                for c in choices:
+                    c["token_ids"] = [OUTPUT_ID_BASE + k for k in ks]
+                    if not chat:
+                        c["prompt_token_ids"] = prompt_ids
+                if chat:
+                    obj["prompt_token_ids"] = prompt_ids
             obj.update(choices=choices, usage=usage, kv_transfer_params=kvtp_out)
             rec["tokens_sent"] = n_out
             return web.Response(body=_dumps(obj), content_type="application/json")
-        return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage)
+        return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage, first_k)
 
     async def _stream(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], head: dict[str, Any],
-                      chat: bool, n_out: int, n_choices: int, finish: str, usage: dict[str, Any]) -> web.StreamResponse:
+                      chat: bool, n_out: int, n_choices: int, finish: str, usage: dict[str, Any],
+                      first_k: int = 0) -> web.StreamResponse:
         cfg = self.config
         opts = body.get("stream_options") or {}
         continuous = bool(opts.get("continuous_usage_stats"))
@@ -337,11 +361,11 @@ class FakeInstance:
             last = k == n_out - 1
             fr = finish if last else None
             for i in range(n_choices):
+                text = f" c{i}t{first_k + k}"
                 if chat:
-                    ch = {"index": i, "delta": {"content": f" c{i}t{k}"}, "logprobs": None, "finish_reason": fr}
+                    ch = {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": fr}
                 else:
-                    ch = {"index": i, "text": f" c{i}t{k}", "logprobs": None, "finish_reason": fr,
-                          "stop_reason": None}
+                    ch = {"index": i, "text": text, "logprobs": None, "finish_reason": fr, "stop_reason": None}
                 await resp.write(event([ch], k + 1))
             rec["tokens_sent"] = k + 1
         if opts.get("include_usage"):

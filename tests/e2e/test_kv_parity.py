@@ -148,3 +148,54 @@ def test_openai_client_sync_and_streaming_match_reference(pd_cluster, reference)
     ref = plain.completions.create(model=pd_cluster.served_model_name, prompt="The capital of France is",
                                    max_tokens=12, temperature=0)
     assert comp.choices[0].text == ref.choices[0].text
+
+
+def _stream(url: str, path: str, body: dict) -> tuple[str, dict, int]:
+    """(text, usage, data events) of a streamed answer."""
+    import json
+
+    r = requests.post(f"{url}{path}", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      stream=True, timeout=120)
+    assert r.status_code == 200, r.text
+    text, usage, events = "", {}, 0
+    for line in r.iter_lines():
+        if not line.startswith(b"data: {"):
+            continue
+        events += 1
+        ev = json.loads(line[6:])
+        assert "error" not in ev, ev
+        if ev.get("usage"):
+            usage = ev["usage"]
+        for c in ev.get("choices") or ():
+            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+    return text, usage, events
+
+
+def test_streams_open_with_the_prefill_token_and_match_reference(pd_cluster, reference):
+    """Streams take the first token from the prefill's answer and let the decode instance continue
+    after it (token ids on /v1/completions; chat rebuilt from that stream): same greedy text and
+    usage as one server, and the decode instance still pulls the prompt's KV."""
+    model = pd_cluster.served_model_name
+    first_before = metric(pd_cluster.scheduler_url, "pdserve_scheduler_first_token_from_prefill_total")
+    computed_before = metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    n = 0
+    for prompt in PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        got, want = (_stream(u, "/v1/completions", body) for u in (pd_cluster.scheduler_url, reference))
+        assert got[0] == want[0], prompt[:40]
+        assert (got[1]["prompt_tokens"], got[1]["completion_tokens"]) == \
+            (want[1]["prompt_tokens"], want[1]["completion_tokens"])
+        n += 1
+    for messages in CHATS:
+        body = {"model": model, "messages": messages, "max_tokens": 32, "temperature": 0}
+        got, want = (_stream(u, "/v1/chat/completions", body) for u in (pd_cluster.scheduler_url, reference))
+        assert got[0] == want[0] and got[0]
+        assert (got[1]["prompt_tokens"], got[1]["completion_tokens"]) == \
+            (want[1]["prompt_tokens"], want[1]["completion_tokens"])
+        n += 1
+    took_path = metric(pd_cluster.scheduler_url, "pdserve_scheduler_first_token_from_prefill_total") - first_before
+    assert took_path >= n - 2, took_path  # all but a first token that ends the answer (EOS) or is not text
+    # the decode instance computed about one token per request (the prefill's); the prompts' KV was
+    # pulled or already in its prefix cache from the tests before
+    computed = metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    assert computed - computed_before <= 2 * n, computed - computed_before

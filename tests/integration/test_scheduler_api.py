@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pdserve.testing.fake_instance import OUTPUT_ID_BASE
 from tests.integration.conftest import MODEL, Cluster, MakeCluster
 
 pytestmark = pytest.mark.integration
@@ -90,10 +91,27 @@ async def test_completion_stream_with_usage(cluster: Cluster) -> None:
     texts = [e["choices"][0]["text"] for e in events[:-2]]
     assert texts == [f" c0t{k}" for k in range(4)]
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 4
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] == 4 and usage["total_tokens"] == 8  # the prefill's token counted as output
     pre = one(cluster.prefill)["body"]
     assert pre["stream"] is False and "stream_options" not in pre and "min_tokens" not in pre
+    assert pre["return_token_ids"] is True  # to continue after the prefill's token
     dec = one(cluster.decode)["body"]
-    assert dec["stream"] is True and dec["stream_options"] == {"include_usage": True} and dec["min_tokens"] == 2
+    assert dec["stream"] is True and dec["stream_options"] == {"include_usage": True}
+    # the first token came from the prefill; the decode instance continues after it
+    assert dec["prompt"][-1] == OUTPUT_ID_BASE and len(dec["prompt"]) == 5
+    assert dec["max_tokens"] == 3 and dec["min_tokens"] == 1
+
+
+async def test_completion_stream_plain_handover_when_disabled(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, prefill_first_token=False)
+    body = {"model": MODEL, "prompt": "one two three four", "max_tokens": 4, "stream": True, "min_tokens": 2}
+    async with c.post("/v1/completions", json=body) as r:
+        events = sse_events(await r.read())
+    assert [e["choices"][0]["text"] for e in events[:-1]] == [f" c0t{k}" for k in range(4)]
+    assert "return_token_ids" not in one(c.prefill)["body"]
+    dec = one(c.decode)["body"]
+    assert dec["prompt"] == "one two three four" and dec["max_tokens"] == 4 and dec["min_tokens"] == 2
 
 
 async def test_chat_non_stream_and_stream(cluster: Cluster) -> None:

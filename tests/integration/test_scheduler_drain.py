@@ -92,7 +92,8 @@ async def test_sigterm_drains_inflight_refuses_new_and_exits_0(slow_fakes) -> No
             proc.kill()
             await proc.wait()
     # the new request never reached an instance
-    assert [r["body"]["prompt"] for r in decode[0].inference_requests()] == ["long answer"]
+    assert len(decode[0].inference_requests()) == 1
+    assert [r["body"]["prompt"] for r in prefill[0].inference_requests()] == ["long answer"]
 
 
 async def test_drain_deadline_cuts_long_stream_and_exits_0(slow_fakes) -> None:  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ async def test_prefill_4xx_relayed_not_retried(make_cluster: MakeCluster) -> Non
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_decode_5xx_before_first_byte_retried_with_new_prefill(make_cluster: MakeCluster, stream: bool) -> None:
-    c = await make_cluster(1, 2, decode_policy="round-robin")
+    c = await make_cluster(1, 2, decode_policy="round-robin", prefill_first_token=False)
     c.decode[0].configure(fail_status=500)
     status, body, _ = await post(c, {"prompt": "r s", "max_tokens": 2, "stream": stream})
     assert status == 200, body
@@ -77,7 +77,7 @@ async def test_decode_5xx_before_first_byte_retried_with_new_prefill(make_cluste
 async def test_only_decode_5xx_once_retried_on_it_with_new_prefill(make_cluster: MakeCluster, stream: bool) -> None:
     """1P1D: a transient decode failure (e.g. a failed KV pull) is retried on the same, still
     healthy instance after a fresh prefill, instead of failing the request."""
-    c = await make_cluster(1, 1)
+    c = await make_cluster(1, 1, prefill_first_token=False)
     c.decode[0].configure(fail_status=500, fail_times=1)
     status, body, _ = await post(c, {"prompt": "r s", "max_tokens": 2, "stream": stream})
     assert status == 200, body
@@ -196,7 +196,7 @@ async def test_prefill_timeout_504(make_cluster: MakeCluster) -> None:
 
 
 async def test_first_token_timeout_504(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1, first_token_timeout=0.2)
+    c = await make_cluster(1, 1, first_token_timeout=0.2, prefill_first_token=False)
     c.decode[0].configure(ttft=2)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2, "stream": True})
     assert status == 504 and "--first-token-timeout" in json.loads(body)["error"]["message"]

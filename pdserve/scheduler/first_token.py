@@ -1,0 +1,247 @@
+"""The prefill instance's token goes to the client at once; the decode instance continues after it.
+
+The prefill call samples the first output token anyway (``max_tokens=1``). In the plain hand-over
+that token is thrown away: the decode instance pulls the KV, computes the last prompt token again
+and samples the same token, one HTTP hop, one pull and one or two engine steps later. Here the
+scheduler streams the prefill's token as soon as the prefill answers, and asks the decode instance
+to continue from *prompt + that token*, as token ids on ``/v1/completions``: it pulls the prompt's
+KV as usual and computes one token (the first one) before sampling the second. The client's first
+token no longer waits for the hand-over, and the tokens are the ones one server would produce
+(the continuation is conditioned on exactly the token the client got).
+
+Only streaming requests whose every field continues exactly take this path: one choice, no stop
+strings, no logprobs, greedy or unseeded sampling, an explicit or default-16 ``max_tokens``, and
+for chat, text-only messages without tools. Anything else, and a first token that ends the answer,
+is empty, or is an incomplete character, takes the plain hand-over. Chat answers are rebuilt from
+the completion stream (``ChatFromCompletion``) in vLLM's chunk format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.scheduler.jsonio import dumps, loads
+
+__all__ = ["FirstToken", "ChatFromCompletion", "eligible", "from_prefill", "MAX_TOKENS_DEFAULT"]
+
+MAX_TOKENS_DEFAULT = 16  # vLLM's /v1/completions default when max_tokens is absent
+
+# Fields the continuation honours exactly (the token moved from output to prompt changes nothing:
+# vLLM's repetition penalty covers prompt and output alike; min_tokens is reduced by one).
+_SAFE = frozenset({
+    "model", "stream", "stream_options", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
+    "min_p", "ignore_eos", "repetition_penalty", "stop_token_ids", "skip_special_tokens",
+    "spaces_between_special_tokens", "include_stop_str_in_output", "user", "priority", "logit_bias",
+    "allowed_token_ids",
+})
+# Fields that only shape the prompt: the prefill instance rendered them into the token ids.
+_CHAT_PROMPT = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+                          "chat_template_kwargs", "documents", "max_completion_tokens", "parallel_tool_calls"})
+_COMPLETION_PROMPT = frozenset({"prompt", "add_special_tokens"})
+# Fields allowed only with a value that turns their feature off.
+_OFF = frozenset({
+    "stop", "logprobs", "top_logprobs", "echo", "suffix", "best_of", "use_beam_search", "length_penalty",
+    "prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids", "response_format",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "tools", "tool_choice", "functions", "function_call", "bad_words", "truncate_prompt_tokens",
+    "presence_penalty", "frequency_penalty", "kv_transfer_params", "reasoning_effort", "include_reasoning",
+})
+
+
+def _is_off(key: str, value: Any) -> bool:
+    if value is None or value is False or value in ("", [], {}):
+        return True
+    if key == "best_of":
+        return value == 1
+    if key in ("presence_penalty", "frequency_penalty", "top_logprobs"):
+        return value == 0
+    if key == "tool_choice":
+        return value == "none"
+    return False
+
+
+def _text_only(messages: Any) -> bool:
+    if not isinstance(messages, list):
+        return False
+    for m in messages:
+        if not isinstance(m, dict):
+            return False
+        c = m.get("content")
+        if isinstance(c, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in c):
+                return False  # images, audio: their data is not in the token ids
+        elif c is not None and not isinstance(c, str):
+            return False
+    return True
+
+
+def requested_max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:
+    if endpoint == "chat":
+        return body.get("max_completion_tokens") or body.get("max_tokens")
+    return body.get("max_tokens", MAX_TOKENS_DEFAULT)
+
+
+def eligible(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether the request can continue from the prefill's token and give exactly what one server
+    gives (pure; unknown fields say no)."""
+    if endpoint not in ("completions", "chat") or body.get("stream") is not True:
+        return False
+    prompt_keys = _CHAT_PROMPT if endpoint == "chat" else _COMPLETION_PROMPT
+    for key, value in body.items():
+        if key in _SAFE or key in prompt_keys:
+            continue
+        if key == "n" and value in (None, 1):
+            continue
+        if key == "seed" and (value is None or body.get("temperature") == 0):
+            continue  # a seeded sampler would restart its random stream on the decode side
+        if key in _OFF and _is_off(key, value):
+            continue
+        return False
+    m = requested_max_tokens(endpoint, body)
+    if not isinstance(m, int) or m < 2:
+        return False  # one token: the prefill's answer is the whole answer; unknown: vLLM's default
+    if endpoint == "chat":
+        return _text_only(body.get("messages"))
+    prompt = body.get("prompt")
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                       and all(type(t) is int for t in prompt))
+
+
+@dataclass(slots=True)
+class FirstToken:
+    """The prefill's sampled token, and how to continue after it."""
+
+    endpoint: str
+    token_id: int
+    text: str
+    prompt_ids: list[int]
+    response_id: str
+    created: int
+    model: str
+
+    # -- what the client gets at once --------------------------------------------------------------
+    def events(self, continuous_usage: bool) -> bytes:
+        """The SSE events vLLM would have sent for this token (chat: the role chunk first)."""
+        n = len(self.prompt_ids)
+        out = []
+        if self.endpoint == "chat":
+            chunks = [({"role": "assistant", "content": ""}, 0), ({"content": self.text}, 1)]
+            for delta, k in chunks:
+                obj = self._head("chat.completion.chunk",
+                                 [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+                if continuous_usage:
+                    obj["usage"] = {"prompt_tokens": n, "completion_tokens": k, "total_tokens": n + k}
+                out.append(b"data: " + dumps(obj) + b"\n\n")
+        else:
+            obj = self._head("text_completion", [{"index": 0, "text": self.text, "logprobs": None,
+                                                  "finish_reason": None, "stop_reason": None}])
+            if continuous_usage:
+                obj["usage"] = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
+            out.append(b"data: " + dumps(obj) + b"\n\n")
+        return b"".join(out)
+
+    def _head(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    # -- what the decode instance gets -------------------------------------------------------------
+    def decode_body(self, body: dict[str, Any], kvtp: dict[str, Any] | None) -> bytes:
+        """A /v1/completions request that continues after the token (with the prompt's KV params)."""
+        out: dict[str, Any] = {k: v for k, v in body.items() if k in _SAFE}
+        out["prompt"] = [*self.prompt_ids, self.token_id]
+        out["max_tokens"] = requested_max_tokens(self.endpoint, body) - 1  # type: ignore[operator]
+        if body.get("min_tokens"):
+            out["min_tokens"] = max(0, int(body["min_tokens"]) - 1)
+        if body.get("seed") is not None:
+            out["seed"] = body["seed"]
+        if kvtp is not None:
+            out["kv_transfer_params"] = kvtp
+        return dumps(out)
+
+    @staticmethod
+    def fix_usage(usage: dict[str, Any]) -> None:
+        """The decode instance counted the token as prompt; the client's answer counts it as output."""
+        if isinstance(usage.get("prompt_tokens"), int) and usage["prompt_tokens"] > 0:
+            usage["prompt_tokens"] -= 1
+        if isinstance(usage.get("completion_tokens"), int):
+            usage["completion_tokens"] += 1
+
+
+def from_prefill(endpoint: str, data: Any, max_model_len: int | None) -> FirstToken | None:
+    """The prefill answer's token, when the answer can go on after it; else None (plain hand-over)."""
+    if not isinstance(data, dict):
+        return None
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if choice.get("finish_reason") != "length":
+        return None  # a stop token or string ended it: the decode instance says so the plain way
+    ids = choice.get("token_ids")
+    prompt_ids = data.get("prompt_token_ids") if endpoint == "chat" else choice.get("prompt_token_ids")
+    if not (isinstance(ids, list) and len(ids) == 1 and type(ids[0]) is int):
+        return None
+    if not (isinstance(prompt_ids, list) and prompt_ids and all(type(t) is int for t in prompt_ids)):
+        return None
+    if endpoint == "chat":
+        msg = choice.get("message")
+        if not isinstance(msg, dict) or msg.get("reasoning") or msg.get("reasoning_content") or msg.get("tool_calls"):
+            return None  # a reasoning or tool parser is at work: leave the answer to vLLM's chat server
+        text = msg.get("content")
+    else:
+        text = choice.get("text")
+    if not isinstance(text, str) or not text or "\ufffd" in text:
+        return None  # an empty (special) token or part of a character: no text to send yet
+    if max_model_len and len(prompt_ids) + 1 >= max_model_len:
+        return None  # the context is full after this token
+    return FirstToken(endpoint, ids[0], text, list(prompt_ids), str(data.get("id") or ""),
+                      int(data.get("created") or 0), str(data.get("model") or ""))
+
+
+class ChatFromCompletion:
+    """Rewrites the decode instance's completion stream into chat chunks (id, created and model of
+    the prefill's answer; errors and [DONE] unchanged), then hands them to the client's relay."""
+
+    passthrough = False
+
+    def __init__(self, first: FirstToken, inner: Any) -> None:
+        self.first = first
+        self.inner = inner
+        self.stream_content_type = inner.stream_content_type
+
+    def error(self, err: Any) -> bytes:
+        return self.inner.error(err)
+
+    def transform(self, events: bytes) -> bytes:
+        return self.inner.transform(self._rewrite(events))
+
+    def _rewrite(self, events: bytes) -> bytes:
+        out = []
+        for ev in events.split(b"\n\n"):
+            if not ev:
+                continue
+            if not ev.startswith(b"data: {"):
+                out.append(ev + b"\n\n")
+                continue
+            try:
+                obj = loads(ev[6:])
+            except ValueError:
+                out.append(ev + b"\n\n")
+                continue
+            if not isinstance(obj, dict) or "choices" not in obj:
+                out.append(ev + b"\n\n")  # an error event
+                continue
+            choices = []
+            for c in obj.get("choices") or ():
+                ch: dict[str, Any] = {"index": c.get("index", 0), "delta": {"content": c.get("text") or ""},
+                                      "logprobs": None, "finish_reason": c.get("finish_reason")}
+                if c.get("finish_reason") is not None:
+                    ch["stop_reason"] = c.get("stop_reason")
+                choices.append(ch)
+            chat = self.first._head("chat.completion.chunk", choices)
+            if "usage" in obj:
+                chat["usage"] = obj["usage"]
+            out.append(b"data: " + dumps(chat) + b"\n\n")
+        return b"".join(out)
+

@@ -1,0 +1,130 @@
+"""Which requests may continue after the prefill's token, and how the pieces are rebuilt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
+from pdserve.scheduler.relay import OpenAIRelay
+
+BASE = {"model": "m", "prompt": "hello", "max_tokens": 8, "stream": True}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"temperature": 0, "seed": 1}, {"temperature": 0.8}, {"top_p": 0.9, "top_k": 5, "min_p": 0.1},
+    {"stop": None}, {"stop": []}, {"n": 1}, {"logprobs": None}, {"min_tokens": 3}, {"ignore_eos": True},
+    {"repetition_penalty": 1.1}, {"presence_penalty": 0}, {"stream_options": {"include_usage": True}},
+    {"prompt": [1, 2, 3]},
+])
+def test_eligible_completions(extra: dict) -> None:
+    assert eligible("completions", {**BASE, **extra})
+
+
+@pytest.mark.parametrize("extra", [
+    {"stream": False}, {"stop": "x"}, {"logprobs": 0}, {"n": 2}, {"temperature": 0.8, "seed": 1}, {"seed": 1},
+    {"max_tokens": 1}, {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
+    {"prompt": ["a", "b"]}, {"prompt": [[1, 2]]}, {"prompt": []}, {"suffix": "z"}, {"unknown_field": 1},
+    {"response_format": {"type": "json_object"}}, {"kv_transfer_params": {"do_remote_decode": True}},
+])
+def test_not_eligible_completions(extra: dict) -> None:
+    assert not eligible("completions", {**BASE, **extra})
+
+
+def test_completions_default_max_tokens_is_vllms_16() -> None:
+    body = {k: v for k, v in BASE.items() if k != "max_tokens"}
+    assert eligible("completions", body)
+    first = FirstToken("completions", 5, "x", [1, 2], "cmpl-1", 0, "m")
+    assert json.loads(first.decode_body(body, None))["max_tokens"] == 15
+
+
+@pytest.mark.parametrize("extra, ok", [
+    ({}, True), ({"max_tokens": None, "max_completion_tokens": 4}, True), ({"max_tokens": None}, False),
+    ({"tools": [{"type": "function"}]}, False), ({"tools": []}, True), ({"tool_choice": "none"}, True),
+    ({"logprobs": True}, False), ({"chat_template_kwargs": {"x": 1}}, True),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, True),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}, False),
+    ({"reasoning_effort": "high"}, False),
+])
+def test_eligible_chat(extra: dict, ok: bool) -> None:
+    assert eligible("chat", {**CHAT, **extra}) is ok
+    assert not eligible("generate", {**BASE})
+
+
+def completion_answer(**choice) -> dict:
+    c = {"index": 0, "text": " Paris", "finish_reason": "length", "token_ids": [7042],
+         "prompt_token_ids": [1, 2, 3], **choice}
+    return {"id": "cmpl-abc", "created": 5, "model": "m", "choices": [c]}
+
+
+def test_from_prefill_completion() -> None:
+    first = from_prefill("completions", completion_answer(), 100)
+    assert first is not None and (first.token_id, first.text, first.prompt_ids) == (7042, " Paris", [1, 2, 3])
+
+
+@pytest.mark.parametrize("change", [
+    {"finish_reason": "stop"}, {"token_ids": None}, {"token_ids": [1, 2]}, {"prompt_token_ids": None},
+    {"text": ""}, {"text": "\ufffd"},
+])
+def test_from_prefill_refuses(change: dict) -> None:
+    assert from_prefill("completions", completion_answer(**change), 100) is None
+
+
+def test_from_prefill_refuses_a_full_context() -> None:
+    assert from_prefill("completions", completion_answer(), 4) is None
+    assert from_prefill("completions", completion_answer(), 5) is not None
+
+
+def test_from_prefill_chat_leaves_reasoning_and_tools_to_vllm() -> None:
+    def answer(**msg) -> dict:
+        return {"id": "chatcmpl-1", "created": 1, "model": "m", "prompt_token_ids": [4, 5],
+                "choices": [{"index": 0, "finish_reason": "length", "token_ids": [9],
+                             "message": {"role": "assistant", "content": "Hi", **msg}}]}
+    assert from_prefill("chat", answer(), None) is not None
+    assert from_prefill("chat", answer(content=None, reasoning="think"), None) is None
+    assert from_prefill("chat", answer(tool_calls=[{"id": "t"}]), None) is None
+
+
+def test_decode_body_continues_after_the_token() -> None:
+    first = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m")
+    body = {**CHAT, "max_completion_tokens": 6, "min_tokens": 1, "temperature": 0, "seed": 3,
+            "chat_template_kwargs": {"a": 1}, "stream_options": {"include_usage": True}}
+    out = json.loads(first.decode_body(body, {"remote_request_id": "r"}))
+    assert out == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+                   "prompt": [4, 5, 9], "max_tokens": 5, "min_tokens": 0, "seed": 3,
+                   "kv_transfer_params": {"remote_request_id": "r"}}
+
+
+def test_usage_counts_the_token_as_output() -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+    FirstToken.fix_usage(usage)
+    assert usage == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+def test_first_events_look_like_vllms() -> None:
+    chat = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m").events(continuous_usage=True)
+    evs = [json.loads(e[6:]) for e in chat.split(b"\n\n") if e]
+    assert [e["choices"][0]["delta"] for e in evs] == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
+    assert [e["usage"]["completion_tokens"] for e in evs] == [0, 1]
+    comp = FirstToken("completions", 9, " Hi", [4], "cmpl-1", 1, "m").events(continuous_usage=False)
+    ev = json.loads(comp[6:-2])
+    assert ev["object"] == "text_completion" and ev["choices"][0]["text"] == " Hi" and "usage" not in ev
+
+
+def test_chat_from_completion_stream() -> None:
+    first = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m")
+    relay = ChatFromCompletion(first, OpenAIRelay((b'"model":"m"', b'"model":"alias"')))
+    src = (b'data: {"id":"cmpl-1","object":"text_completion","created":2,"model":"m","choices":[{"index":0,'
+           b'"text":" there","logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+           b'data: {"id":"cmpl-1","object":"text_completion","created":2,"model":"m","choices":[],'
+           b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+           b'data: {"error":{"message":"boom","code":500}}\n\ndata: [DONE]\n\n')
+    out = relay.transform(src).split(b"\n\n")
+    a, b = json.loads(out[0][6:]), json.loads(out[1][6:])
+    assert a == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "alias",
+                 "choices": [{"index": 0, "delta": {"content": " there"}, "logprobs": None,
+                              "finish_reason": "length", "stop_reason": None}]}
+    assert b["choices"] == [] and b["usage"]["total_tokens"] == 4 and b["object"] == "chat.completion.chunk"
+    assert out[2] == b'data: {"error":{"message":"boom","code":500}}' and out[3] == b"data: [DONE]"
