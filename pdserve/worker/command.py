@@ -33,7 +33,8 @@ ENV_KV_PORT = "PDSERVE_KV_PORT"
 ENV_KV_TRANSPORT = "PDSERVE_KV_TRANSPORT"
 ENV_KV_CONNECTOR = "PDSERVE_KV_CONNECTOR"
 ENV_NO_EAGER = "PDSERVE_NO_EAGER"
-CPU_MAX_NUM_BATCHED_TOKENS = 512  # per-step token budget of CPU instances unless the operator sets one
+CPU_MAX_NUM_BATCHED_TOKENS = 512  # per-step token budget of CPU prefill instances unless the operator sets one
+CPU_DECODE_MAX_NUM_BATCHED_TOKENS = 128  # ... and of CPU decode instances (prompt work in smaller slices)
 ENV_CPU_BIND = "PDSERVE_CPU_BIND"  # explicit VLLM_CPU_OMP_THREADS_BIND instead of the ranktable's cores
 TRANSPORTS = ("auto", "tcp", "shm", "torch_dist")
 # stock connectors that expect one symmetric role on both sides
@@ -258,7 +259,8 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
         # vLLM's CPU default (2048) batches up to four queued prompts into one step, so all of them
         # wait for the slowest; a one-prompt budget finishes them in arrival order (lower TTFT)
         # and bounds how long a decode step carrying prompt work can stall the running decodes
-        argv += ["--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS)]
+        budget = CPU_DECODE_MAX_NUM_BATCHED_TOKENS if inst.role == "decode" else CPU_MAX_NUM_BATCHED_TOKENS
+        argv += ["--max-num-batched-tokens", str(budget)]
 
     if ctx.platform == "cpu":
         # vLLM's engine core is never bound on CPU (pdserve binds only the workers, and reserves no

@@ -260,10 +260,12 @@ def test_kv_load_failure_policy_and_extra_config_reach_vllm(decode: InstanceCont
 
 
 def test_cpu_token_budget_default_and_override(cpu_1p1d: tuple[Path, Path, Path]) -> None:
-    g, p, _ = cpu_1p1d
+    g, p, d = cpu_1p1d
     ctx = ctx_for(p, g, platform="cpu", cpu_count=2)
     argv, _ = build(ctx)
-    assert argv[argv.index("--max-num-batched-tokens") + 1] == "512"
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "512"  # prefill: one prompt per step
+    dargv, _ = build(ctx_for(d, g, platform="cpu", cpu_count=2))
+    assert dargv[dargv.index("--max-num-batched-tokens") + 1] == "128"  # decode: prompt work in slices
     argv, _ = build(ctx, "--max-num-batched-tokens=4096")
     assert [a for a in argv if a.startswith("--max-num-batched-tokens")] == ["--max-num-batched-tokens=4096"]
     cuda = ctx_for(GEN / "local_ranktable_10.0.0.18_45.json", platform="cuda")
