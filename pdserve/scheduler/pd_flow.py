@@ -277,15 +277,20 @@ class PDFlow:
         except (ApiError, UpstreamClientError) as exc:
             if out is None:
                 raise
-            # the stream started with the prefill's token: end it the way vLLM ends a failed stream
-            err = exc if isinstance(exc, ApiError) else ApiError(502 if exc.status >= 500 else exc.status,
-                                                                 f"decode instance refused the continuation: "
-                                                                 f"{_snippet(exc.body)}")
-            ctx.error = err.message
-            log.warning("request %s: %s", ctx.request_id, err.message)
-            await out.write(relay.error(err))
-            await out.write_eof()
-            return out
+            return await self._end_started_stream(ctx, out, relay, exc)
+
+    async def _end_started_stream(self, ctx: RequestContext, out: web.StreamResponse, relay: Relay,
+                                  exc: ApiError | UpstreamClientError) -> web.StreamResponse:
+        """The stream already carries the prefill's token: end it the way vLLM ends a failed stream
+        (an error event, then [DONE]) instead of answering with an HTTP error."""
+        err = exc if isinstance(exc, ApiError) else ApiError(
+            502 if exc.status >= 500 else exc.status,
+            f"decode instance refused the continuation: {_snippet(exc.body)}")
+        ctx.error = err.message
+        log.warning("request %s: %s", ctx.request_id, err.message)
+        await out.write(relay.error(err))
+        await out.write_eof()
+        return out
 
     async def _send_first(self, ctx: RequestContext, request: web.Request, first: FirstToken,
                           relay: Relay) -> web.StreamResponse:
