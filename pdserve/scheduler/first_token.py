@@ -203,8 +203,6 @@ class ChatFromCompletion:
     """Rewrites the decode instance's completion stream into chat chunks (id, created and model of
     the prefill's answer; errors and [DONE] unchanged), then hands them to the client's relay."""
 
-    passthrough = False
-
     def __init__(self, first: FirstToken, inner: Any) -> None:
         self.first = first
         self.inner = inner
@@ -217,31 +215,25 @@ class ChatFromCompletion:
         return self.inner.transform(self._rewrite(events))
 
     def _rewrite(self, events: bytes) -> bytes:
-        out = []
-        for ev in events.split(b"\n\n"):
-            if not ev:
-                continue
-            if not ev.startswith(b"data: {"):
-                out.append(ev + b"\n\n")
-                continue
-            try:
-                obj = loads(ev[6:])
-            except ValueError:
-                out.append(ev + b"\n\n")
-                continue
-            if not isinstance(obj, dict) or "choices" not in obj:
-                out.append(ev + b"\n\n")  # an error event
-                continue
-            choices = []
-            for c in obj.get("choices") or ():
-                ch: dict[str, Any] = {"index": c.get("index", 0), "delta": {"content": c.get("text") or ""},
-                                      "logprobs": None, "finish_reason": c.get("finish_reason")}
-                if c.get("finish_reason") is not None:
-                    ch["stop_reason"] = c.get("stop_reason")
-                choices.append(ch)
-            chat = self.first._head("chat.completion.chunk", choices)
-            if "usage" in obj:
-                chat["usage"] = obj["usage"]
-            out.append(b"data: " + dumps(chat) + b"\n\n")
-        return b"".join(out)
+        return b"".join(self._chunk(ev) + b"\n\n" for ev in events.split(b"\n\n") if ev)
 
+    def _chunk(self, ev: bytes) -> bytes:
+        """One event as a chat chunk; anything that is not a completion chunk ([DONE], an error
+        event) as it is."""
+        try:
+            obj = loads(ev[6:]) if ev.startswith(b"data: {") else None
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or "choices" not in obj:
+            return ev
+        choices = []
+        for c in obj["choices"] or ():
+            ch: dict[str, Any] = {"index": c.get("index", 0), "delta": {"content": c.get("text") or ""},
+                                  "logprobs": None, "finish_reason": c.get("finish_reason")}
+            if c.get("finish_reason") is not None:
+                ch["stop_reason"] = c.get("stop_reason")
+            choices.append(ch)
+        chat = self.first._head("chat.completion.chunk", choices)
+        if "usage" in obj:
+            chat["usage"] = obj["usage"]
+        return b"data: " + dumps(chat)

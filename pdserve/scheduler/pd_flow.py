@@ -295,9 +295,7 @@ class PDFlow:
     async def _send_first(self, ctx: RequestContext, request: web.Request, first: FirstToken,
                           relay: Relay) -> web.StreamResponse:
         """Open the client's stream with the prefill's token (before the decode instance is asked)."""
-        out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
-        out.content_type = relay.stream_content_type or "text/event-stream"
-        await out.prepare(request)
+        out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
         opts = ctx.body.get("stream_options")
         events = first.events(isinstance(opts, dict) and bool(opts.get("continuous_usage_stats")))
         ctx.chunks += events.count(b"data: ")
@@ -307,6 +305,13 @@ class PDFlow:
         ctx.ttft_s = time.perf_counter() - ctx.t0
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
         self.metrics.first_from_prefill.inc()
+        return out
+
+    @staticmethod
+    async def _open_stream(ctx: RequestContext, request: web.Request, content_type: str) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
+        out.content_type = content_type.split(";")[0]
+        await out.prepare(request)
         return out
 
     # -- decode ----------------------------------------------------------------------------------
@@ -376,10 +381,8 @@ class PDFlow:
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} closed the stream before the "
                                                   "first token"), True, "empty_stream")
             if out is None:
-                out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
-                out.content_type = (relay.stream_content_type
-                                    or resp.headers.get("Content-Type", "text/event-stream")).split(";")[0]
-                await out.prepare(request)
+                out = await self._open_stream(ctx, request, relay.stream_content_type
+                                              or resp.headers.get("Content-Type", "text/event-stream"))
             finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name)
             return out
         finally:
