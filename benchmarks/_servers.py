@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -32,6 +31,9 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pdserve.up.runner import port_in_use
+from pdserve.worker.process import ManagedProcess
 
 HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
@@ -151,16 +153,6 @@ def ports_needed(name: str) -> int:
     return {"pdserve": 2, "vllm-example": 3, "vllm-nixl": 5, "colocated": 1, "colocated-rr": 3}[name]
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_ports(name: str, start: int = 21000, stop: int = 29000) -> list[int]:
     """Free loopback ports for a system; pdserve's base port also needs base, base+1 and +10000."""
     import random
@@ -174,7 +166,7 @@ def free_ports(name: str, start: int = 21000, stop: int = 29000) -> list[int]:
             need = [sched, base, base + 1, base + 10000, base + 10001]
         else:
             need = cands
-        if len(set(need)) == len(need) and all(_free(p) for p in need):
+        if len(set(need)) == len(need) and not any(port_in_use(p, HOST) for p in need):
             return cands
     raise RuntimeError("no free ports on 127.0.0.1")
 
@@ -212,8 +204,6 @@ class RunningSystem:
         self._sinks: list = []
 
     def start(self, timeout: float = 900.0) -> float:
-        from pdserve.worker.process import ManagedProcess
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for d in self.plan.scratch:
             shutil.rmtree(d, ignore_errors=True)

@@ -22,13 +22,7 @@ except ModuleNotFoundError:  # running from a checkout: use the package next to 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.errors import ConfigError, ConfigErrors, PdserveError  # noqa: E402
-from pdserve.ranktable.cli import (  # noqa: E402
-    add_gen_flags,
-    parse_device_ips,
-    parse_server_list,
-    print_errors,
-)
-from pdserve.ranktable.gen import generate  # noqa: E402
+from pdserve.ranktable.cli import add_gen_flags, generate_from_args, print_errors  # noqa: E402
 from pdserve.ranktable.merge import merge  # noqa: E402
 
 
@@ -48,14 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.mode == "gen":
-        paths = generate(
-            parse_server_list(args.prefill_server_list, "--prefill-server-list"),
-            parse_server_list(args.decode_server_list, "--decode-server-list"),
-            args.api_server,
-            Path(args.save_dir),
-            server_ip=args.server_ip,
-            device_ips=parse_device_ips(args.device_ip),
-        )
+        paths = generate_from_args(args)
     else:
         if not args.global_ranktable_list:
             raise ConfigError("--mode merge", "--global-ranktable-list", "no files given",

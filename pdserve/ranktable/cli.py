@@ -112,9 +112,9 @@ def _reports_all(what: str) -> Callable[[Callable[[argparse.Namespace], int]], C
     return wrap
 
 
-@_reports_all("ranktable gen")
-def cmd_gen(args: argparse.Namespace) -> int:
-    paths = generate(
+def generate_from_args(args: argparse.Namespace) -> list[Path]:
+    """Run ``gen`` from the parsed flags of ``add_gen_flags`` (plus ``--save-dir``)."""
+    return generate(
         parse_server_list(args.prefill_server_list, "--prefill-server-list"),
         parse_server_list(args.decode_server_list, "--decode-server-list"),
         args.api_server,
@@ -122,7 +122,11 @@ def cmd_gen(args: argparse.Namespace) -> int:
         server_ip=args.server_ip,
         device_ips=parse_device_ips(args.device_ip),
     )
-    for p in paths:
+
+
+@_reports_all("ranktable gen")
+def cmd_gen(args: argparse.Namespace) -> int:
+    for p in generate_from_args(args):
         print(f"wrote {p}")
     return 0
 
