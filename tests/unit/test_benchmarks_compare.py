@@ -282,3 +282,17 @@ def test_format_table_failed_rows_do_not_widen_columns() -> None:
     lines = text.splitlines()
     assert lines[0].index("TTFT p50 ms") < 20  # the long reason did not stretch the first columns
     assert "-- no request completed (24 failed)" in text
+
+
+def test_targets_show_the_ratio_of_each_repetition_pair() -> None:
+    main = {"pdserve": row(1000, 46, 59), "vllm-example": row(3500, 50, 53), "colocated": row(470, 55, 60)}
+    runs = {"pdserve": [row(1000, 46, 59), row(980, 45, 58), row(1150, 47, 59)],
+            "vllm-example": [row(5000, 50, 53), row(2700, 49, 51), row(3500, 50, 54)],
+            "colocated": [row(440, 55, 60), row(470, 54, 59), row(575, 50, 60)]}
+    ts = {t.name: t for t in compare.evaluate_targets(main, None, runs)}
+    assert ts["TTFT p50 <= 0.25x the best vLLM PD recipe's"].detail.endswith("(by repetition: 0.20 0.36 0.33)")
+    assert ts["TPOT p50 <= 0.9x colocated"].detail.endswith("(by repetition: 0.84 0.83 0.94)")
+    # repetitions that do not pair up (another count, or a single one) give no per-repetition part
+    assert compare.paired_ratios("median_ttft_ms", "colocated", {**runs, "colocated": runs["colocated"][:2]}) == ""
+    assert compare.paired_ratios("median_ttft_ms", "colocated", {k: v[:1] for k, v in runs.items()}) == ""
+    assert "repetition" not in compare.evaluate_targets(main, None)[0].detail
