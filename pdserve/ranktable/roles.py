@@ -59,7 +59,7 @@ def match_role(
                 found.append(Role("scheduler", None, s.server_ip))
         what = f"{mine}, no devices (a scheduler)"
     else:
-        ids = tuple(int(d.device_id) if d.device_id.isdigit() else -1 for d in me.device)
+        ids = tuple(int(d.device_id) if d.device_id.isascii() and d.device_id.isdigit() else -1 for d in me.device)
         for inst in instances(global_rt):
             candidates.append(f"{inst.name} (server_ip {inst.server_ip} server_id {inst.server_id} "
                               f"devices {_devices(inst.device_ids)})")

@@ -337,7 +337,7 @@ def _parse_url(text: str, flag: str) -> tuple[str, int]:
             t = t[len(prefix):]
     t = t.rstrip("/")
     host, sep, port = t.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ConfigError(flag, None, f"{text!r} is not HOST:PORT", f"{flag} 127.0.0.1:8001")
     return host.strip("[]") or "127.0.0.1", int(port)
 

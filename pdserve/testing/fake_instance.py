@@ -64,7 +64,7 @@ OUTPUT_ID_BASE = 1_000_000  # token id of output token k is OUTPUT_ID_BASE + k
 
 def _token_id(tok: str) -> int:
     """A stable stand-in id for a prompt word (output tokens have their own range)."""
-    if tok.isdigit():
+    if tok.isascii() and tok.isdigit():
         return int(tok)
     return int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=3).digest(), "big")
 
@@ -285,8 +285,9 @@ class FakeInstance:
         n_choices = int(body.get("n") or 1)
         # a prompt of token ids that ends with an output token continues that answer (the scheduler
         # sent the prefill's token along): number the tokens on from there
-        first_k = int(toks[-1]) - OUTPUT_ID_BASE + 1 if toks and toks[-1].isdigit() and \
-            int(toks[-1]) >= OUTPUT_ID_BASE else 0
+        last = toks[-1] if toks else ""
+        first_k = int(last) - OUTPUT_ID_BASE + 1 if last.isascii() and last.isdigit() and \
+            int(last) >= OUTPUT_ID_BASE else 0
         if not 1 <= n_choices <= 64 or not 1 <= int(max_tokens) <= 1_000_000:
             rec["status"] = 400
             return self._error(400, "fake instance: n must be in 1..64 and max_tokens in 1..1e6")

@@ -126,7 +126,7 @@ def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: in
         port, where = opts.kv_port, "--kv-port"
     elif env.get(ENV_KV_PORT, "").strip():
         raw = env[ENV_KV_PORT].strip()
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise ConfigError("environment", ENV_KV_PORT, f"{raw!r} is not a port", f"export {ENV_KV_PORT}=18000")
         port, where = int(raw), ENV_KV_PORT
     else:

@@ -99,6 +99,9 @@ async def test_too_long_prompt_400(make_cluster: MakeCluster) -> None:
     assert c.calls() == 0
     code, _ = await send(c, "/v1/completions", json.dumps({"prompt": list(range(50)), "max_tokens": 20}))
     assert code == 200
+    # a prompt word of Unicode digits ('²'.isdigit() is True, int('²') fails) is an ordinary word
+    code, _ = await send(c, "/v1/completions", json.dumps({"prompt": "²", "max_tokens": 2}))
+    assert code == 200
 
 
 async def test_unknown_route_and_method(cluster: Cluster) -> None:

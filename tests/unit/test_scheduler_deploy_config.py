@@ -157,3 +157,11 @@ def test_cli_bad_file_exits_2_without_traceback(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{path}: max_queue:" in err and "fix:" in err
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:²", "127.0.0.1", "http://127.0.0.1:80a/"])
+def test_instance_url_without_a_numeric_port_is_a_config_error(url: str) -> None:
+    """A port of Unicode digits ('²' passes str.isdigit) is refused like any other non-port."""
+    with pytest.raises(ConfigError) as exc:
+        config_from_argv(["--prefill-url", url, "--decode-url", "127.0.0.1:9102"], {})
+    assert exc.value.source == "--prefill-url" and "is not HOST:PORT" in exc.value.found

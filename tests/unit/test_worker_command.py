@@ -92,6 +92,12 @@ def test_kv_config_decode_and_options(decode: InstanceContext) -> None:
     assert kvc["kv_connector_extra_config"]["lease_seconds"] == 5
 
 
+@pytest.mark.parametrize("raw", ["²", "18x", "-1"])
+def test_kv_port_from_env_must_be_a_number(decode: InstanceContext, raw: str) -> None:
+    with pytest.raises(ConfigError, match="is not a port"):
+        build(decode, "--port", "8002", env={"PDSERVE_KV_PORT": raw})
+
+
 def test_kv_port_and_transport_from_env(decode: InstanceContext) -> None:
     argv, _ = build(decode, "--port", "8002", env={"PDSERVE_KV_PORT": "21000", "PDSERVE_KV_TRANSPORT": "shm"})
     extra = kv_config(argv)["kv_connector_extra_config"]
