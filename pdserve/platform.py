@@ -80,10 +80,33 @@ def detect_platform(environ: Mapping[str, str] = os.environ, which: Which = shut
     return "cpu"
 
 
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on, in order: its affinity set (a container's or
+    ``taskset``'s cpuset), which need not start at core 0, else every core of the host."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def core_ranges(cores: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one rank."""
+    parts: list[str] = []
+    ordered = sorted(set(cores))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
 def device_count(platform: Platform, which: Which = shutil.which) -> int:
-    """How many devices of the platform this host has (CPU: cores), for planning (``pdserve up``)."""
+    """How many devices of the platform this host has (CPU: usable cores), for planning."""
     if platform == "cpu":
-        return os.cpu_count() or 1
+        return len(usable_cores())
     if platform == "cuda":
         smi = which("nvidia-smi")
         if smi:
@@ -118,16 +141,18 @@ def visible_devices_env(platform: Platform, device_ids: Sequence[int], source: s
                           "an instance's local ranktable needs at least one device (missing device)")
     ids = list(device_ids)
     if platform == "cpu":
-        cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-        bad = [d for d in ids if not 0 <= d < cores]
+        allowed = list(range(cpu_count)) if cpu_count is not None else usable_cores()
+        bad = [d for d in ids if d not in allowed]
         if bad:
+            where = (f"this host has {len(allowed)} core(s) ({core_ranges(allowed)})" if cpu_count is not None
+                     or allowed == list(range(len(allowed))) else
+                     f"this process may only use cores {core_ranges(allowed)} (its CPU affinity)")
             raise ConfigError(
                 source, field,
-                f"device id(s) {','.join(map(str, bad))} are CPU core ids, but this host has {cores} core(s) "
-                f"(0..{cores - 1}): missing device",
-                f"regenerate the ranktables on this host with core ids below {cores} "
-                f"(pdserve ranktable gen --prefill-server-list 0 --decode-server-list 1 ...), or export "
-                f"VLLM_CPU_OMP_THREADS_BIND to bind explicitly")
+                f"device id(s) {','.join(map(str, bad))} are CPU core ids, but {where}: missing device",
+                f"regenerate the ranktables on this host with core ids from {core_ranges(allowed)} "
+                f"(pdserve ranktable gen --prefill-server-list {allowed[0]} --decode-server-list "
+                f"{allowed[min(1, len(allowed) - 1)]} ...), or export PDSERVE_CPU_BIND to bind explicitly")
         return {VISIBLE_VAR["cpu"]: "|".join(str(d) for d in ids)}
     total = device_count(platform) if device_total is None else device_total
     kind = {"npu": "NPU", "cuda": "GPU"}[platform]

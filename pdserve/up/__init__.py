@@ -71,14 +71,14 @@ def _model(args: argparse.Namespace) -> tuple[str, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.platform import detect_platform, device_count
+    from pdserve.platform import detect_platform, device_count, usable_cores
     from pdserve.up.runner import Cluster, UpSettings, ask, curl_line, daemon_commands, write_ranktables
 
     if args.once and not args.ask:
         args.ask = DEMO_QUESTION
     platform = detect_platform()
     plan = plan_cluster(args.prefill, args.decode, platform, device_count(platform), args.port, args.base_port,
-                        args.tp)
+                        args.tp, cores=usable_cores() if platform == "cpu" else None)
     model, max_len = _model(args)
     from pdserve.model.demo import cache_root
 

@@ -1,10 +1,15 @@
 """What ``pdserve up`` will start: devices, ports and ranktables of a one-host cluster (pure).
 
 Devices: each instance gets its own ranktable device ids (role resolution needs every instance
-to be unique). On a CPU host they are core ids when there are enough cores (1P1D on 2 cores:
-prefill core 0, decode core 1). With more instances than cores the ids become logical and each
-instance is bound explicitly (``PDSERVE_CPU_BIND``) to cores reused round-robin. GPUs and NPUs
-cannot be shared that way, so too few of them is a ConfigError.
+to be unique). On a CPU host they are core ids of the cores this process may use (its affinity
+set). With at least one core per TP rank the usable cores are split into one contiguous block
+per rank, prefill ranks first and taking the remainder (prefill is compute-bound); the device
+id is the block's first core and, when a block has several cores, the instance is bound to it
+explicitly (``PDSERVE_CPU_BIND``). 1P1D on 2 cores: prefill core 0, decode core 1; on 8 cores:
+prefill 0-3, decode 4-6, and core 7 is left to the API servers, engine cores and scheduler
+(one core is kept back whenever every rank still gets two). With more ranks than cores the ids
+become logical and each instance is bound to cores reused round-robin. GPUs and NPUs cannot be
+shared that way, so too few of them is a ConfigError.
 
 Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV side channel
 (TP rank 0) on base + 10000 + i * TP, rank r on that + r; the scheduler on ``--port``.
@@ -12,11 +17,12 @@ Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.errors import ConfigError
-from pdserve.platform import Platform
+from pdserve.platform import Platform, core_ranges
 from pdserve.worker.command import SIDE_PORT_OFFSET, default_side_port
 
 HOST = "127.0.0.1"
@@ -29,7 +35,7 @@ class InstancePlan:
     global_index: int
     devices: tuple[int, ...]  # ranktable device ids
     port: int
-    cpu_bind: str | None = None  # explicit VLLM_CPU_OMP_THREADS_BIND when devices are logical ids
+    cpu_bind: str | None = None  # explicit VLLM_CPU_OMP_THREADS_BIND (logical ids, or several cores a rank)
     side_port: int = 0  # KV side channel of TP rank 0; rank r listens on side_port + r
 
     @property
@@ -65,9 +71,26 @@ class ClusterPlan:
         return out
 
 
+def split_cores(cores: Sequence[int], ranks: int) -> list[list[int]]:
+    """One contiguous block of ``cores`` per rank, the first ranks taking the remainder; one core
+    is kept back for the frontends when every rank still gets two (pure; needs ranks <= cores)."""
+    reserve = 1 if len(cores) - 1 >= 2 * ranks else 0
+    usable = list(cores)[:len(cores) - reserve]
+    size, extra = divmod(len(usable), ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        n = size + (1 if r < extra else 0)
+        out.append(usable[start:start + n])
+        start += n
+    return out
+
+
 def plan_cluster(prefill: int, decode: int, platform: Platform, devices_available: int,
-                 scheduler_port: int = 9000, base_port: int = 8100, tp: int = 1) -> ClusterPlan:
-    """Device ids and ports of N prefill + M decode instances of TP ``tp`` on this host."""
+                 scheduler_port: int = 9000, base_port: int = 8100, tp: int = 1,
+                 cores: Sequence[int] | None = None) -> ClusterPlan:
+    """Device ids and ports of N prefill + M decode instances of TP ``tp`` on this host.
+
+    ``cores``: the CPU core ids this process may use (default ``0..devices_available-1``)."""
     if prefill < 1 or decode < 1:
         raise ConfigError("flags", "--prefill/--decode", f"{prefill} prefill and {decode} decode instances",
                           "a PD cluster needs at least one of each (--prefill 1 --decode 1)")
@@ -80,12 +103,20 @@ def plan_cluster(prefill: int, decode: int, platform: Platform, devices_availabl
         raise ConfigError("flags", "--prefill/--decode",
                           f"{count} instances x TP {tp} need {slots} {platform.upper()} devices, this host has {have}",
                           "start fewer instances or a smaller --tensor-parallel-size (devices are not shared)")
+    core_ids = list(cores) if cores else list(range(have))
+    have = len(core_ids)
     logical = platform == "cpu" and slots > have
+    blocks = split_cores(core_ids, slots) if platform == "cpu" and not logical else []
     roles = [("prefill", i) for i in range(prefill)] + [("decode", j) for j in range(decode)]
     out: list[InstancePlan] = []
     for g, (role, index) in enumerate(roles):
         ids = tuple(range(g * tp, (g + 1) * tp))
-        bind = "|".join(str(d % have) for d in ids) if logical else None
+        bind = "|".join(str(core_ids[d % have]) for d in ids) if logical else None
+        if blocks:
+            mine = blocks[g * tp:(g + 1) * tp]
+            ids = tuple(b[0] for b in mine)
+            if any(len(b) > 1 for b in mine):
+                bind = "|".join(core_ranges(b) for b in mine)
         # the daemon's own default: rank r of instance g never takes instance g+1's port
         out.append(InstancePlan(role, index, g, ids, base_port + g, bind,
                                 side_port=default_side_port(base_port + g, tp, g)))

@@ -96,6 +96,25 @@ def test_cpu_core_missing() -> None:
     assert "5" in e.found and "missing device" in e.found and "2 core" in e.found and e.fix
 
 
+def test_cpu_core_outside_the_affinity_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container limited to cores 4-7, core 0 exists on the host but cannot be used."""
+    monkeypatch.setattr(plat.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    assert plat.usable_cores() == [4, 5, 6, 7]
+    assert plat.device_count("cpu") == 4
+    assert plat.visible_devices_env("cpu", [5], "l.json") == {"VLLM_CPU_OMP_THREADS_BIND": "5"}
+    with pytest.raises(ConfigError) as exc:
+        plat.visible_devices_env("cpu", [0], "l.json")
+    e = exc.value
+    assert "only use cores 4-7 (its CPU affinity)" in e.found and "missing device" in e.found
+    assert "--prefill-server-list 4 --decode-server-list 5" in e.fix and "PDSERVE_CPU_BIND" in e.fix
+
+
+def test_core_ranges() -> None:
+    assert plat.core_ranges([0, 1, 2, 3]) == "0-3"
+    assert plat.core_ranges([5, 0, 1, 2, 9, 8]) == "0-2,5,8-9"
+    assert plat.core_ranges([3]) == "3"
+
+
 def test_no_devices() -> None:
     with pytest.raises(ConfigError, match="no devices"):
         plat.visible_devices_env("npu", [], "l.json")

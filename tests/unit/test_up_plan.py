@@ -10,7 +10,7 @@ import pytest
 from pdserve import ranktable
 from pdserve.errors import ConfigError
 from pdserve.up import register
-from pdserve.up.plan import plan_cluster
+from pdserve.up.plan import plan_cluster, split_cores
 from pdserve.up.runner import UpSettings, curl_line, daemon_commands, write_ranktables
 
 pytestmark = pytest.mark.unit
@@ -38,6 +38,34 @@ def test_tp2_on_cpu() -> None:
     assert [i.devices for i in plan.instances] == [(0, 1), (2, 3)]
     assert [i.cpu_bind for i in plan.instances] == ["0|1", "0|1"]
     assert plan_cluster(1, 1, "cpu", 4, tp=2).instances[1].cpu_bind is None
+
+
+def test_spare_cores_are_split_into_one_block_per_rank() -> None:
+    four = plan_cluster(1, 1, "cpu", 4)  # no core kept back: that would leave a rank with one
+    assert [(i.devices, i.cpu_bind) for i in four.instances] == [((0,), "0-1"), ((2,), "2-3")]
+    eight = plan_cluster(1, 1, "cpu", 8)  # prefill takes the remainder, core 7 is the frontends'
+    assert [(i.devices, i.cpu_bind) for i in eight.instances] == [((0,), "0-3"), ((4,), "4-6")]
+    three = plan_cluster(1, 1, "cpu", 3)
+    assert [i.cpu_bind for i in three.instances] == ["0-1", None]  # decode's one core is its device id
+    tp2 = plan_cluster(1, 1, "cpu", 9, tp=2)
+    assert [(i.devices, i.cpu_bind) for i in tp2.instances] == [((0, 2), "0-1|2-3"), ((4, 6), "4-5|6-7")]
+
+
+def test_cores_follow_the_affinity_set() -> None:
+    """In a container or under taskset the usable cores need not start at 0."""
+    plan = plan_cluster(1, 1, "cpu", 2, cores=[4, 5])
+    assert [(i.devices, i.cpu_bind) for i in plan.instances] == [((4,), None), ((5,), None)]
+    plan = plan_cluster(1, 1, "cpu", 6, cores=[2, 3, 4, 5, 8, 9])
+    assert [(i.devices, i.cpu_bind) for i in plan.instances] == [((2,), "2-4"), ((5,), "5,8")]
+    crowded = plan_cluster(2, 1, "cpu", 2, cores=[6, 7])  # more ranks than cores: round-robin on those
+    assert [i.cpu_bind for i in crowded.instances] == ["6", "7", "6"]
+
+
+def test_split_cores() -> None:
+    assert split_cores([0, 1], 2) == [[0], [1]]
+    assert split_cores(list(range(5)), 2) == [[0, 1], [2, 3]]  # 4 is kept back
+    assert split_cores(list(range(4)), 3) == [[0, 1], [2], [3]]
+    assert split_cores(list(range(16)), 3) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
 
 
 def test_tp_side_channel_ports_do_not_overlap() -> None:
