@@ -118,6 +118,7 @@ def plan_system(name: str, c: Common, ports: Sequence[int], scratch_dir: Path | 
         argv = [c.python, "-m", "pdserve", "up", "--model", c.model, "--served-model-name", c.served_name,
                 "--max-model-len", str(c.max_model_len), "--prefill", "1", "--decode", "1",
                 "--port", str(sched), "--base-port", str(base), "--run-dir", str(run_dir),
+                "--cores", "0-1",  # the recipes' cores on any host (pdserve up would take them all)
                 "--timeout", "1800", "--drain-seconds", "5", "--enforce-eager", *c.vllm_args]
         proc = ProcSpec("up", argv, c.env(), f"http://{HOST}:{sched}/health",
                         "prefill core 0, decode core 1 (ranktable), scheduler unbound")

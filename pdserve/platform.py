@@ -103,6 +103,19 @@ def core_ranges(cores: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def parse_core_list(text: str, source: str, field: str) -> list[int]:
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]`` (the syntax of taskset and VLLM_CPU_OMP_THREADS_BIND)."""
+    out: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        lo, dash, hi = part.partition("-")
+        ok = lo.isascii() and lo.isdigit() and (not dash or (hi.isascii() and hi.isdigit() and int(hi) >= int(lo)))
+        if not ok:
+            raise ConfigError(source, field, f"{text!r}: {part!r} is not a core or a range",
+                              "write core ids and ranges separated by commas, e.g. 0-3,8")
+        out.update(range(int(lo), int(hi if dash else lo) + 1))
+    return sorted(out)
+
+
 def device_count(platform: Platform, which: Which = shutil.which) -> int:
     """How many devices of the platform this host has (CPU: usable cores), for planning."""
     if platform == "cpu":

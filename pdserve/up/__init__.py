@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--decode", type=int, default=1, metavar="M", help="decode instances (default 1)")
     p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1, metavar="TP",
                    help="devices per instance (default 1)")
+    p.add_argument("--cores", metavar="LIST",
+                   help="CPU hosts: plan on these cores only, e.g. 0-7 (default: every core this process "
+                        "may use); they are split into one block per rank, prefill first")
     p.add_argument("--port", type=int, default=9000, help="scheduler port (default 9000)")
     p.add_argument("--base-port", type=int, default=8100,
                    help="instance i listens on BASE+i, its KV side channel on BASE+i+10000 (default 8100)")
@@ -59,6 +62,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run, accepts_extra=True)
 
 
+def _cores(text: str | None, platform: str) -> list[int] | None:
+    """The CPU cores to plan on: ``--cores`` (which must be usable), else every usable core."""
+    from pdserve.platform import core_ranges, parse_core_list, usable_cores
+
+    if platform != "cpu":
+        if text:
+            raise ConfigError("flags", "--cores", f"--cores {text} on a {platform.upper()} host",
+                              "leave --cores out: it picks CPU cores; accelerators are planned one per rank")
+        return None
+    usable = usable_cores()
+    if not text:
+        return usable
+    cores = parse_core_list(text, "flags", "--cores")
+    outside = [c for c in cores if c not in usable]
+    if outside:
+        raise ConfigError("flags", "--cores", f"core(s) {core_ranges(outside)} not usable here",
+                          f"choose from the cores this process may use: {core_ranges(usable)}")
+    return cores
+
+
 def _model(args: argparse.Namespace) -> tuple[str, int | None]:
     if args.demo:
         from pdserve.model.demo import build_demo_model
@@ -71,14 +94,14 @@ def _model(args: argparse.Namespace) -> tuple[str, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.platform import detect_platform, device_count, usable_cores
+    from pdserve.platform import detect_platform, device_count
     from pdserve.up.runner import Cluster, UpSettings, ask, curl_line, daemon_commands, write_ranktables
 
     if args.once and not args.ask:
         args.ask = DEMO_QUESTION
     platform = detect_platform()
     plan = plan_cluster(args.prefill, args.decode, platform, device_count(platform), args.port, args.base_port,
-                        args.tp, cores=usable_cores() if platform == "cpu" else None)
+                        args.tp, cores=_cores(args.cores, platform))
     model, max_len = _model(args)
     from pdserve.model.demo import cache_root
 

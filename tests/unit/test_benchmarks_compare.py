@@ -108,7 +108,8 @@ def test_plan_pdserve_uses_up_on_loopback() -> None:
     (up,) = plan.procs
     assert plan.url == "http://127.0.0.1:9000" and up.health_url == "http://127.0.0.1:9000/health"
     assert up.argv[:4] == ["py", "-m", "pdserve", "up"]
-    for pair in (["--port", "9000"], ["--base-port", "8100"], ["--max-model-len", "2048"], ["--prefill", "1"]):
+    for pair in (["--port", "9000"], ["--base-port", "8100"], ["--max-model-len", "2048"], ["--prefill", "1"],
+                 ["--cores", "0-1"]):
         i = up.argv.index(pair[0])
         assert up.argv[i:i + 2] == pair
     assert "--enforce-eager" in up.argv and up.argv[-2:] == ["--max-num-seqs", "16"]

@@ -161,3 +161,20 @@ def test_shared_cores_setting_passes_through(tmp_path: Path) -> None:
             g, locals_, host = write_ranktables(plan, tmp_path / f"{tp}{want}")
             cmds = daemon_commands(plan, s, g, locals_, host, python="py")
             assert [c[2].get("PDSERVE_SHARED_CORES") for c in cmds[:2]] == [want, want]
+
+
+def test_cores_flag_picks_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve import platform as plat
+    from pdserve.up import _cores
+
+    monkeypatch.setattr(plat.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert _cores(None, "cpu") == list(range(8))
+    assert _cores("4-5,7", "cpu") == [4, 5, 7]
+    with pytest.raises(ConfigError) as exc:
+        _cores("6-9", "cpu")
+    assert exc.value.field == "--cores" and "8-9 not usable" in exc.value.found and "0-7" in exc.value.fix
+    with pytest.raises(ConfigError, match="not a core or a range"):
+        _cores("3-1", "cpu")
+    with pytest.raises(ConfigError, match="leave --cores out"):
+        _cores("0", "cuda")
+    assert _cores(None, "npu") is None
