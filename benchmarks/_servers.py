@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.platform import core_ranges
 from pdserve.up.runner import port_in_use
 from pdserve.worker.process import ManagedProcess
 
@@ -83,6 +84,11 @@ class Common:
     vllm_args: tuple[str, ...] = ()
     kvcache_gib: int = 2
     python: str = field(default_factory=lambda: sys.executable)
+    cores: tuple[int, int] = (0, 1)  # P (or server 0) and D (or server 1); colocated gets both
+
+    @property
+    def both(self) -> str:
+        return core_ranges(self.cores)
 
     def server_flags(self) -> list[str]:
         return ["--model", self.model, "--served-model-name", self.served_name,
@@ -118,34 +124,35 @@ def plan_system(name: str, c: Common, ports: Sequence[int], scratch_dir: Path | 
         argv = [c.python, "-m", "pdserve", "up", "--model", c.model, "--served-model-name", c.served_name,
                 "--max-model-len", str(c.max_model_len), "--prefill", "1", "--decode", "1",
                 "--port", str(sched), "--base-port", str(base), "--run-dir", str(run_dir),
-                "--cores", "0-1",  # the recipes' cores on any host (pdserve up would take them all)
+                "--cores", c.both,  # the recipes' cores on any host (pdserve up would take them all)
                 "--timeout", "1800", "--drain-seconds", "5", "--enforce-eager", *c.vllm_args]
         proc = ProcSpec("up", argv, c.env(), f"http://{HOST}:{sched}/health",
-                        "prefill core 0, decode core 1 (ranktable), scheduler unbound")
+                        f"prefill core {c.cores[0]}, decode core {c.cores[1]} (ranktable), scheduler unbound")
         return SystemPlan(name, f"http://{HOST}:{sched}", [proc], desc, [run_dir])
     if name == "vllm-example":
         proxy, pp, dp = ports[:3]
         store = scratch_dir or Path("/dev/shm") / f"pdserve-bench-example-{proxy}"
         kv = {"kv_connector": "ExampleConnector", "kv_connector_extra_config": {"shared_storage_path": str(store)}}
-        procs = [_vllm(c, "prefill", pp, "0", dict(kv, kv_role="kv_producer")),
-                 _vllm(c, "decode", dp, "1", dict(kv, kv_role="kv_consumer")),
+        procs = [_vllm(c, "prefill", pp, str(c.cores[0]), dict(kv, kv_role="kv_producer")),
+                 _vllm(c, "decode", dp, str(c.cores[1]), dict(kv, kv_role="kv_consumer")),
                  _proxy(c, proxy, "pd", prefill=[pp], decode=[dp])]
         return SystemPlan(name, f"http://{HOST}:{proxy}", procs, desc, [store])
     if name == "vllm-nixl":
         proxy, pp, dp, ps, ds = ports[:5]
         kv = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-        procs = [_vllm(c, "prefill", pp, "0", kv, {"VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
+        procs = [_vllm(c, "prefill", pp, str(c.cores[0]), kv, {"VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
                                                     "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ps)}),
-                 _vllm(c, "decode", dp, "1", kv, {"VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
+                 _vllm(c, "decode", dp, str(c.cores[1]), kv, {"VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
                                                    "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ds)}),
                  _proxy(c, proxy, "pd", prefill=[pp], decode=[dp])]
         return SystemPlan(name, f"http://{HOST}:{proxy}", procs, desc)
     if name == "colocated":
         port = ports[0]
-        return SystemPlan(name, f"http://{HOST}:{port}", [_vllm(c, "server", port, "0-1")], desc)
+        return SystemPlan(name, f"http://{HOST}:{port}", [_vllm(c, "server", port, c.both)], desc)
     if name == "colocated-rr":
         proxy, a, b = ports[:3]
-        procs = [_vllm(c, "server0", a, "0"), _vllm(c, "server1", b, "1"), _proxy(c, proxy, "rr", backend=[a, b])]
+        procs = [_vllm(c, "server0", a, str(c.cores[0])), _vllm(c, "server1", b, str(c.cores[1])),
+                 _proxy(c, proxy, "rr", backend=[a, b])]
         return SystemPlan(name, f"http://{HOST}:{proxy}", procs, desc)
     raise ValueError(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pdserve.platform import usable_cores
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cpu_account  # noqa: E402
@@ -208,6 +210,18 @@ def evaluate_targets(main: Mapping[str, Mapping[str, Any] | None],
     return out
 
 
+def pick_cores(text: str | None, usable: Sequence[int] | None = None) -> tuple[int, int] | None:
+    """``--cores P,D``, else the first two usable cores; None when that is not two usable cores."""
+    have = list(usable if usable is not None else usable_cores())
+    if not text:
+        return (have[0], have[1]) if len(have) >= 2 else None
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 2 or not all(x.isascii() and x.isdigit() for x in parts):
+        return None
+    p, d = int(parts[0]), int(parts[1])
+    return (p, d) if p != d and p in have and d in have else None
+
+
 def parse_overrides(items: Sequence[str] | None) -> dict[str, str]:
     """``["vllm-nixl=1", "x=main+long"]`` -> ``{"vllm-nixl": "1", "x": "main+long"}`` (pure)."""
     out: dict[str, str] = {}
@@ -379,7 +393,12 @@ def run(a: argparse.Namespace) -> int:
     slo = serve.parse_goodput(a.goodput)
     model = a.model_path or serve.default_model_path()
     vocab = serve.vocab_from_model(model)
-    common = _servers.Common(model=model, vllm_args=tuple(a.vllm_arg or ()), kvcache_gib=a.kvcache_gib)
+    cores = pick_cores(a.cores)
+    if cores is None:
+        print(f"--cores: give two usable cores, e.g. --cores 0,1 (usable: {usable_cores()})", file=sys.stderr)
+        return 2
+    common = _servers.Common(model=model, vllm_args=tuple(a.vllm_arg or ()), kvcache_gib=a.kvcache_gib,
+                             cores=cores)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = a.result_dir / f"compare-{stamp}{'-quick' if a.quick else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-path", help="HF model folder (default: the demo model, `pdserve model demo`)")
     p.add_argument("--vllm-arg", action="append", metavar="ARG",
                    help="extra flag for every vLLM server, repeatable (e.g. --vllm-arg=--max-num-seqs=16)")
+    p.add_argument("--cores", metavar="P,D", help="the two cores every system runs on: P (prefill, server 0) and "
+                   "D (decode, server 1); colocated gets both (default: the first two usable cores)")
     p.add_argument("--kvcache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (default 2)")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--request-timeout", type=float, default=1800.0)

@@ -297,3 +297,22 @@ def test_targets_show_the_ratio_of_each_repetition_pair() -> None:
     assert compare.paired_ratios("median_ttft_ms", "colocated", {**runs, "colocated": runs["colocated"][:2]}) == ""
     assert compare.paired_ratios("median_ttft_ms", "colocated", {k: v[:1] for k, v in runs.items()}) == ""
     assert "repetition" not in compare.evaluate_targets(main, None)[0].detail
+
+
+def test_every_system_runs_on_the_chosen_two_cores() -> None:
+    c = _servers.Common(model="/m", python="py", cores=(4, 6))
+    up = _servers.plan_system("pdserve", c, [9000, 8100], Path("/tmp/x")).procs[0]
+    assert up.argv[up.argv.index("--cores") + 1] == "4,6" and "prefill core 4, decode core 6" in up.binding
+    p, d, _ = _servers.plan_system("vllm-example", c, [1, 2, 3], Path("/tmp/y")).procs
+    assert (_env_bind(p), _env_bind(d)) == ("4", "6")
+    assert _env_bind(_servers.plan_system("colocated", c, [1]).procs[0]) == "4,6"
+    a, b, _ = _servers.plan_system("colocated-rr", c, [1, 2, 3]).procs
+    assert (_env_bind(a), _env_bind(b)) == ("4", "6")
+
+
+def test_pick_cores() -> None:
+    assert compare.pick_cores(None, [2, 3, 5]) == (2, 3)
+    assert compare.pick_cores("5,2", [2, 3, 5]) == (5, 2)
+    for bad in ("1,2", "2,2", "2", "2,3,5", "a,b", "²,3"):
+        assert compare.pick_cores(bad, [2, 3, 5]) is None, bad
+    assert compare.pick_cores(None, [0]) is None
