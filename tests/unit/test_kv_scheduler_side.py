@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from pdserve.kv.config import ConnectorSettings
 from pdserve.kv.params import producer_params, prompt_digest
 from pdserve.kv.scheduler_side import SchedulerSide
+
+pytestmark = pytest.mark.unit
 
 PROMPT = list(range(100, 140))  # 40 tokens
 

@@ -9,6 +9,8 @@ import pytest
 from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
 from pdserve.scheduler.relay import OpenAIRelay
 
+pytestmark = pytest.mark.unit
+
 BASE = {"model": "m", "prompt": "hello", "max_tokens": 8, "stream": True}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
 
