@@ -11,7 +11,7 @@ Workloads (same model, same vLLM flags --enforce-eager --max-model-len 2048, sam
   long  random 1536-token prompts / 64-token outputs, 24 prompts, 0.5 req/s, concurrency 8
         (the goodput target: --goodput ttft:2000 tpot:70)
 
-    python benchmarks/compare.py                      # everything, --repeats 3 (20-40 min)
+    python benchmarks/compare.py                      # everything, 3 interleaved rounds (45-60 min)
     python benchmarks/compare.py --quick              # smoke run: few prompts, 1 repeat
     python benchmarks/compare.py --systems pdserve,colocated --workloads main
 """
@@ -383,9 +383,10 @@ def run(a: argparse.Namespace) -> int:
     repeats, warmup, rounds = a.repeats, a.warmup, max(1, a.rounds)
     try:
         repeats_for = {k: int(v) for k, v in parse_overrides(a.repeats_for).items()}
+        rounds_for = {k: int(v) for k, v in parse_overrides(a.rounds_for).items()}
         workloads_for = {k: [w for w in v.split("+") if w] for k, v in parse_overrides(a.workloads_for).items()}
     except ValueError as exc:
-        print(f"--repeats-for/--workloads-for: {exc}", file=sys.stderr)
+        print(f"--repeats-for/--rounds-for/--workloads-for: {exc}", file=sys.stderr)
         return 2
     if a.quick:
         workloads = {n: quick(w) for n, w in workloads.items()}
@@ -427,7 +428,8 @@ def run(a: argparse.Namespace) -> int:
         plan = _servers.plan_system(name, common, _servers.free_ports(name))
         reps = 1 if a.quick else repeats_for.get(name, repeats)
         plans[name] = {"description": plan.description, "url": plan.url, "bindings": plan.bindings(),
-                       "argv": {p.name: p.argv for p in plan.procs}, "repeats": reps * rounds}
+                       "argv": {p.name: p.argv for p in plan.procs},
+                       "repeats": reps * min(rounds, rounds_for.get(name, rounds))}
         print(f"== {name}{round_note}: {plan.description}\n   {plan.bindings()}", flush=True)
         log_dir = out_dir / "logs" / f"round{rnd + 1}" if rounds > 1 else out_dir / "logs"
         system = _servers.RunningSystem(plan, log_dir, say=lambda m: print(m, flush=True))
@@ -489,6 +491,8 @@ def run(a: argparse.Namespace) -> int:
                     continue
                 if rnd > 0 and name in errors:
                     continue  # failed in an earlier round: its error stands
+                if rnd >= rounds_for.get(name, rounds):
+                    continue  # --rounds-for: a slow system takes part in the first rounds only
                 round_note = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
                 measured: dict[str, Any] = {}
                 try:
@@ -518,14 +522,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated, in run order (default {','.join(DEFAULT_SYSTEMS)})")
     p.add_argument("--workloads", default="main,long", help="main, long (default both)")
     p.add_argument("--quick", action="store_true", help="smoke run: at most 6 prompts per workload, 1 repeat")
-    p.add_argument("--repeats", type=int, default=3, help="repetitions per workload, median reported (default 3)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="repetitions per workload and round; the median of all is reported (default 1)")
     p.add_argument("--repeats-for", action="append", default=None, metavar="SYSTEM=N",
                    help="fewer repetitions for a slow system (default vllm-nixl=1: ~50 s TTFT, ~5 tok/s)")
+    p.add_argument("--rounds-for", action="append", default=None, metavar="SYSTEM=N",
+                   help="a slow system takes part in the first N rounds only (default vllm-nixl=1)")
     p.add_argument("--workloads-for", action="append", default=None, metavar="SYSTEM=W1+W2",
                    help="only these workloads for a system (default vllm-nixl=main; no target uses its long run)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="measure every system this many times, interleaved in time (restarting it each "
-                        "round), and pool the repetitions: evens out a noisy shared host (default 1)")
+                        "round), and pool the repetitions: evens out a noisy shared host (default 3)")
     p.add_argument("--warmup", type=int, default=4, help="warm-up requests per workload (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-rate", type=float, nargs="+", default=[1.0],
@@ -555,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if a.repeats_for is None:
         a.repeats_for = ["vllm-nixl=1"]
+    if a.rounds_for is None:
+        a.rounds_for = ["vllm-nixl=1"]
     if a.workloads_for is None:
         a.workloads_for = ["vllm-nixl=main"]
     try:
