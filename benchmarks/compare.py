@@ -152,9 +152,8 @@ def paired_ratios(key: str, other: str,
     if len(a) < 2 or len(a) != len(b):
         return ""
     qs = [ratio(x.get(key), y.get(key)) for x, y in zip(a, b)]
-    if any(q is None for q in qs):
-        return ""
-    return " (by repetition: " + " ".join(f"{q:.2f}" for q in qs if q is not None) + ")"
+    cells = [f"{q:.2f}" for q in qs if q is not None]
+    return f" (by repetition: {' '.join(cells)})" if len(cells) == len(qs) else ""
 
 
 def evaluate_targets(main: Mapping[str, Mapping[str, Any] | None],

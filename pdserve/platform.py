@@ -157,9 +157,10 @@ def visible_devices_env(platform: Platform, device_ids: Sequence[int], source: s
         allowed = list(range(cpu_count)) if cpu_count is not None else usable_cores()
         bad = [d for d in ids if d not in allowed]
         if bad:
-            where = (f"this host has {len(allowed)} core(s) ({core_ranges(allowed)})" if cpu_count is not None
-                     or allowed == list(range(len(allowed))) else
-                     f"this process may only use cores {core_ranges(allowed)} (its CPU affinity)")
+            if allowed == list(range(len(allowed))):
+                where = f"this host has {len(allowed)} core(s) ({core_ranges(allowed)})"
+            else:
+                where = f"this process may only use cores {core_ranges(allowed)} (its CPU affinity)"
             raise ConfigError(
                 source, field,
                 f"device id(s) {','.join(map(str, bad))} are CPU core ids, but {where}: missing device",
