@@ -29,6 +29,12 @@ class Lease:
     pulls: int = 0
 
 
+class Pin:
+    """Holds a lease's blocks while a pull gathers or queues them (``done`` once it stops)."""
+
+    done: bool = False
+
+
 class LeaseTable:
     """Thread-safe: the engine thread adds/reaps, the side-channel thread reads/completes."""
 
@@ -68,6 +74,22 @@ class LeaseTable:
     def get(self, req_id: str) -> Lease | None:
         with self._cond:
             return self._leases.get(req_id)
+
+    def pin(self, req_id: str) -> tuple[Lease, Pin] | None:
+        """``req_id``'s live lease, with its blocks kept allocated until the returned pin is done.
+
+        A pull reads the blocks after this returns (gather, zero-copy frames): without the pin, an
+        expiry or a confirmation on another thread could report them free meanwhile, and vLLM
+        would hand them to another request while they are still being sent. A lease past its
+        expiry is refused here, before the next reap notices it.
+        """
+        with self._cond:
+            lease = self._leases.get(req_id)
+            if lease is None or lease.expires_at <= self._clock():
+                return None
+            pin = Pin()
+            self._held.setdefault(req_id, []).append(pin)
+            return lease, pin
 
     def complete(self, req_id: str) -> bool:
         """The decode side is done with (or gave up) ``req_id``: free it at the next step."""

@@ -19,7 +19,7 @@ import zmq
 
 from pdserve.kv import messages as m
 from pdserve.kv.layout import BlockLayout
-from pdserve.kv.leases import LeaseTable
+from pdserve.kv.leases import Lease, LeaseTable
 from pdserve.kv.transports import Transport
 from pdserve.kv.transports.base import Transfer, TransferState
 
@@ -169,9 +169,9 @@ class SideChannelServer:
         router.send_multipart([*route, m.encode(reply), *frames], copy=False)
 
     def _pull(self, router: zmq.Socket, route: list[Any], msg: m.PullRequest, deadline: float) -> None:
-        lease = self.leases.get(msg.req_id)
-        if lease is None:
-            if self.leases.ended(msg.req_id):
+        pinned = self.leases.pin(msg.req_id)
+        if pinned is None:
+            if self.leases.ended(msg.req_id) or self.leases.get(msg.req_id) is not None:
                 self._reply(router, route, m.PullReply(msg.xfer_id, False, error=(
                     f"no KV lease for request {msg.req_id}: it already ended (pulled and "
                     "confirmed, released, or expired)")))
@@ -182,6 +182,13 @@ class SideChannelServer:
             self._reply(router, route, m.PullReply(msg.xfer_id, False,
                         error=f"no KV lease for request {msg.req_id} (expired or never granted)"))
             return
+        lease, pin = pinned
+        try:
+            self._send(router, route, msg, lease)
+        finally:
+            pin.done = True  # any frames still read from the blocks are held by the send's tracker
+
+    def _send(self, router: zmq.Socket, route: list[Any], msg: m.PullRequest, lease: Lease) -> None:
         error = self._check(msg, lease.block_ids)
         if error:
             self._reply(router, route, m.PullReply(msg.xfer_id, False, error=error))

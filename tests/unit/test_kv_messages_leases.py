@@ -150,3 +150,28 @@ def test_hold_defers_finished_until_every_tracker_is_done() -> None:
     t2.done = True
     assert t.take_finished() == {"a"}
     assert t.take_finished() == set()
+
+
+def test_pin_keeps_blocks_until_the_pull_is_done_even_if_the_lease_expires() -> None:
+    clock = FakeClock()
+    t = LeaseTable(clock=clock)
+    t.add("a", [1, 2], 1010.0)
+    pinned = t.pin("a")
+    assert pinned is not None
+    lease, pin = pinned
+    assert lease.block_ids == [1, 2]
+    clock.now = 1011.0  # expires while the pull still gathers its blocks
+    assert t.reap_expired() == ["a"]
+    assert t.take_finished() == set()  # not reported free: the send still reads them
+    pin.done = True
+    assert t.take_finished() == {"a"}
+    assert t.take_finished() == set() and t.held() == 0
+
+
+def test_pin_refuses_an_expired_lease_before_it_is_reaped() -> None:
+    clock = FakeClock()
+    t = LeaseTable(clock=clock)
+    t.add("a", [1], 1010.0)
+    clock.now = 1010.0
+    assert t.pin("a") is None and t.pin("missing") is None
+    assert t.reap_expired() == ["a"] and t.take_finished() == {"a"}

@@ -142,6 +142,16 @@ def test_lease_never_granted_is_refused() -> None:
         p.close()
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_pull_after_expiry_is_refused_before_the_reap(pair: Pair, transport: str) -> None:
+    """A lease past its expiry is never served, even before the engine's next reap frees it."""
+    pair.lease("late", [1, 2], ttl=30)
+    pair.clock.now += 31
+    with pytest.raises(PullError, match="already ended"):
+        pair.puller.pull(pair.task("late", [1, 2], [3, 4], transport))
+    assert pair.served == []
+
+
 def test_pull_times_out_cleanly() -> None:
     p = Pair(lease_wait=30, timeout=0.4)
     try:
