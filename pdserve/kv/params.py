@@ -9,9 +9,37 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-REQUIRED = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids")
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+_Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class RemotePrefill(BaseModel):
+    """The fields the decode side reads, checked: they come from a request body, and a bad value
+    must make the request compute its prompt locally, never raise inside vLLM's engine loop
+    (which would kill the instance)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    remote_engine_id: StrictStr
+    remote_request_id: StrictStr
+    remote_host: StrictStr = Field(min_length=1)
+    remote_port: StrictInt = Field(ge=1, le=65535)
+    remote_block_ids: list[_Count]
+    remote_num_tokens: _Count | None = None
+    tp_size: StrictInt | None = Field(default=None, ge=1)
+    block_size: StrictInt | None = Field(default=None, ge=1)
+    prompt_digest: StrictStr | None = None
+
+
+def parse_remote(params: dict[str, Any]) -> RemotePrefill | str:
+    """``params`` as :class:`RemotePrefill`, or what is wrong with them (missing or bad fields)."""
+    try:
+        return RemotePrefill.model_validate(params)
+    except ValidationError as exc:
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
 
 
 def prompt_digest(token_ids: Sequence[int]) -> str:
@@ -38,7 +66,3 @@ def producer_params(*, engine_id: str, host: str, port: int, req_id: str, block_
         "prompt_digest": digest,
         "connector": "pdserve",
     }
-
-
-def missing_fields(params: dict[str, Any]) -> list[str]:
-    return [k for k in REQUIRED if k not in params]

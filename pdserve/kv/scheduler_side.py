@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.kv.config import ConnectorSettings
 from pdserve.kv.metadata import LeaseSpec, LoadSpec, PdserveMetadata, ReleaseSpec
-from pdserve.kv.params import missing_fields, producer_params, prompt_digest
+from pdserve.kv.params import RemotePrefill, parse_remote, producer_params, prompt_digest
 from pdserve.kv.puller import PullTask
 from pdserve.kv.transports import choose_transport
 
@@ -53,35 +53,36 @@ class SchedulerSide:
         params = request.kv_transfer_params
         if self.is_producer or not params or not params.get("do_remote_prefill"):
             return 0, False
-        missing = missing_fields(params)
-        if missing:
-            log.warning("request %s: kv_transfer_params lack %s; computing the prompt locally",
-                        request.request_id, missing)
+        remote = parse_remote(params)
+        if isinstance(remote, str):
+            log.warning("request %s: unusable kv_transfer_params (%s); computing the prompt locally",
+                        request.request_id, remote)
+            params["do_remote_prefill"] = False
             return 0, False
-        remote_id = str(params["remote_request_id"])
+        remote_id = remote.remote_request_id
         owner = self._loading.get(remote_id)
         if owner is not None and owner != request.request_id:
             return None, False  # a sibling is pulling this lease; ask again next step
         if remote_id in self._pulled:
             params["do_remote_prefill"] = False  # sibling pulled it: its blocks are cached here
             return 0, False
-        remote_tokens = min(int(params.get("remote_num_tokens") or 0), request.num_prompt_tokens)
-        error = self._check_compatible(request, params, remote_tokens)
+        remote_tokens = min(remote.remote_num_tokens or 0, request.num_prompt_tokens)
+        error = self._check_compatible(request, remote, remote_tokens)
         if error:
             # still "load" so the request fails (or recomputes) through vLLM's failure path
             self._load_errors[request.request_id] = error
         count = remote_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
-    def _check_compatible(self, request: "Request", params: dict[str, Any], remote_tokens: int) -> str:
-        if int(params.get("tp_size", self.tp_size)) != self.tp_size:
-            return (f"prefill instance has tensor-parallel size {params.get('tp_size')}, this "
+    def _check_compatible(self, request: "Request", remote: RemotePrefill, remote_tokens: int) -> str:
+        if remote.tp_size not in (None, self.tp_size):
+            return (f"prefill instance has tensor-parallel size {remote.tp_size}, this "
                     f"decode instance {self.tp_size}: pdserve needs equal TP on both (fix the "
                     "ranktable devices or --tensor-parallel-size)")
-        if int(params.get("block_size", self.block_size)) != self.block_size:
-            return (f"prefill instance uses block size {params.get('block_size')}, this decode "
+        if remote.block_size not in (None, self.block_size):
+            return (f"prefill instance uses block size {remote.block_size}, this decode "
                     f"instance {self.block_size}: use the same --block-size on both")
-        digest = params.get("prompt_digest")
+        digest = remote.prompt_digest
         # the prompt may go on past the remote tokens (the scheduler sent the prefill's first
         # token along, to continue after it): the pulled KV must match the part it covers
         if digest and digest != prompt_digest((request.prompt_token_ids or [])[:remote_tokens]):
@@ -95,22 +96,23 @@ class SchedulerSide:
         if self.is_producer or not params or not params.get("do_remote_prefill"):
             return
         params["do_remote_prefill"] = False  # one transfer per request
-        if missing_fields(params):
+        remote = parse_remote(params)
+        if isinstance(remote, str):
             return
-        host, port = str(params["remote_host"]), int(params["remote_port"])
-        remote_ids = list(params["remote_block_ids"])
+        host, port = remote.remote_host, remote.remote_port
+        remote_ids = remote.remote_block_ids
         if num_external_tokens <= 0:
-            self._releases.append(ReleaseSpec(host, port, str(params["remote_request_id"]),
+            self._releases.append(ReleaseSpec(host, port, remote.remote_request_id,
                                               "prompt fully in the local prefix cache"))
             return
         group = blocks.blocks[0]
         n_cached = sum(1 for b in group if b.block_hash is not None)
-        n_needed = _cdiv(int(params.get("remote_num_tokens") or 0), self.block_size)
+        n_needed = _cdiv(remote.remote_num_tokens or 0, self.block_size)
         n_pull = max(0, min(n_needed, len(remote_ids), len(group)) - n_cached)
         local_ids = [b.block_id for b in group[n_cached:n_cached + n_pull]]
         task = PullTask(
             req_id=request.request_id,
-            remote_req_id=str(params["remote_request_id"]),
+            remote_req_id=remote.remote_request_id,
             remote_host=host,
             remote_port=port,
             remote_block_ids=remote_ids[n_cached:n_cached + n_pull],
@@ -143,10 +145,11 @@ class SchedulerSide:
             return False, None
         if not self.is_producer:
             if params.get("do_remote_prefill"):  # finished (aborted) before it was ever scheduled
-                self._releases.append(ReleaseSpec(str(params.get("remote_host")),
-                                                  int(params.get("remote_port") or 0),
-                                                  str(params.get("remote_request_id")),
-                                                  "request ended before its KV was pulled"))
+                remote = parse_remote(params)
+                if not isinstance(remote, str):
+                    self._releases.append(ReleaseSpec(remote.remote_host, remote.remote_port,
+                                                      remote.remote_request_id,
+                                                      "request ended before its KV was pulled"))
                 params["do_remote_prefill"] = False
             self._load_errors.pop(request.request_id, None)
             remote_id = self._loading_by_local.pop(request.request_id, None)

@@ -55,7 +55,6 @@ class SamplingFields(_Model):
     ignore_eos: bool | None = None
     seed: int | None = Field(default=None, ge=_I64_MIN, le=_I64_MAX)
     top_logprobs: int | None = Field(default=None, ge=0, le=_I64_MAX)
-    kv_transfer_params: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -92,9 +91,26 @@ _MODELS: dict[str, type[SamplingFields]] = {
 }
 
 
-def _first_error(exc: ValidationError) -> ApiError:
+def _param_path(body: Any, loc: tuple[Any, ...], missing: bool) -> str | None:
+    """The error's location in the request body, without pydantic's union-member tags (for
+    ``"content": 5`` pydantic says ``messages.0.content.str``; the client's field is
+    ``messages.0.content``)."""
+    parts: list[str] = []
+    node = body
+    for i, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif not (missing and i == len(loc) - 1 and isinstance(node, dict)):
+            break  # a union member's tag, not a field of the body
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def _first_error(exc: ValidationError, body: Any) -> ApiError:
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"]) or None
+    loc = _param_path(body, tuple(err["loc"]), err.get("type") == "missing")
     msg = err.get("msg", "invalid value")
     if loc:
         msg = f"{loc}: {msg}"
@@ -108,7 +124,7 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
     try:
         req = _MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise _first_error(exc, body) from None
     if isinstance(req, CompletionRequest):
         if req.prompt is None and body.get("prompt_embeds") is None:
             raise bad_request("either `prompt` or `prompt_embeds` must be provided", param="prompt")
@@ -116,6 +132,11 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
             raise bad_request("prompt must not be empty", param="prompt")
     if req.best_of is not None and req.best_of < (req.n or 1):
         raise bad_request("best_of must be greater than or equal to n", param="best_of")
+    if body.get("kv_transfer_params") is not None:
+        # the decode instance's connector would act on them: a client must not point it at hosts
+        raise bad_request("kv_transfer_params are set by the scheduler, which pairs the prefill and "
+                          "decode instances itself; leave them out (to drive a hand-over yourself, "
+                          "send them to the instances directly)", param="kv_transfer_params")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     return req

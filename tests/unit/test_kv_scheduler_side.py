@@ -46,3 +46,28 @@ def test_other_prompt_is_refused_with_a_reason() -> None:
     other = PROMPT[:-1] + [999]
     assert side.get_num_new_matched_tokens(request(other + [7], PROMPT), 0) == (40, True)
     assert "prompt tokens differ" in side._load_errors["r1"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"remote_port": "abc"}, {"remote_num_tokens": "zz"}, {"remote_block_ids": 5},
+    {"remote_block_ids": [1, -2]}, {"tp_size": "x"}, {"remote_port": 70000}, {"remote_host": ""},
+    {"remote_request_id": 7}, {"block_size": None, "remote_port": True},
+])
+def test_bad_params_from_a_request_body_compute_locally_and_never_raise(bad: dict) -> None:
+    """kv_transfer_params come from a request body: a bad value must not raise inside vLLM's
+    engine loop (that kills the instance); the request computes its prompt itself."""
+    side = consumer()
+    req = request(PROMPT, PROMPT)
+    req.kv_transfer_params.update(bad)
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert req.kv_transfer_params["do_remote_prefill"] is False
+    req.kv_transfer_params["do_remote_prefill"] = True  # aborted before it was scheduled
+    assert side.request_finished(req, []) == (False, None)
+    assert side.build_connector_meta().releases == []
+
+
+def test_missing_fields_compute_locally() -> None:
+    side = consumer()
+    req = request(PROMPT, PROMPT)
+    del req.kv_transfer_params["remote_host"]
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
