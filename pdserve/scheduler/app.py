@@ -30,6 +30,7 @@ from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.drain import Drain
 from pdserve.scheduler.errors import ApiError, UpstreamClientError, bad_request, model_not_found
 from pdserve.scheduler.features import RequestShaper
+from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
@@ -100,11 +101,13 @@ class Scheduler:
             self.session = make_session(self.cfg)
         if self.cfg.capture is not None and self.capture is None:
             self.capture = CaptureSink(self.cfg.capture, on_drop=self.metrics.capture_dropped.inc)
-        self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session, self.tracker)
+        self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session, self.tracker, LeaseReleaser())
         self.pool.start(self.session)
 
     async def close(self) -> None:
         await self.pool.stop()
+        if self.flow is not None and self.flow.releaser is not None:
+            self.flow.releaser.close()
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
         if self._own_session and self.session is not None:

@@ -56,6 +56,9 @@ class SchedulerMetrics:
         self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Streams whose first token came "
                                           "from the prefill instance's answer (the decode instance continued "
                                           "after it)", registry=r)
+        self.leases_released = Counter(p + "kv_leases_released_total", "Prefill KV leases the scheduler released "
+                                       "because no decode instance got the request (client gone, no decode slot, "
+                                       "request refused); the rest end by pull or expiry", registry=r)
         self.capture_dropped = Counter(p + "capture_dropped_total", "Capture records dropped because the writer "
                                        "queue was full (requests are never slowed down for capture)", registry=r)
         self.draining = Gauge(p + "draining", "1 while the scheduler drains (refuses new requests) before exiting",

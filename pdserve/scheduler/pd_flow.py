@@ -30,6 +30,7 @@ from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.errors import ApiError, UpstreamClientError
 from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
+from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
 from pdserve.scheduler.pool import Instance, InstancePool
@@ -75,6 +76,7 @@ class RequestContext:
     work_tokens: int = 0  # typical estimate of the prompt tokens to compute (prefill backlog accounting)
     points: PrefixPoints | None = None  # the prompt's prefix hashes, for the decode-side tracker
     prefill_done: float | None = None  # perf_counter when the prefill answer arrived
+    lease: dict[str, Any] | None = None  # kv_transfer_params no decode instance has got yet
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
 
 
@@ -157,12 +159,14 @@ _NO_PREFILL = PrefillResult("", None, None, None)
 
 class PDFlow:
     def __init__(self, cfg: SchedulerConfig, pool: InstancePool, metrics: SchedulerMetrics,
-                 session: aiohttp.ClientSession, tracker: PrefixTracker | None = None) -> None:
+                 session: aiohttp.ClientSession, tracker: PrefixTracker | None = None,
+                 releaser: LeaseReleaser | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.metrics = metrics
         self.session = session
         self.tracker = tracker
+        self.releaser = releaser
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
         return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
@@ -251,6 +255,21 @@ class PDFlow:
         want_first = (self.cfg.prefill_first_token and not ctx.decode_only and isinstance(relay, OpenAIRelay)
                       and eligible(ctx.endpoint, ctx.body))
         pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
+        ctx.lease = pre.kv_transfer_params
+        try:
+            return await self._hand_over(ctx, request, relay, pre)
+        finally:
+            if ctx.lease is not None:  # no decode instance got it: free the prefill's blocks now
+                self._release(ctx)
+
+    def _release(self, ctx: RequestContext) -> None:
+        lease, ctx.lease = ctx.lease, None
+        if self.releaser is not None and lease is not None and self.releaser.release(lease, ctx.error or "abandoned"):
+            self.metrics.leases_released.inc()
+            log.debug("request %s: released its prefill KV lease (%s)", ctx.request_id, ctx.error or "abandoned")
+
+    async def _hand_over(self, ctx: RequestContext, request: web.Request, relay: Relay,
+                         pre: PrefillResult) -> web.StreamResponse:
         out = None if pre.first is None else await self._send_first(ctx, request, pre.first, relay)
         tried: list[Instance] = []
         try:
@@ -273,6 +292,7 @@ class PDFlow:
                         pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, pre.first)
                     elif exc.reprefill and not ctx.decode_only:
                         pre = await self.prefill(ctx)
+                        ctx.lease = pre.kv_transfer_params
             raise AssertionError("unreachable")
         except (ApiError, UpstreamClientError) as exc:
             if out is None:
@@ -349,6 +369,8 @@ class PDFlow:
             try:
                 async with asyncio.timeout(self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout):
                     resp = await self.session.post(inst.url + path, data=body, headers=self._headers(ctx))
+                    if not 400 <= resp.status < 500:  # refused before its engine saw it: still ours
+                        ctx.lease = None
                     if ctx.stream and resp.status == 200:
                         first = await resp.content.readany()
                     else:
@@ -361,11 +383,13 @@ class PDFlow:
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} unreachable: {_describe(exc)}"),
                                    False, "connect") from None
             except TimeoutError:
+                ctx.lease = None  # the instance may have it: its connector releases or pulls it
                 which = "--first-token-timeout" if ctx.stream else "--decode-timeout"
                 limit = self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout
                 raise ApiError(504, f"decode instance {name} sent no {'token' if ctx.stream else 'answer'} "
                                     f"within {limit:g} s ({which})") from None
             except (aiohttp.ClientError, OSError) as exc:
+                ctx.lease = None
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} failed: {_describe(exc)}"),
                                    True, "disconnect") from None
             status = resp.status

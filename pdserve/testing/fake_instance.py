@@ -47,6 +47,7 @@ class FakeConfig:
     return_kv_params: bool = True  # prefill: answer kv_transfer_params
     require_kv_params: bool = True  # decode: 400 when kv_transfer_params are missing
     block_size: int = 4  # simulated prefix-cache block, in (whitespace) tokens
+    kv_port: int = 0  # prefill: the side-channel port its kv_transfer_params name (0: 20000 + index)
     api_key: str | None = None  # like vLLM --api-key: /v1/* need "Authorization: Bearer <key>"
     identity: dict[str, Any] = field(default_factory=dict)  # override identity fields
 
@@ -272,7 +273,7 @@ class FakeInstance:
                 kvtp_out = {"do_remote_prefill": True, "do_remote_decode": False,
                             "remote_engine_id": f"fake-prefill-{self.index}",
                             "remote_block_ids": list(range(nblocks)), "remote_host": "127.0.0.1",
-                            "remote_port": 20000 + self.index, "remote_request_id": rid, "tp_size": 1}
+                            "remote_port": cfg.kv_port or 20000 + self.index, "remote_request_id": rid, "tp_size": 1}
         else:
             if cfg.require_kv_params and not (isinstance(kvtp_in, dict) and kvtp_in.get("do_remote_prefill")):
                 rec["status"] = 400
