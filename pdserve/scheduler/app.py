@@ -137,11 +137,19 @@ def _state(request: web.Request) -> Scheduler:
     return request.app[STATE]  # type: ignore[return-value]
 
 
-def _client_error(exc: web.HTTPException) -> ApiError:
+_OPENAI_ONLY = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def _client_error(exc: web.HTTPException, request: web.Request, use_openai: bool) -> ApiError:
     if exc.status == 413:
         return ApiError(413, f"request body too large: {exc.text or ''}".strip(), param=None)
     if exc.status == 404:
-        return ApiError(404, "not found: no such route")
+        hint = ""
+        if request.path == "/generate" and use_openai:
+            hint = " (a scheduler started with USE_OPENAI=0 serves it; this one serves /v1/*)"
+        elif request.path in _OPENAI_ONLY and not use_openai:
+            hint = " (this scheduler runs with USE_OPENAI=0 and serves /generate)"
+        return ApiError(404, f"not found: no route {request.path}{hint}")
     if exc.status == 405:
         return ApiError(405, "method not allowed")
     return ApiError(exc.status, exc.reason or "error")
@@ -170,12 +178,12 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         status = resp.status
     except ApiError as exc:
         resp, status, error = exc.response(rid), exc.status, exc.message
-        if status in (400, 401, 404, 413, 429) or (status == 503 and state.drain.draining):
+        if status in (400, 401, 404, 413, 415, 429) or (status == 503 and state.drain.draining):
             state.metrics.rejected.labels(str(status)).inc()
     except UpstreamClientError as exc:
         resp, status = exc.response(rid), exc.status
     except web.HTTPException as exc:
-        err = _client_error(exc)
+        err = _client_error(exc, request, state.cfg.use_openai)
         resp, status, error = err.response(rid), err.status, err.message
         state.metrics.rejected.labels(str(status)).inc()
     except asyncio.CancelledError:
@@ -183,6 +191,11 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         _finish(state, request, status, t0)
         raise
     except Exception as exc:  # a bug must cost one request, never the server
+        if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
+            # the client left while we wrote to it, before aiohttp cancelled the handler: aiohttp
+            # ignores the re-raised error as a premature disconnection (no traceback, no 500)
+            _finish(state, request, 499, t0, "client disconnected")
+            raise
         log.exception("request %s failed", rid)
         err = ApiError(500, f"internal scheduler error: {type(exc).__name__}")
         resp, status = err.response(rid), 500
@@ -201,7 +214,8 @@ def _finish(state: Scheduler, request: web.Request, status: int, t0: float, erro
     endpoint = _ENDPOINTS.get(request.path, "other")
     ctx: RequestContext | None = request.get(CTX)
     e2e = time.perf_counter() - t0
-    model = ctx.model if ctx is not None else ""
+    # the name the client used, else the one the answer carries (never an unknown name: bounded labels)
+    model = (ctx.model or ctx.model_alias or state.cfg.upstream_model or "") if ctx is not None else ""
     state.metrics.child(state.metrics.requests, endpoint, str(status), model).inc()
     if ctx is None:
         # refused before it became a request (bad input, API key, draining, overload): one short
@@ -238,6 +252,10 @@ def _timings(ctx: RequestContext) -> dict[str, Any]:
 async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.StreamResponse:
     state = _state(request)
     cfg = state.cfg
+    if endpoint != "generate" and request.content_type != "application/json":
+        # as vLLM's OpenAI server (which says 400); vLLM's plain /generate never checked it
+        raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
+                            "with 'Content-Type: application/json'")
     raw = await request.read()  # 413 from client_max_size beyond --max-body-bytes
     try:
         body = loads(raw)

@@ -89,6 +89,14 @@ class PrefillResult:
     first: FirstToken | None = None  # the prefill's token, already sent to the client
 
 
+def _refused_credentials(status: int, role: str, name: str) -> None:
+    """An instance's 401/403 is about the scheduler's key, not the client's: a 502 that says so."""
+    if status in (401, 403):
+        raise ApiError(502, f"{role} instance {name} refused the scheduler's credentials (HTTP {status}): "
+                            "give the scheduler the instances' --api-key with --instance-api-key "
+                            "(PDSERVE_INSTANCE_API_KEY)")
+
+
 def _down(tried: list[Instance]) -> list[Instance]:
     """The tried instances that are no longer healthy: the only ones a last-resort retry skips."""
     return [i for i in tried if not i.healthy]
@@ -209,6 +217,7 @@ class PDFlow:
                 reason = f"http_{status}"
                 continue
             if status >= 400:
+                _refused_credentials(status, "prefill", inst.spec.name)
                 raise UpstreamClientError(status, payload, "application/json")
             ctx.prefill_done = time.perf_counter()
             ctx.prefill_s = ctx.prefill_done - t
@@ -397,6 +406,7 @@ class PDFlow:
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} failed: HTTP {status}: "
                                                   f"{_snippet(payload)}"), True, f"http_{status}")
             if status >= 400:
+                _refused_credentials(status, "decode", name)
                 raise UpstreamClientError(status, payload, resp.headers.get("Content-Type"))
             if not ctx.stream:
                 return self._json_answer(ctx, pre, payload, relay, resp.headers.get("Content-Type"))
@@ -431,7 +441,8 @@ class PDFlow:
         if isinstance(usage, dict):
             fixed = self._fix_usage(ctx, pre, usage)
         self._observe_tokens(ctx)
-        ctx.ttft_s = time.perf_counter() - ctx.t0
+        ctx.ttft_s = time.perf_counter() - ctx.t0  # non-stream: the whole answer is the first token
+        self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
         if ctx.capture is not None:
             ctx.capture.response = payload
         if relay.passthrough and not fixed:

@@ -194,7 +194,8 @@ async def test_models_health_metrics(cluster: Cluster) -> None:
                  "pdserve_scheduler_instance_inflight_requests", "pdserve_scheduler_instance_healthy",
                  "pdserve_scheduler_retries_total", "pdserve_scheduler_completion_tokens_total"):
         assert name in text, name
-    assert 'pdserve_scheduler_requests_total{endpoint="completions",model="",status="200"} 1.0' in text
+    # no "model" in the request: counted under the name the answer carries
+    assert f'pdserve_scheduler_requests_total{{endpoint="completions",model="{MODEL}",status="200"}} 1.0' in text
 
 
 async def test_generate_api(make_cluster: MakeCluster) -> None:

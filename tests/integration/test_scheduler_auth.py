@@ -84,10 +84,13 @@ async def test_client_key_stripped_instance_key_sent(make_cluster: MakeCluster) 
     assert {r["x_api_key"] for r in recs} == {None}
 
 
-async def test_instances_with_key_but_scheduler_without_is_a_relayed_401(make_cluster: MakeCluster) -> None:
+async def test_instances_with_key_but_scheduler_without_is_a_502_naming_the_flag(make_cluster: MakeCluster) -> None:
+    """The operator forgot --instance-api-key: not the client's credentials, so no 401."""
     c = await make_cluster(1, 1, fake_kw={"api_key": INSTANCE_KEY}, max_model_len=4096)
-    status, _ = await status_of(c, "/v1/completions")
-    assert status == 401  # the instance's own answer: the operator forgot --instance-api-key
+    async with c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}) as r:
+        assert r.status == 502
+        message = (await r.json())["error"]["message"]
+    assert "prefill instance" in message and "--instance-api-key" in message
 
 
 async def test_keys_never_logged(make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture) -> None:

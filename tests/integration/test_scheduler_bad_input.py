@@ -112,8 +112,23 @@ async def test_too_long_prompt_400(make_cluster: MakeCluster) -> None:
 async def test_unknown_route_and_method(cluster: Cluster) -> None:
     async with cluster.get("/v1/nope") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == 404
+    async with cluster.post("/generate", json={"prompt": "x"}) as r:  # an OpenAI-mode scheduler
+        assert r.status == 404 and "USE_OPENAI=0" in (await r.json())["error"]["message"]
     async with cluster.get("/v1/completions") as r:
         assert r.status == 405 and (await r.json())["error"]["code"] == 405
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+async def test_a_body_not_sent_as_json_is_415(cluster: Cluster, content_type: str | None) -> None:
+    """As vLLM's OpenAI server: only application/json (curl -d without -H sends a form type)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    async with cluster.post("/v1/chat/completions", data=b'{"messages": [{"role": "user", "content": "x"}]}',
+                            headers=headers, skip_auto_headers=["Content-Type"]) as r:
+        assert_error(r.status, await r.json(), 415)
+    assert cluster.calls() == 0
+    code, _ = await send(cluster, "/v1/completions", '{"prompt": "x", "max_tokens": 1}',
+                         {"Content-Type": "application/json; charset=utf-8"})
+    assert code == 200
 
 
 async def test_generate_bad_input(make_cluster: MakeCluster) -> None:

@@ -34,7 +34,9 @@ async def test_every_metric_family_present_and_fed(make_cluster: MakeCluster, ca
                    "instance_healthy", "queue_length", "retries_total", "rejected_total", "decode_only_total",
                    "capture_dropped_total", "draining"):
         assert f"# TYPE {p}{family.removesuffix('_total')}" in text, family
-    assert f'{p}requests_total{{endpoint="completions",model="alias",status="200"}} 1.0' in text
+    # with and without "model": both count under the name the answer carried
+    assert f'{p}requests_total{{endpoint="completions",model="alias",status="200"}} 2.0' in text
+    assert f'{p}time_to_first_token_seconds_count{{endpoint="completions"}} 2.0' in text  # non-stream too
     # an unknown model is not a label value (clients must not be able to grow the label set)
     assert f'{p}requests_total{{endpoint="completions",model="",status="404"}} 1.0' in text
     assert f"{p}kv_handover_seconds_count 1.0" in text  # streams only
