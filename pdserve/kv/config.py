@@ -20,11 +20,11 @@ class ConnectorSettings(BaseModel):
     """Address the prefill workers listen on (default: ``kv_ip`` of the kv_transfer_config)."""
     side_channel_port: int | None = None
     """Base port; TP rank r listens on base + r (default: ``kv_port``)."""
-    lease_seconds: float = Field(30.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0, allow_inf_nan=False)
     """Prefill-side blocks are freed after this long if no decode instance confirmed them."""
-    load_timeout_seconds: float = Field(30.0, gt=0)
+    load_timeout_seconds: float = Field(30.0, gt=0, allow_inf_nan=False)
     """A decode-side pull that takes longer fails (or recomputes, per kv_load_failure_policy)."""
-    lease_wait_seconds: float = Field(10.0, gt=0)
+    lease_wait_seconds: float = Field(10.0, gt=0, allow_inf_nan=False)
     """How long the prefill side waits for a lease to be registered before refusing a pull."""
     allowed_peers: list[str] = Field(default_factory=list)
     """IP addresses allowed on the side channel (empty: any). Set from the global ranktable."""

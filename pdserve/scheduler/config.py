@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ OPTIONS: tuple[Opt, ...] = (
         help="file with one API key per line (blank lines and # comments ignored)"),
     Opt("protect_metrics", ("--protect-metrics",), "bool", "access control", env="PDSERVE_PROTECT_METRICS",
         help="require an API key for /metrics too (/health always stays open)"),
-    Opt("drain_seconds", ("--drain-seconds",), "float", "access control", env="PDSERVE_DRAIN_SECONDS",
+    Opt("drain_seconds", ("--drain-seconds",), "float", "shutdown", env="PDSERVE_DRAIN_SECONDS",
         help=f"on SIGTERM/SIGINT, refuse new requests (503) and let in-flight ones finish for up to this "
              f"long, then exit 0 (default {_D.drain_seconds:g})"),
     Opt("prefill_policy", ("--prefill-policy",), "str", "routing", env="PDSERVE_PREFILL_POLICY", choices=POLICIES,
@@ -216,20 +217,28 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("max_body_bytes", ("--max-body-bytes",), "int", "overload and limits",
         help="larger request bodies get 413 (default 32 MiB)"),
     Opt("chars_per_token_bound", ("--chars-per-token-bound",), "float", "overload and limits",
-        help="upper bound of characters per token for the prompt-length estimate"),
-    Opt("connect_timeout", ("--connect-timeout",), "float", "timeouts (seconds)"),
-    Opt("prefill_timeout", ("--prefill-timeout",), "float", "timeouts (seconds)"),
-    Opt("first_token_timeout", ("--first-token-timeout",), "float", "timeouts (seconds)"),
-    Opt("idle_timeout", ("--idle-timeout",), "float", "timeouts (seconds)", help="longest gap between stream chunks"),
-    Opt("decode_timeout", ("--decode-timeout",), "float", "timeouts (seconds)", help="whole non-streaming decode"),
-    Opt("health_interval", ("--health-interval",), "float", "timeouts (seconds)"),
-    Opt("health_timeout", ("--health-timeout",), "float", "timeouts (seconds)"),
+        help="upper bound of characters per token for the prompt-length estimate of text prompts "
+             f"(default {_D.chars_per_token_bound:g})"),
+    Opt("connect_timeout", ("--connect-timeout",), "float", "timeouts (seconds)",
+        help=f"connecting to an instance (default {_D.connect_timeout:g})"),
+    Opt("prefill_timeout", ("--prefill-timeout",), "float", "timeouts (seconds)",
+        help=f"the whole prefill request (default {_D.prefill_timeout:g})"),
+    Opt("first_token_timeout", ("--first-token-timeout",), "float", "timeouts (seconds)",
+        help=f"streams: until the decode instance's first chunk (default {_D.first_token_timeout:g})"),
+    Opt("idle_timeout", ("--idle-timeout",), "float", "timeouts (seconds)",
+        help=f"longest gap between stream chunks (default {_D.idle_timeout:g})"),
+    Opt("decode_timeout", ("--decode-timeout",), "float", "timeouts (seconds)",
+        help=f"a whole non-streaming decode answer (default {_D.decode_timeout:g})"),
+    Opt("health_interval", ("--health-interval",), "float", "timeouts (seconds)",
+        help=f"between two health checks of each instance (default {_D.health_interval:g})"),
+    Opt("health_timeout", ("--health-timeout",), "float", "timeouts (seconds)",
+        help=f"one health or identity check (default {_D.health_timeout:g})"),
     Opt("startup_timeout", ("--startup-timeout",), "float", "timeouts (seconds)", env="PDSERVE_STARTUP_TIMEOUT",
-        help="how long to wait for the instances to become healthy at start-up"),
-    Opt("retries", ("--retries",), "int", "timeouts (seconds)",
+        help=f"how long to wait for the instances to become healthy at start-up (default {_D.startup_timeout:g})"),
+    Opt("retries", ("--retries",), "int", "other",
         help="extra attempts after a 5xx or dropped connection: on another instance, or on the same "
-             "one when it is the only healthy one (default 1)"),
-    Opt("no_access_log", ("--no-access-log",), "bool", "timeouts (seconds)",
+             f"one when it is the only healthy one (default {_D.retries})"),
+    Opt("no_access_log", ("--no-access-log",), "bool", "other",
         help="no structured access-log line per request"),
     Opt("system_prompt", ("--system-prompt",), "str", "serving features", metavar="TEXT",
         help="system prompt added to chat requests (see --system-prompt-mode)"),
@@ -317,17 +326,28 @@ def _from_env(o: Opt, raw: str) -> Any:
 def resolve(args: argparse.Namespace, environ: Mapping[str, str], file_values: Mapping[str, Any]) -> dict[str, Any]:
     """dest → value: the flag if given, else the environment variable, else the deployment file;
     None where none of them sets it (the built-in default applies)."""
+    return resolve_with_origins(args, environ, file_values)[0]
+
+
+def resolve_with_origins(args: argparse.Namespace, environ: Mapping[str, str],
+                         file_values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`resolve`, plus dest → where its value came from ("flag", "env" or "file"; missing:
+    the built-in default), so a bad value is reported under the name the operator wrote."""
     out: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for o in OPTIONS:
         value = getattr(args, o.dest, None)
+        origin = "flag"
         if value is None and o.env:
             raw = environ.get(o.env)
             if raw is not None and raw.strip() != "":
-                value = _from_env(o, raw.strip())
+                value, origin = _from_env(o, raw.strip()), "env"
         if value is None:
-            value = file_values.get(o.dest)
+            value, origin = file_values.get(o.dest), "file"
         out[o.dest] = value
-    return out
+        if value is not None:
+            origins[o.dest] = origin
+    return out, origins
 
 
 def _parse_url(text: str, flag: str) -> tuple[str, int]:
@@ -339,6 +359,9 @@ def _parse_url(text: str, flag: str) -> tuple[str, int]:
     host, sep, port = t.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()):
         raise ConfigError(flag, None, f"{text!r} is not HOST:PORT", f"{flag} 127.0.0.1:8001")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(flag, None, f"{text!r}: port {int(port)} is outside 1..65535",
+                          f"{flag} 127.0.0.1:8001 (a port from 1 to 65535)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -425,7 +448,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         log.debug("ignoring flag the scheduler does not use: %s", arg)
     config_path = getattr(args, "config", None) or (environ.get(ENV_CONFIG) or "").strip() or None
     deploy = load_deploy_file(config_path) if config_path else DeployFile()
-    v = resolve(args, environ, deploy.flag_values())
+    v, origins = resolve_with_origins(args, environ, deploy.flag_values())
     digest: str | None = None
     if v["prefill_url"] or v["decode_url"]:
         if not (v["prefill_url"] and v["decode_url"]):
@@ -492,7 +515,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         affinity_chunk_chars=pick("affinity_chunk_chars", d.affinity_chunk_chars),
         config_file=config_path,
     )
-    check(cfg)
+    check(cfg, origins)
     return cfg
 
 
@@ -513,23 +536,75 @@ def config_from_argv(argv: Sequence[str], environ: Mapping[str, str] = os.enviro
     return config_from_args(args, environ, extra)
 
 
-def check(cfg: SchedulerConfig) -> None:
+# dest → (the smallest value allowed, whether that value itself is allowed, an example for the fix).
+# Every number must also be finite: nan slips through every comparison and inf overflows aiohttp's
+# timeout arithmetic.
+_BOUNDS: dict[str, tuple[int, bool, str]] = {
+    "port": (1, True, "8000 (a port from 1 to 65535)"),
+    "max_model_len": (1, True, "4096 (or leave it out to ask the instances)"),
+    "max_inflight": (0, True, "0 (unbounded) or a positive number"),
+    "max_inflight_per_instance": (0, True, "0 (unbounded) or a positive number"),
+    "max_queue": (0, True, "0 (or a positive number)"),
+    "retries": (0, True, "0 (or a positive number)"),
+    "decode_only_below": (0, True, "0 (off) or a positive number"),
+    "decode_only_uncached_below": (0, True, "0 (off) or a positive number"),
+    "decode_only_when_queued": (0, True, "0 (off) or a positive number"),
+    "prefix_chars": (0, True, f"{_D.prefix_chars} (the default)"),
+    "affinity_load_factor": (1, True, f"{_D.affinity_load_factor:g} (at least 1: an instance's fair share)"),
+    "affinity_chunk_chars": (16, True, f"{_D.affinity_chunk_chars} (at least 16)"),
+    "max_body_bytes": (1024, True, "33554432 (at least 1024)"),
+    "drain_seconds": (0, True, f"{_D.drain_seconds:g} (0: exit at once)"),
+    "queue_timeout": (0, False, f"{_D.queue_timeout:g} (a number of seconds above 0)"),
+    "chars_per_token_bound": (0, False, f"{_D.chars_per_token_bound:g} (a number above 0)"),
+    "connect_timeout": (0, False, f"{_D.connect_timeout:g} (a number of seconds above 0)"),
+    "prefill_timeout": (0, False, f"{_D.prefill_timeout:g} (a number of seconds above 0)"),
+    "first_token_timeout": (0, False, f"{_D.first_token_timeout:g} (a number of seconds above 0)"),
+    "idle_timeout": (0, False, f"{_D.idle_timeout:g} (a number of seconds above 0)"),
+    "decode_timeout": (0, False, f"{_D.decode_timeout:g} (a number of seconds above 0)"),
+    "health_interval": (0, False, f"{_D.health_interval:g} (a number of seconds above 0)"),
+    "health_timeout": (0, False, f"{_D.health_timeout:g} (a number of seconds above 0)"),
+    "startup_timeout": (0, False, f"{_D.startup_timeout:g} (a number of seconds above 0)"),
+}
+_UPPER: dict[str, int] = {"port": 65535}
+
+
+def _bad_value(dest: str, found: str, example: str, origins: Mapping[str, str], config_file: str | None) -> ConfigError:
+    """The error for a bad value, under the name the operator used: the flag, the environment
+    variable or the deployment file's key."""
+    o = OPTION_BY_DEST[dest]
+    origin = origins.get(dest, "flag")
+    if origin == "env" and o.env:
+        return ConfigError("environment", o.env, found, f"export {o.env}={example}")
+    if origin == "file":
+        return ConfigError(config_file or "<deploy config>", dest, found, f"write it as {dest}: {example}")
+    return ConfigError("flags", o.flags[0], found, f"{o.flags[0]} {example}")
+
+
+def check(cfg: SchedulerConfig, origins: Mapping[str, str] | None = None) -> None:
+    """Refuse settings that would only fail later (every request a 500/504, a bind traceback after
+    the instances became healthy). ``origins`` (dest → "flag" | "env" | "file", from
+    :func:`resolve_with_origins`) makes the message name the source the value came from."""
     if not cfg.prefill or not cfg.decode:
         raise ConfigError("ranktable", None, "the scheduler needs at least one prefill and one decode instance",
                           "add instances to server_group_list groups 1 and 2")
-    for flag, value in (("--max-inflight", cfg.max_inflight), ("--max-queue", cfg.max_queue),
-                        ("--max-inflight-per-instance", cfg.max_inflight_per_instance),
-                        ("--retries", cfg.retries), ("--decode-only-below", cfg.decode_only_below),
-                        ("--decode-only-uncached-below", cfg.decode_only_uncached_below),
-                        ("--decode-only-when-queued", cfg.decode_only_when_queued),
-                        ("--drain-seconds", cfg.drain_seconds)):
-        if value < 0:
-            raise ConfigError("flags", flag, f"{value} is negative", f"{flag} 0 (or a positive number)")
-    if cfg.affinity_chunk_chars < 16:
-        raise ConfigError("flags", "--affinity-chunk-chars", f"{cfg.affinity_chunk_chars} is too small",
-                          "use at least 16 (default 256)")
-    if cfg.max_body_bytes < 1024:
-        raise ConfigError("flags", "--max-body-bytes", f"{cfg.max_body_bytes} is too small", "use at least 1024")
+    for dest, (low, inclusive, example) in _BOUNDS.items():
+        value = getattr(cfg, dest)
+        if value is None or isinstance(value, bool):
+            continue
+        high = _UPPER.get(dest)
+        shown = value if isinstance(value, int) else f"{value:g}"
+        if not math.isfinite(value):
+            found = f"{value} is not a finite number"
+        elif value < low or (value == low and not inclusive):
+            if low == 0:
+                found = f"{shown} is negative" if value < 0 else f"{shown} is not above 0"
+            else:
+                found = f"{shown} is below {low}" if high is None else f"{shown} is outside {low}..{high}"
+        elif high is not None and value > high:
+            found = f"{shown} is outside {low}..{high}"
+        else:
+            continue
+        raise _bad_value(dest, found, example, origins or {}, cfg.config_file)
     if cfg.defaults:
         from pdserve.scheduler.features import check_defaults
 

@@ -154,7 +154,11 @@ async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
             if ident.served_model_names:
                 instance_names = list(ident.served_model_names)
                 break
-        log.info("all %d instance identities match the ranktable", len(idents))
+        if cfg.ranktable_digest:
+            log.info("all %d instance identities match the ranktable", len(idents))
+        else:
+            log.info("all %d instances answer with the role and index of their --prefill-url/--decode-url "
+                     "(no ranktable: digests not compared)", len(idents))
     if cfg.max_model_len is None or (not instance_names and cfg.upstream_model is None):
         mml, name = await model_facts_from_instances(session, cfg)
         if cfg.max_model_len is None and mml:

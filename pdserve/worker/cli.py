@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 
 from pdserve import ranktable
+from pdserve.errors import ConfigError
 from pdserve.platform import detect_platform
 from pdserve.worker import command as cmd
 
@@ -25,12 +28,28 @@ ENV_DRAIN = "PDSERVE_DRAIN_SECONDS"
 ENV_LOG_PREFIX = "PDSERVE_LOG_PREFIX"
 
 
-def _float_env(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        return default
+DEFAULT_DRAIN_SECONDS = 30.0
+
+
+def drain_seconds(flag: float | None, environ: Mapping[str, str]) -> float:
+    """--drain-seconds, else PDSERVE_DRAIN_SECONDS, else 30; a bad value is a ConfigError (it used
+    to fall back to 30 without a word, or to hand a negative or nan deadline to the supervisor)."""
+    if flag is not None:
+        value, source, name, fix = flag, "flags", "--drain-seconds", "--drain-seconds 30"
+    else:
+        raw = environ.get(ENV_DRAIN, "").strip()
+        if not raw:
+            return DEFAULT_DRAIN_SECONDS
+        source, name, fix = "environment", ENV_DRAIN, f"export {ENV_DRAIN}=30"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(source, name, f"{raw!r} is not a number", f"{fix} (seconds)") from None
+    if not math.isfinite(value):
+        raise ConfigError(source, name, f"{value} is not a finite number", f"{fix} (seconds, 0 or more)")
+    if value < 0:
+        raise ConfigError(source, name, f"{value:g} is negative", f"{fix} (seconds, 0 or more)")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="decode side: a KV pull that fails or times out fails the request (default) or "
                         "recomputes the prompt locally (env PDSERVE_KV_LOAD_FAILURE_POLICY)")
     g = p.add_argument_group("daemon")
-    g.add_argument("--drain-seconds", type=float, default=_float_env(ENV_DRAIN, 30.0), metavar="S",
+    g.add_argument("--drain-seconds", type=float, default=None, metavar="S",
                    help=f"on SIGTERM/SIGINT, give the server S seconds to finish before SIGKILL "
                         f"(default 30, env {ENV_DRAIN})")
     g.add_argument("--dry-run", action="store_true",
@@ -77,10 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
+    drain = drain_seconds(args.drain_seconds, os.environ)
     role = ranktable.resolve_role_from_env(os.environ)
     if role.kind == "scheduler":
         if "--drain-seconds" not in extra:  # the daemon's flag is the scheduler's drain too
-            extra = [*extra, "--drain-seconds", str(args.drain_seconds)]
+            extra = [*extra, "--drain-seconds", str(drain)]
         return _run_scheduler(extra, args.dry_run)
     global_path = os.environ[ranktable.roles.ENV_GLOBAL]
     rt = ranktable.load_global(global_path)
@@ -105,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.worker.daemon import supervise
 
     prefix = os.environ.get(ENV_LOG_PREFIX)
-    return supervise(name, argv, env, args.drain_seconds, prefix=f"[{name}] " if prefix is None else prefix,
+    return supervise(name, argv, env, drain, prefix=f"[{name}] " if prefix is None else prefix,
                      health_url=_health_url(argv))
 
 

@@ -2,8 +2,9 @@
 
 Everything the daemon adds to the operator's vLLM flags is decided here, from the role the
 ranktables give and the daemon's own options, without starting anything, so every rule is unit
-tested: the KV connector config, the identity middleware, device visibility, the TP check, the
-CPU eager default and the ``--host`` default. The operator's vLLM flags pass through unchanged
+tested: the KV connector config (checked as the connector will check it), the identity
+middleware, device visibility, the TP check, the CPU eager default, the ``--host`` default and
+``--enable-prompt-tokens-details``. The operator's vLLM flags pass through unchanged
 and in order; pdserve only appends.
 """
 
@@ -37,6 +38,7 @@ CPU_MAX_NUM_BATCHED_TOKENS = 512  # per-step token budget of CPU prefill instanc
 CPU_DECODE_MAX_NUM_BATCHED_TOKENS = 128  # ... and of CPU decode instances (prompt work in smaller slices)
 ENV_CPU_BIND = "PDSERVE_CPU_BIND"  # explicit VLLM_CPU_OMP_THREADS_BIND instead of the ranktable's cores
 TRANSPORTS = ("auto", "tcp", "shm", "torch_dist")
+PROMPT_TOKENS_DETAILS_FLAGS = ("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details")
 # stock connectors that expect one symmetric role on both sides
 _KV_BOTH = {"NixlConnector", "MooncakeConnector", "MooncakeConnectorV1", "LMCacheConnectorV1"}
 
@@ -174,7 +176,9 @@ def kv_transfer_config(ctx: InstanceContext, opts: ServeOptions, host_ip: str, p
             "transport": transport,
             "lease_seconds": opts.kv_lease_seconds,
         }
-        cfg["kv_connector_extra_config"].update(_extra_config(env))
+        extra = _extra_config(env)
+        cfg["kv_connector_extra_config"].update(extra)
+        _check_connector_settings(cfg["kv_connector_extra_config"], set(extra))
         cfg["kv_load_failure_policy"] = opts.kv_load_failure_policy  # vLLM's own switch
     else:
         if opts.kv_connector_module_path:
@@ -201,6 +205,49 @@ def _extra_config(env: Mapping[str, str]) -> dict:
         raise ConfigError("environment", ENV_KV_EXTRA, f"{raw!r} is not a JSON object",
                           f'export {ENV_KV_EXTRA}=\'{{"lease_seconds": 20}}\'')
     return extra
+
+
+# extra-config keys the daemon fills from its own flags (what to name when such a value is bad)
+_KEY_FLAGS = {"lease_seconds": "--kv-lease-seconds", "transport": "--kv-transport", "side_channel_port": "--kv-port"}
+
+
+def _check_connector_settings(extra: dict, from_env: set[str]) -> None:
+    """Validate the connector's extra config here, as the connector will inside the engine
+    (:class:`pdserve.kv.config.ConnectorSettings`): a bad value is one message naming the flag or
+    PDSERVE_KV_EXTRA_CONFIG key, not a pydantic traceback from every vLLM worker after the model
+    has loaded. Unknown keys from PDSERVE_KV_EXTRA_CONFIG are refused too (the connector would
+    silently ignore a typo)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    from pdserve.kv.config import ConnectorSettings
+
+    known = list(ConnectorSettings.model_fields)
+    for key in sorted(from_env):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError("environment", ENV_KV_EXTRA, f"unknown key {key!r}",
+                              f"{hint}the connector reads only: {', '.join(known)}")
+    try:
+        ConnectorSettings.model_validate(extra)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        found = f"{key}={err.get('input')!r}: {err.get('msg', 'invalid value')}"
+        if top in from_env or top not in _KEY_FLAGS:
+            default = ConnectorSettings.model_fields[top].default if top in known else None
+            example = json.dumps({top: default}) if isinstance(default, (int, float, str)) \
+                else '{"load_timeout_seconds": 10}'
+            raise ConfigError("environment", ENV_KV_EXTRA, found,
+                              f"correct or remove {top!r}, e.g. export {ENV_KV_EXTRA}='{example}'") from None
+        flag = _KEY_FLAGS[top]
+        value = err.get("input")
+        fix = (f"{flag} 30 (seconds, a finite number above 0)" if top == "lease_seconds"
+               else f"correct {flag}")
+        raise ConfigError("flags", flag, f"{value!r}: {err.get('msg', 'invalid value')}", fix) from None
 
 
 def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
@@ -250,6 +297,11 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
                 child_env.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(kv_port))
 
     argv += ["--middleware", MIDDLEWARE]
+
+    if not has_flag(user, *PROMPT_TOKENS_DETAILS_FLAGS):
+        # vLLM leaves usage.prompt_tokens_details (the prefix-cache hits) out unless asked; the
+        # scheduler reports the prefill side's cached tokens to the client and in its metrics
+        argv.append(PROMPT_TOKENS_DETAILS_FLAGS[0])
 
     if ctx.platform == "cpu" and not has_flag(user, "--enforce-eager", "--no-enforce-eager") \
             and env.get(ENV_NO_EAGER, "").strip() not in ("1", "true", "yes"):

@@ -1,0 +1,129 @@
+"""``pdserve serve``: KV options are checked as the connector will check them (a ConfigError naming
+the flag or PDSERVE_KV_EXTRA_CONFIG key before vLLM starts, even with --dry-run), the instances
+report cached prompt tokens, and --drain-seconds / PDSERVE_DRAIN_SECONDS are checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdserve.errors import ConfigError
+from pdserve.ranktable import digest, load_global, resolve_role
+from pdserve.worker.cli import drain_seconds
+from pdserve.worker.command import (
+    InstanceContext,
+    ServeOptions,
+    build_instance_command,
+    flag_value,
+)
+
+pytestmark = pytest.mark.unit
+
+GEN = Path(__file__).parent / "golden" / "gen_1p1d"
+DESIGN = Path(__file__).parent / "golden" / "design_example.json"
+
+
+def ctx_for(local: str) -> InstanceContext:
+    rt = load_global(DESIGN)
+    return InstanceContext(role=resolve_role(DESIGN, GEN / local), ranktable=rt, digest=digest(rt),
+                           local_source=local, platform="npu")
+
+
+@pytest.fixture(params=["local_ranktable_10.0.0.18_45.json", "local_ranktable_10.0.0.18_67.json"],
+                ids=["prefill", "decode"])
+def ctx(request: pytest.FixtureRequest) -> InstanceContext:
+    return ctx_for(request.param)
+
+
+def build(ctx: InstanceContext, *vllm: str, env: dict | None = None, **opts) -> list[str]:
+    return build_instance_command(ctx, ServeOptions(vllm_args=list(vllm), python="py", **opts), env or {})[0]
+
+
+# -- KV options -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lease", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_kv_lease_seconds_names_the_flag(ctx: InstanceContext, lease: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(ctx, "--port", "8001", kv_lease_seconds=lease)
+    msg = str(info.value)
+    assert msg.startswith("flags: --kv-lease-seconds: ") and str(lease) in msg
+    assert "fix: --kv-lease-seconds 30" in msg and "pydantic" not in msg
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"lease_seconds": "x"}, "lease_seconds"),
+    ({"load_timeout_seconds": 0}, "load_timeout_seconds"),
+    ({"lease_wait_seconds": -2}, "lease_wait_seconds"),
+    ({"pull_threads": 0}, "pull_threads"),
+    ({"pull_threads": "many"}, "pull_threads"),
+    ({"transport": "udp"}, "transport"),
+    ({"allowed_peers": "10.0.0.1"}, "allowed_peers"),
+])
+def test_bad_extra_config_values_name_the_variable_and_key(ctx: InstanceContext, extra: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(ctx, "--port", "8001", env={"PDSERVE_KV_EXTRA_CONFIG": json.dumps(extra)})
+    msg = str(info.value)
+    assert msg.startswith(f"environment: PDSERVE_KV_EXTRA_CONFIG: {key}=")
+    assert "export PDSERVE_KV_EXTRA_CONFIG=" in msg and "https://" not in msg
+
+
+def test_unknown_extra_config_key_suggests_the_right_one(ctx: InstanceContext) -> None:
+    with pytest.raises(ConfigError, match="(?s)unknown key 'load_timeout_second'.*did you mean load_timeout_seconds"):
+        build(ctx, "--port", "8001", env={"PDSERVE_KV_EXTRA_CONFIG": '{"load_timeout_second": 5}'})
+
+
+def test_good_extra_config_and_lease_pass(ctx: InstanceContext) -> None:
+    argv = build(ctx, "--port", "8001", kv_lease_seconds=0.5,
+                 env={"PDSERVE_KV_EXTRA_CONFIG": '{"load_timeout_seconds": 7, "pull_threads": 2}'})
+    extra = json.loads(flag_value(argv, "--kv-transfer-config") or "{}")["kv_connector_extra_config"]
+    assert extra["lease_seconds"] == 0.5 and extra["load_timeout_seconds"] == 7 and extra["pull_threads"] == 2
+
+
+def test_extra_config_overriding_a_bad_lease_flag_is_what_counts(ctx: InstanceContext) -> None:
+    with pytest.raises(ConfigError, match="PDSERVE_KV_EXTRA_CONFIG: lease_seconds=0"):
+        build(ctx, "--port", "8001", env={"PDSERVE_KV_EXTRA_CONFIG": '{"lease_seconds": 0}'})
+
+
+def test_other_connectors_and_own_config_are_not_checked(ctx: InstanceContext) -> None:
+    build(ctx, "--port", "8001", kv_connector="NixlConnector", kv_lease_seconds=0.0)
+    build(ctx, "--port", "8001", "--kv-transfer-config", "{}", kv_lease_seconds=0.0)
+    build(ctx, "--port", "8001", kv_connector="none", env={"PDSERVE_KV_EXTRA_CONFIG": '{"lease_seconds": "x"}'})
+
+
+# -- cached prompt tokens -------------------------------------------------------------------------
+def test_prompt_tokens_details_enabled_for_both_roles(ctx: InstanceContext) -> None:
+    argv = build(ctx, "--port", "8001")
+    assert argv.count("--enable-prompt-tokens-details") == 1
+
+
+@pytest.mark.parametrize("given", [["--enable-prompt-tokens-details"], ["--no-enable-prompt-tokens-details"],
+                                   ["--enable-prompt-tokens-details=false"]])
+def test_prompt_tokens_details_respects_the_operator(ctx: InstanceContext, given: list[str]) -> None:
+    argv = build(ctx, "--port", "8001", *given)
+    assert [a for a in argv if "prompt-tokens-details" in a] == given
+
+
+# -- drain ----------------------------------------------------------------------------------------
+def test_drain_seconds_sources_and_checks() -> None:
+    assert drain_seconds(None, {}) == 30.0
+    assert drain_seconds(None, {"PDSERVE_DRAIN_SECONDS": " 5 "}) == 5.0
+    assert drain_seconds(0.0, {"PDSERVE_DRAIN_SECONDS": "x"}) == 0.0  # the flag wins
+    with pytest.raises(ConfigError, match="environment: PDSERVE_DRAIN_SECONDS: 'x' is not a number"):
+        drain_seconds(None, {"PDSERVE_DRAIN_SECONDS": "x"})
+    with pytest.raises(ConfigError, match="environment: PDSERVE_DRAIN_SECONDS: -1 is negative"):
+        drain_seconds(None, {"PDSERVE_DRAIN_SECONDS": "-1"})
+    with pytest.raises(ConfigError, match="flags: --drain-seconds: nan is not a finite number"):
+        drain_seconds(float("nan"), {})
+
+
+def test_serve_dry_run_bad_lease_is_one_message(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(DESIGN))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_45.json"))
+    monkeypatch.setenv("PDSERVE_PLATFORM", "npu")
+    assert main(["serve", "--dry-run", "--kv-lease-seconds", "0", "--model", "/m", "--port", "8001"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-lease-seconds: 0.0: Input should be greater than 0" in err and "Traceback" not in err
