@@ -9,6 +9,12 @@ how to fix it. The CLI prints it and exits non-zero.
 from __future__ import annotations
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``plural(1, "port")`` -> ``1 port``, ``plural(2, "entry", "entries")`` -> ``2 entries``: messages
+    count things the user has to fix, so they should read right for one as well."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 class PdserveError(Exception):
     """Base class of errors that are shown to the user as one message (exit code 2)."""
 

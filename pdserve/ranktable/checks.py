@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, plural
 from pdserve.ranktable.schema import GROUP_ROLES, GlobalRanktable, LocalRanktable, Server
 
 # (group index, server index) -> (file, JSON path of that server entry)
@@ -103,7 +103,7 @@ def check_global(
     groups = rt.server_group_list
     ids = [g.group_id for g in groups]
     if len(groups) != 3:
-        errors.append(ConfigError(source, "server_group_list", f"{len(groups)} groups (group_ids {ids})",
+        errors.append(ConfigError(source, "server_group_list", f"{plural(len(groups), 'group')} (group_ids {ids})",
                                   "use exactly three groups: \"0\" scheduler, \"1\" prefill, \"2\" decode"))
     for gi, group in enumerate(groups[:3]):
         if group.group_id != EXPECTED_GROUPS[gi]:
@@ -113,7 +113,7 @@ def check_global(
         n = len(group.server_list)
         if group.server_count != str(n):
             errors.append(ConfigError(source, f"server_group_list[{gi}].server_count",
-                                      f"{group.server_count!r} but server_list has {n} entries",
+                                      f"{group.server_count!r} but server_list has {plural(n, 'entry', 'entries')}",
                                       f"write \"{n}\" (server_count must equal the length of server_list)"))
     if len(groups) < 1:
         return errors, warnings
@@ -136,7 +136,7 @@ def check_global(
         src, path = loc(0, si)
         errors += _check_server_ids(server, src, path)
         if server.device is not None:
-            errors.append(ConfigError(src, f"{path}.device", f"scheduler entry has {len(server.device)} devices",
+            errors.append(ConfigError(src, f"{path}.device", f"scheduler entry has {plural(len(server.device), 'device')}",
                                       "remove the \"device\" key: the scheduler (group \"0\") runs on CPU "
                                       "and has no devices"))
 
@@ -178,7 +178,7 @@ def check_global(
                 first_tp = (tp, src, path)
             elif tp != first_tp[0]:
                 errors.append(ConfigError(src, f"{path}.device",
-                                          f"{tp} devices, but the first {role} instance "
+                                          f"{plural(tp, 'device')}, but the first {role} instance "
                                           f"({first_tp[1]}: {first_tp[2]}) has {first_tp[0]}",
                                           f"give every {role} instance the same number of devices (equal TP)"))
         if first_tp is not None:
@@ -200,11 +200,11 @@ def check_local(rt: LocalRanktable, source: str) -> list[ConfigError]:
                                   "write \"0\" (a local ranktable always uses group \"0\")"))
     n = len(rt.server_list)
     if n != 1:
-        errors.append(ConfigError(source, "server_list", f"{n} servers",
+        errors.append(ConfigError(source, "server_list", f"{plural(n, 'server')}",
                                   "a local ranktable describes exactly one instance: keep one server entry "
                                   "(use the local_ranktable_<ip>_<devices>.json written by `gen`)"))
     if rt.server_count != str(n):
-        errors.append(ConfigError(source, "server_count", f"{rt.server_count!r} but server_list has {n} entries",
+        errors.append(ConfigError(source, "server_count", f"{rt.server_count!r} but server_list has {plural(n, 'entry', 'entries')}",
                                   f"write \"{n}\""))
     for si, server in enumerate(rt.server_list):
         path = f"server_list[{si}]"

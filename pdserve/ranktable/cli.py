@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pdserve.errors import ConfigError, ConfigErrors
+from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable.gen import generate
 from pdserve.ranktable.merge import merge
 from pdserve.ranktable.node_ports import ENV_NODE_PORTS
@@ -92,7 +92,7 @@ def print_errors(errors: ConfigErrors, what: str) -> int:
     for err in errors.errors:
         print(f"error: {err.render()}", file=sys.stderr)
     n = len(errors.errors)
-    print(f"pdserve: {what}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+    print(f"pdserve: {what}: {plural(n, 'error')}", file=sys.stderr)
     return errors.exit_code
 
 
@@ -171,8 +171,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _print_report(report)
     checked = ["global ranktable"] + (["local ranktable"] if report.local_path else []) + (
         ["NODE_PORTS"] if report.ports is not None else [])
-    print(f"ok: {', '.join(checked)} valid ({len(report.instances)} instances"
-          f"{', ' + str(len(report.warnings)) + ' warnings' if report.warnings else ''})")
+    warned = f", {plural(len(report.warnings), 'warning')}" if report.warnings else ""
+    print(f"ok: {', '.join(checked)} valid ({plural(len(report.instances), 'instance')}{warned})")
     return 0
 
 
@@ -245,7 +245,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     mer.set_defaults(func=cmd_merge)
 
     val = sub.add_parser("validate", help="check a global ranktable (+ local, NODE_PORTS); report all errors",
-                         description="Run every check and report all problems at once; exit code 2 on errors.")
+                         description="Run every check and report all problems at once; exit code 2 on errors. "
+                                     "Unknown keys and numbers written without quotes are reported together "
+                                     "with the rule errors; a file whose structure is broken (a missing key, "
+                                     "an object where an array belongs) gets only its structure errors until "
+                                     "they are fixed, because the rules need that structure.")
     _add_check_flags(val)
     val.set_defaults(func=cmd_validate)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pdserve.errors import ConfigError, ConfigErrors
+from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable import devices as devmod
 from pdserve.ranktable.checks import check_global
-from pdserve.ranktable.io import write
+from pdserve.ranktable.io import ensure_dir, write
 from pdserve.ranktable.notice import Notify, stderr_notice
 from pdserve.ranktable.schema import Device, GlobalRanktable, LocalRanktable, Server, ServerGroup
 
@@ -42,7 +42,7 @@ def _check_request(prefill: list[list[int]], decode: list[list[int]], api_server
             if not devs:
                 errors.append(ConfigError(flag, where, "no devices", "give device ids separated by commas, e.g. 4,5"))
             if len(devs) != tp:
-                errors.append(ConfigError(flag, where, f"{len(devs)} devices but instance 0 has {tp}",
+                errors.append(ConfigError(flag, where, f"{plural(len(devs), 'device')} but instance 0 has {tp}",
                                           "give every instance of a role the same number of devices (equal TP)"))
             for d in devs:
                 if d < 0:
@@ -114,8 +114,11 @@ def generate(
     device_ips: dict[int, str] | None = None,
     *,
     notify: Notify | None = None,
+    dir_flag: str = "--save-dir",
 ) -> list[Path]:
-    """Write this host's ranktables into save_dir; returns the paths (global first)."""
+    """Write this host's ranktables into save_dir; returns the paths (global first).
+
+    ``dir_flag`` is the flag named when save_dir cannot be used (``pdserve up`` has --run-dir)."""
     notify = notify or stderr_notice
     overrides = dict(device_ips or {})
     _check_request(prefill, decode, api_server, overrides)
@@ -134,7 +137,7 @@ def generate(
     for w in warnings:
         notify(w)
 
-    save_dir = Path(save_dir)
+    save_dir = ensure_dir(Path(save_dir), dir_flag)
     paths = [write(rt, save_dir / f"global_ranktable_{host}.json")]
     dashed = any(d >= 10 for d in ids)
     for srv in servers:

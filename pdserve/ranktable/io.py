@@ -7,6 +7,9 @@ what was found and how to fix it -- a raw pydantic dump is never shown.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +22,9 @@ from pdserve.errors import ConfigError, ConfigErrors
 from pdserve.ranktable.schema import GlobalRanktable, LocalRanktable
 
 M = TypeVar("M", bound=BaseModel)
+
+# where the file format is described for the user (README.md is the user's manual)
+FORMAT_DOC = "see README.md, section 'Ranktables'"
 
 _JSON_TYPE = {str: "string", int: "number", float: "number", bool: "boolean", list: "array",
               dict: "object", type(None): "null"}
@@ -79,11 +85,11 @@ def pydantic_errors(exc: ValidationError, source: str, model: type[BaseModel]) -
                                       f"write it as a string, e.g. {example} (all ranktable values are strings)"))
         elif kind == "missing":
             errors.append(ConfigError(source, path, f"missing key {key!r}",
-                                      f"add \"{key}\" to this object (see DESIGN.md, 'Files and their formats')"))
+                                      f"add \"{key}\" to this object ({FORMAT_DOC})"))
         elif kind == "extra_forbidden":
-            known = ", ".join(_fields_of(model, loc)) or "see DESIGN.md"
+            known = ", ".join(_fields_of(model, loc))
             errors.append(ConfigError(source, path, f"unknown key {key!r}",
-                                      f"remove it or fix its spelling (known keys here: {known})"))
+                                      f"remove it or fix its spelling ({'known keys here: ' + known if known else FORMAT_DOC})"))
         elif kind in ("list_type",):
             errors.append(ConfigError(source, path, f"{describe(value)}, expected an array",
                                       "write it as a JSON array [...]"))
@@ -92,7 +98,7 @@ def pydantic_errors(exc: ValidationError, source: str, model: type[BaseModel]) -
                                       "write it as a JSON object {...}"))
         else:  # not expected with these models, but never show a raw dump
             errors.append(ConfigError(source, path, f"{describe(value)}: {err['msg']}",
-                                      "correct this value (see DESIGN.md, 'Files and their formats')"))
+                                      f"correct this value ({FORMAT_DOC})"))
     return ConfigErrors(errors)
 
 
@@ -118,15 +124,60 @@ def read_json(path: str | os.PathLike[str]) -> Any:
                           "fix the JSON syntax there (a truncated copy? regenerate the file)") from None
 
 
-def parse_model(data: Any, model: type[M], source: str) -> M:
-    """Validate already-parsed JSON against a schema model, converting the errors."""
+def _check_object(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(source, "<top level>", f"{describe(data)}, expected an object",
                           "the file must hold one JSON object {...}")
+
+
+def parse_model(data: Any, model: type[M], source: str) -> M:
+    """Validate already-parsed JSON against a schema model, converting the errors."""
+    _check_object(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise pydantic_errors(exc, source, model) from None
+
+
+def _repairable(err: Any) -> bool:
+    """An unknown key, or a JSON number where a string belongs: the rest of the file can still be read."""
+    value = err.get("input")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return bool(err["loc"]) and (err["type"] == "extra_forbidden" or err["type"] == "string_type" and number)
+
+
+def _repaired(data: Any, exc: ValidationError) -> Any | None:
+    """A copy of ``data`` without its unknown keys and with numbers written as strings, or None
+    when the file has other shape errors (then the rules between fields cannot be checked)."""
+    if not all(_repairable(err) for err in exc.errors()):
+        return None
+    fixed = copy.deepcopy(data)
+    for err in exc.errors():
+        *parents, last = err["loc"]
+        holder = functools.reduce(lambda obj, part: obj[part], parents, fixed)
+        if err["type"] == "extra_forbidden":
+            del holder[last]
+        else:
+            holder[last] = str(err["input"])
+    return fixed
+
+
+def parse_model_all(data: Any, model: type[M], source: str) -> tuple[M | None, list[ConfigError]]:
+    """Like :func:`parse_model` but returns the schema errors instead of raising, together with a
+    model when the only problems are unknown keys or numbers for strings, so that ``validate`` can
+    still run the rules between fields and report every problem of the file at once."""
+    _check_object(data, source)
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        errors = pydantic_errors(exc, source, model).errors
+        fixed = _repaired(data, exc)
+        if fixed is None:
+            return None, errors
+        try:
+            return model.model_validate(fixed), errors
+        except ValidationError:
+            return None, errors
 
 
 def read_global(path: str | os.PathLike[str]) -> GlobalRanktable:
@@ -147,11 +198,34 @@ def dumps(rt: BaseModel) -> str:
     return json.dumps(to_dict(rt), indent=4, ensure_ascii=False) + "\n"
 
 
+def ensure_dir(folder: Path, flag: str = "--save-dir") -> Path:
+    """Create the output folder up front, so a bad ``--save-dir`` is one message, not a traceback."""
+    folder = Path(folder)
+    example = f"{flag} ./save_dir" if flag == "--save-dir" else f"{flag} /tmp/pdserve-run"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(flag, str(folder), "is an existing file, not a directory",
+                          f"give a directory (it is created if missing), e.g. {example}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(flag, str(folder), f"cannot create this directory ({exc.strerror or exc})",
+                          f"give a directory you can write to (it is created if missing), e.g. {example}") from None
+    return folder
+
+
 def write(rt: BaseModel, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically; an unwritable folder or full disk is a ConfigError naming the file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(rt), encoding="utf-8")
-    os.replace(tmp, path)  # never leave a half-written ranktable behind
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(dumps(rt), encoding="utf-8")
+        os.replace(tmp, path)  # never leave a half-written ranktable behind
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(str(path), None, f"cannot write the file ({exc.strerror or exc})",
+                          "write to a directory you can write to that has free space "
+                          "(--save-dir / --run-dir)") from None
     return path
 
 
@@ -161,13 +235,23 @@ def digest(rt: GlobalRanktable) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def read_global_all(path: str | os.PathLike[str]) -> tuple[GlobalRanktable | None, list[ConfigError]]:
+    """Schema check of a global ranktable that returns its errors (see :func:`parse_model_all`)."""
+    return parse_model_all(read_json(path), GlobalRanktable, str(path))
+
+
+def read_local_all(path: str | os.PathLike[str]) -> tuple[LocalRanktable | None, list[ConfigError]]:
+    return parse_model_all(read_json(path), LocalRanktable, str(path))
+
+
 def load_global(path: str | os.PathLike[str]) -> GlobalRanktable:
     """Load and fully validate a global ranktable (raises ConfigError / ConfigErrors)."""
     from pdserve.ranktable.checks import check_global
 
-    rt = read_global(path)
-    errors, _warnings = check_global(rt, str(path))
-    if errors:
+    rt, errors = read_global_all(path)
+    if rt is not None:
+        errors += check_global(rt, str(path))[0]
+    if errors or rt is None:
         raise ConfigErrors(errors)
     return rt
 
@@ -176,8 +260,9 @@ def load_local(path: str | os.PathLike[str]) -> LocalRanktable:
     """Load and validate a local ranktable (one server, group "0")."""
     from pdserve.ranktable.checks import check_local
 
-    rt = read_local(path)
-    errors = check_local(rt, str(path))
-    if errors:
+    rt, errors = read_local_all(path)
+    if rt is not None:
+        errors += check_local(rt, str(path))
+    if errors or rt is None:
         raise ConfigErrors(errors)
     return rt

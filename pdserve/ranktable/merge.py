@@ -15,7 +15,7 @@ from pathlib import Path
 from pdserve.errors import ConfigError, ConfigErrors
 from pdserve.ranktable.checks import check_global
 from pdserve.ranktable.notice import Notify, stderr_notice
-from pdserve.ranktable.io import read_global, write
+from pdserve.ranktable.io import ensure_dir, read_global, write
 from pdserve.ranktable.schema import GlobalRanktable, Server, ServerGroup
 
 MERGED_NAME = "global_ranktable_merge.json"
@@ -85,4 +85,4 @@ def merge(paths: list[Path], save_dir: Path, *, notify: Notify | None = None) ->
     merged, warnings = merge_ranktables(inputs)
     for w in warnings:
         notify(w)
-    return write(merged, Path(save_dir) / MERGED_NAME)
+    return write(merged, ensure_dir(Path(save_dir)) / MERGED_NAME)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from pdserve.errors import ConfigError, ConfigErrors
+from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable.schema import GlobalRanktable
 from pdserve.ranktable.topology import InstanceRef, instances
 
@@ -46,7 +46,7 @@ def parse_node_ports(text: str, rt: GlobalRanktable, source: str = ENV_NODE_PORT
     if not errors:
         if len(ports) != len(insts):
             errors.append(ConfigError(source, None,
-                                      f"{len(ports)} ports ({text.strip()!r}) for {len(insts)} instances",
+                                      f"{plural(len(ports), 'port')} ({text.strip()!r}) for {plural(len(insts), 'instance')}",
                                       f"give one port per instance in this order: {expected_order(insts)}"))
         else:
             seen: dict[tuple[str, int], InstanceRef] = {}

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, plural
 from pdserve.ranktable.io import load_global, load_local
 from pdserve.ranktable.schema import GROUP_SCHEDULER, GlobalRanktable, LocalRanktable
 from pdserve.ranktable.topology import InstanceRef, instances
@@ -44,7 +44,7 @@ def match_role(
 ) -> Role:
     """Match a (checked) local ranktable against a (checked) global one; exactly one must match."""
     if len(local_rt.server_list) != 1:
-        raise ConfigError(local_source, "server_list", f"{len(local_rt.server_list)} servers",
+        raise ConfigError(local_source, "server_list", f"{plural(len(local_rt.server_list), 'server')}",
                           "a local ranktable holds exactly one server entry")
     me = local_rt.server_list[0]
     mine = f"server_ip {me.server_ip} server_id {me.server_id}"
@@ -74,7 +74,7 @@ def match_role(
                           "(or the merged one), and check RANK_TABLE_FILE_PATH / GLOBAL_RANK_TABLE_FILE_PATH")
     if len(found) > 1:
         raise ConfigError(local_source, "server_list[0]",
-                          f"{what} matches {len(found)} entries of {global_source}: "
+                          f"{what} matches {plural(len(found), 'entry', 'entries')} of {global_source}: "
                           + "; ".join(r.describe() for r in found),
                           "make each instance unique in the global ranktable (one device, one instance; "
                           "one scheduler)")

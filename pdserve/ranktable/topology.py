@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, plural
 from pdserve.ranktable.schema import GROUP_DECODE, GROUP_PREFILL, GROUP_SCHEDULER, GlobalRanktable, Server
 
 
@@ -75,6 +75,6 @@ def scheduler_server(rt: GlobalRanktable) -> Server:
     """The one server of group "0" (the scheduler, the service entry)."""
     servers = _group(rt, GROUP_SCHEDULER)
     if len(servers) != 1:
-        raise ConfigError(None, "server_group_list[0].server_list", f"{len(servers)} scheduler entries",
+        raise ConfigError(None, "server_group_list[0].server_list", f"{plural(len(servers), 'scheduler entry', 'scheduler entries')}",
                           "keep exactly one scheduler (pass --api-server to `gen` on one host only)")
     return servers[0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import ConfigError, ConfigErrors
 from pdserve.ranktable.checks import check_global, check_local
-from pdserve.ranktable.io import digest, read_global, read_local
+from pdserve.ranktable.io import digest, read_global_all, read_local_all
 from pdserve.ranktable.node_ports import ENV_NODE_PORTS, parse_node_ports, split_ports
 from pdserve.ranktable.roles import Role, match_role
 from pdserve.ranktable.schema import GlobalRanktable, LocalRanktable
@@ -57,20 +57,23 @@ def validate(
     """
     errors: list[ConfigError] = []
     warnings: list[str] = []
-    rt: GlobalRanktable | None = _collect(errors, read_global, global_path)
+    # a file with only unknown keys / numbers for strings is still read, so its rule errors show too
+    rt, schema_errs = _collect(errors, read_global_all, global_path) or (None, [])
+    errors += schema_errs
     global_ok = False
     if rt is not None:
         errs, warnings = check_global(rt, str(global_path), complete=not partial)
         errors += errs
-        global_ok = not errs
+        global_ok = not errs and not schema_errs
 
     local_rt: LocalRanktable | None = None
     if local_path is not None:
-        local_rt = _collect(errors, read_local, local_path)
+        local_rt, schema_errs = _collect(errors, read_local_all, local_path) or (None, [])
+        errors += schema_errs
         if local_rt is not None:
             errs = check_local(local_rt, str(local_path))
             errors += errs
-            if errs:
+            if errs or schema_errs:
                 local_rt = None
 
     ports: list[int] | None = None

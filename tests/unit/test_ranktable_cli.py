@@ -123,7 +123,7 @@ def test_validate_env_node_ports_error_names_env(capsys: pytest.CaptureFixture[s
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NODE_PORTS", "8001")
     code, _, err = run(capsys, "ranktable", "validate", "--global", str(GLOBAL))
-    assert code == 2 and "error: NODE_PORTS: 1 ports" in err and "0: prefill[0]" in err
+    assert code == 2 and "error: NODE_PORTS: 1 port (" in err and "0: prefill[0]" in err
 
 
 def test_validate_no_global_given(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +141,10 @@ def test_validate_reports_all_errors_without_traceback(capsys: pytest.CaptureFix
     assert code == 2 and out == ""
     assert f"error: {path}: server_group_list[1].server_list[0].device[0].rank_id: number 0" in err
     assert 'fix: write it as a string, e.g. "0"' in err
-    assert "pdserve: ranktable validate: 1 error" in err
+    # the number written without quotes does not hide the rule errors of the same file
+    assert "server_group_list[0].server_list[1]: a second scheduler" in err
+    assert "server_group_list[0].server_count: '1' but server_list has 2 entries" in err
+    assert "pdserve: ranktable validate: 3 errors" in err
 
 
 def test_validate_truncated_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

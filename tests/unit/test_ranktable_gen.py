@@ -131,7 +131,7 @@ def test_host_address_falls_back_to_loopback(monkeypatch: pytest.MonkeyPatch) ->
     [
         ([], [], False, {}, "gen", "nothing to generate"),
         ([[0, 1]], [[1, 2]], True, {}, "--decode-server-list", "device 1 already used by --prefill-server-list"),
-        ([[0, 1], [2]], [], True, {}, "--prefill-server-list", "1 devices but instance 0 has 2"),
+        ([[0, 1], [2]], [], True, {}, "--prefill-server-list", "1 device but instance 0 has 2"),
         ([[0]], [[1]], True, {5: "10.0.0.5"}, "--device-ip", "device 5 is in no instance"),
         ([[0]], [[1]], True, {0: "ten"}, "--device-ip", "'ten' is not an IP address"),
     ],

@@ -81,7 +81,7 @@ def test_server_count_mismatch(tmp_path: Path) -> None:
     data = design()
     data["server_group_list"][2]["server_count"] = "2"
     one_error(write(tmp_path, data), "server_group_list[2].server_count",
-              found="'2' but server_list has 1 entries", fix='write "1"')
+              found="'2' but server_list has 1 entry", fix='write "1"')
 
 
 def test_no_scheduler(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_scheduler_with_devices(tmp_path: Path) -> None:
     data["server_group_list"][0]["server_list"][0]["device"] = [
         {"device_id": "0", "device_ip": "10.0.1.1", "rank_id": "0"}]
     one_error(write(tmp_path, data), "server_group_list[0].server_list[0].device",
-              found="scheduler entry has 1 devices", fix='remove the "device" key')
+              found="scheduler entry has 1 device", fix='remove the "device" key')
 
 
 def test_instance_without_device_key(tmp_path: Path) -> None:

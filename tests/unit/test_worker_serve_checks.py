@@ -127,3 +127,24 @@ def test_serve_dry_run_bad_lease_is_one_message(monkeypatch: pytest.MonkeyPatch,
     assert main(["serve", "--dry-run", "--kv-lease-seconds", "0", "--model", "/m", "--port", "8001"]) == 2
     err = capsys.readouterr().err
     assert "--kv-lease-seconds: 0.0: Input should be greater than 0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, ok", [("/nonexistent/model", False), ("./no-such-dir", False),
+                                       ("HuggingFaceTB/SmolLM2", True), ("MODEL_DIR", True)])
+def test_serve_model_path_must_be_a_model_folder(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path, model: str, ok: bool) -> None:
+    """A --model that is a path must be a local model folder (one message, no vLLM traceback);
+    a hub id is left to vLLM and its local Hugging Face cache."""
+    from pdserve.cli import main
+
+    if model == "MODEL_DIR":
+        (tmp_path / "config.json").write_text("{}")
+        model = str(tmp_path)
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(DESIGN))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_45.json"))
+    monkeypatch.setenv("PDSERVE_PLATFORM", "npu")
+    code = main(["serve", "--dry-run", "--model", model, "--port", "8001"])
+    err = capsys.readouterr().err
+    assert (code == 0) is ok, err
+    if not ok:
+        assert "--model" in err and "is not an existing folder" in err and "Traceback" not in err

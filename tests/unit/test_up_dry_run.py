@@ -1,0 +1,138 @@
+"""`pdserve up --model` must be a local model folder, and `--dry-run` starts, builds and overwrites
+nothing while printing commands that reproduce the cluster (with the environment up sets)."""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pdserve.cli import main
+from pdserve.errors import ConfigError
+from pdserve.model.local import check_local_model
+from pdserve.up.plan import plan_cluster
+from pdserve.up.runner import UpSettings, daemon_commands, env_changes, shell_line, write_commands, write_ranktables
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    folder = tmp_path / "models" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("PDSERVE_CACHE", str(root))
+    monkeypatch.delenv("PDSERVE_PLATFORM", raising=False)
+    monkeypatch.setattr("pdserve.platform.detect_platform", lambda *_a, **_k: "cpu")
+    monkeypatch.setattr("pdserve.platform.usable_cores", lambda: [0, 1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the dry run's scratch folders
+    return root
+
+
+def test_local_model_folder(model: Path) -> None:
+    assert check_local_model(str(model)) == model
+
+
+@pytest.mark.parametrize("given, found", [
+    ("/nonexistent/model", "'/nonexistent/model' is not an existing folder"),
+    ("Qwen/Qwen3-0.6B", "looks like a model hub id"),
+    ("", "no model given"),
+])
+def test_not_a_local_model(given: str, found: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        check_local_model(given)
+    err = exc.value
+    assert err.field == "--model" and found in err.found
+    assert "pdserve model demo" in err.fix and "never downloads" in err.fix
+
+
+def test_folder_without_config_and_a_file(model: Path) -> None:
+    (model / "config.json").unlink()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_local_model(str(model))
+    (model / "weights.gguf").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a model folder"):
+        check_local_model(str(model / "weights.gguf"), flag="--model", source="flags")
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_up_refuses_a_missing_model(capsys: pytest.CaptureFixture[str], cache: Path, dry: bool,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_start(_self: object) -> None:
+        raise AssertionError("the model check must come before anything starts")
+
+    monkeypatch.setattr("pdserve.up.runner.Cluster.start", no_start)
+    code = main(["up", "--model", "/nonexistent/model", *(["--dry-run"] if dry else [])])
+    _, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert "flags: --model: '/nonexistent/model' is not an existing folder" in err and "pdserve model demo" in err
+    assert not (cache / "up").exists()  # nothing written before the check
+
+
+def test_dry_run_leaves_the_run_folder_alone(capsys: pytest.CaptureFixture[str], cache: Path, model: Path) -> None:
+    live = cache / "up" / "port-9000"
+    live.mkdir(parents=True)
+    (live / "global_ranktable_127.0.0.1.json").write_text("a running cluster's file")
+    assert main(["up", "--dry-run", "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert (live / "global_ranktable_127.0.0.1.json").read_text() == "a running cluster's file"
+    line = next(x for x in out.splitlines() if x.startswith("ranktables: written to "))
+    scratch = Path(line.split()[3])
+    assert scratch.is_dir() and not scratch.is_relative_to(live) and f"a real run writes them to {live}" in line
+    assert (scratch / "global_ranktable_127.0.0.1.json").is_file()
+
+
+def test_dry_run_does_not_build_the_demo_model(capsys: pytest.CaptureFixture[str], cache: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_build(*_a: object, **_k: object) -> Path:
+        raise AssertionError("a dry run must not build the demo model")
+
+    monkeypatch.setattr("pdserve.model.demo.build_demo_model", no_build)
+    assert main(["up", "--dry-run", "--demo"]) == 0
+    out = capsys.readouterr().out
+    folder = cache / "models" / "SmolLM2-135M-Instruct"
+    assert f"demo model: {folder} is not built yet" in out and "`pdserve model demo` builds it" in out
+    assert f"--model {folder}" in out and not folder.exists()
+
+
+def test_dry_run_prints_the_environment_up_sets(capsys: pytest.CaptureFixture[str], cache: Path,
+                                                model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "PDSERVE_DECODE_ONLY_WHEN_QUEUED", "PDSERVE_LOG_PREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["up", "--dry-run", "--model", str(model), "--prefill", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cmds = {name[2:]: shlex.split(cmd) for name, cmd in zip(lines, lines[1:]) if name.startswith("# ")}
+    assert list(cmds) == ["prefill0", "prefill1", "decode0", "scheduler"]
+    prefill = dict(w.split("=", 1) for w in cmds["prefill0"] if "=" in w and not w.startswith("-"))
+    assert prefill["VLLM_CPU_KVCACHE_SPACE"] == "1" and prefill["PDSERVE_PLATFORM"] == "cpu"
+    assert prefill["PDSERVE_LOG_PREFIX"] == "" and prefill["PDSERVE_CPU_BIND"] == "0"  # 3 instances, 2 cores
+    assert prefill["RANK_TABLE_FILE_PATH"].endswith("local_ranktable_127.0.0.1_0.json")
+    sched = dict(w.split("=", 1) for w in cmds["scheduler"] if "=" in w and not w.startswith("-"))
+    assert sched["PDSERVE_DECODE_ONLY_WHEN_QUEUED"] == "1024" and sched["NODE_PORTS"] == "8100,8101,8102"
+    assert cmds["scheduler"][-2:] == ["--port", "9000"]
+
+
+def test_shell_line_sets_and_unsets_only_the_differences() -> None:
+    base = {"PATH": "/bin", "PDSERVE_CPU_BIND": "0-3", "KEEP": "same"}
+    env = {"PATH": "/bin", "KEEP": "same", "PDSERVE_LOG_PREFIX": "", "PDSERVE_CPU_BIND_X": "0|1"}
+    assert env_changes(env, base) == ({"PDSERVE_LOG_PREFIX": "", "PDSERVE_CPU_BIND_X": "0|1"}, ["PDSERVE_CPU_BIND"])
+    line = shell_line(["py", "-m", "pdserve", "serve", "--model", "/m y"], env, base)
+    assert line == "env -u PDSERVE_CPU_BIND PDSERVE_LOG_PREFIX='' PDSERVE_CPU_BIND_X='0|1' py -m pdserve serve --model '/m y'"
+    assert shell_line(["py"], {"A": "1"}, {}) == "A=1 py"
+
+
+def test_commands_file_next_to_the_ranktables(tmp_path: Path) -> None:
+    plan = plan_cluster(1, 1, "cpu", 2)
+    s = UpSettings(model="/m/demo", served_name="demo", run_dir=tmp_path, env={"PATH": "/bin"})
+    cmds = daemon_commands(plan, s, *write_ranktables(plan, tmp_path), python="py")
+    write_commands(tmp_path / "commands.sh", cmds, s.env)
+    text = (tmp_path / "commands.sh").read_text()
+    assert "# prefill0\n" in text and "# scheduler\n" in text and "VLLM_CPU_KVCACHE_SPACE=1" in text
