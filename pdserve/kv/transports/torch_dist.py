@@ -61,6 +61,7 @@ class TorchDistTransport(Transport):
         self.timeout = timeout
         self._store = None  # prefill side: the TCPStore server
         self._groups: dict[str, Any] = {}
+        self._creating: dict[str, threading.Lock] = {}  # one group creation per pair at a time
         self._lock = threading.Lock()
         self._sendq: queue.Queue = queue.Queue()
         self._sender: threading.Thread | None = None
@@ -88,16 +89,24 @@ class TorchDistTransport(Transport):
         key = peer if rank == 0 else f"{host}:{port}/{peer}"
         with self._lock:
             group = self._groups.get(key)
-        if group is not None:
-            return group
-        if rank == 0:
-            store = self._server_store()
-        else:
-            store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.timeout))
-        group = _make_group(dist.PrefixStore(f"pdserve/{peer}", store), rank, backend_for(device),
-                            self.timeout)
-        with self._lock:
-            self._groups[key] = group
+            if group is not None:
+                return group
+            # one creation per pair: two pull threads making the same group at once would
+            # rendezvous twice on one store prefix and hang until the timeout
+            creating = self._creating.setdefault(key, threading.Lock())
+        with creating:
+            with self._lock:
+                group = self._groups.get(key)
+            if group is not None:
+                return group
+            if rank == 0:
+                store = self._server_store()
+            else:
+                store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=self.timeout))
+            group = _make_group(dist.PrefixStore(f"pdserve/{peer}", store), rank, backend_for(device),
+                                self.timeout)
+            with self._lock:
+                self._groups[key] = group
         log.info("torch_dist pair group %s ready (rank %d, %s)", key, rank, backend_for(device))
         return group
 
