@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DEMO_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "pdserve-demo.json"
+BUILD_FORMAT = 2  # 2: bf16 weights (1, unmarked: float32, twice the size, a load warning per weight)
 
 
 class DemoModelError(PdserveError):
@@ -64,7 +65,12 @@ def demo_model_dir(root: Path | None = None) -> Path:
 
 
 def is_built(folder: Path) -> bool:
-    return (folder / _MARKER).is_file()
+    """A finished build of the current format (an older one is rebuilt, not reused)."""
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == BUILD_FORMAT
 
 
 def build_demo_model(root: Path | None = None, force: bool = False, progress: bool = True) -> Path:
@@ -109,7 +115,7 @@ def build_demo_model(root: Path | None = None, force: bool = False, progress: bo
         raise
     finally:
         bar.close()
-    (tmp / _MARKER).write_text(json.dumps({"source": str(gguf), "fingerprint": _fingerprint(gguf),
+    (tmp / _MARKER).write_text(json.dumps({"format": BUILD_FORMAT, "source": str(gguf), "fingerprint": _fingerprint(gguf),
                                            "seconds": round(time.monotonic() - t0, 1)}))
     if folder.exists():
         shutil.rmtree(folder)
