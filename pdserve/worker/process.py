@@ -103,12 +103,20 @@ class ManagedProcess:
             pass
 
     def stop(self, deadline_s: float, sig: int = signal.SIGTERM) -> int | None:
-        """SIGTERM the group, wait up to the deadline, then SIGKILL the group and all descendants."""
+        """SIGTERM the server, wait up to the deadline, then SIGKILL the group and all descendants.
+
+        Only the server itself gets the first signal: it drains and then stops its engine
+        processes in order. Signalled together, the engine died under the draining server
+        (requests cut, an ``EngineDeadError`` traceback in the log). Leftovers are reaped after.
+        """
         if self.proc is None:
             return None
         self.remember_descendants()
         if self.proc.poll() is None:
-            self.signal_group(sig)
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
             self.wait(max(0.0, deadline_s))
         if self.proc.poll() is None:
             self.signal_group(signal.SIGKILL)
