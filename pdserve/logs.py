@@ -14,7 +14,6 @@ from pdserve.errors import ConfigError
 
 ENV_LOG_LEVEL = "PDSERVE_LOG_LEVEL"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-DEFAULT_LEVEL = "INFO"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

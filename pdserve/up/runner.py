@@ -28,6 +28,7 @@ from pdserve import ranktable
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.ranktable.io import ensure_dir
 from pdserve.up.plan import ClusterPlan, ranktable_paths
+from pdserve.worker.command import shell_line
 from pdserve.worker.daemon import http_get_ok
 from pdserve.worker.process import ManagedProcess
 
@@ -38,8 +39,8 @@ class UpError(PdserveError):
     exit_code = 1
 
 
-UP_DECODE_ONLY_WHEN_QUEUED = 1024
-COMMANDS_FILE = "commands.sh"  # in the run folder: every daemon's command line, for a re-run by hand  # the scheduler's --decode-only-when-queued under `pdserve up`
+UP_DECODE_ONLY_WHEN_QUEUED = 1024  # the scheduler's --decode-only-when-queued under `pdserve up`
+COMMANDS_FILE = "commands.sh"  # in the run folder: every daemon's command line, for a re-run by hand
 
 
 @dataclass
@@ -81,22 +82,6 @@ def write_ranktables(plan: ClusterPlan, run_dir: Path) -> tuple[Path, dict[str, 
     paths = ranktable.generate(prefill, decode, True, run_dir, server_ip=plan.host, notify=lambda _m: None,
                                dir_flag="--run-dir")
     return ranktable_paths(paths, plan)
-
-
-def env_changes(env: Mapping[str, str], base: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
-    """What a daemon's environment sets (new or different values) and unsets, compared with ``base``."""
-    added = {k: v for k, v in env.items() if base.get(k) != v}
-    removed = [k for k in base if k not in env]
-    return added, removed
-
-
-def shell_line(argv: Sequence[str], env: Mapping[str, str], base: Mapping[str, str]) -> str:
-    """``[env -u VAR] VAR=value ... command``: pasted into a shell whose environment is ``base``,
-    it starts the daemon exactly as ``up`` does (pure)."""
-    added, removed = env_changes(env, base)
-    words = ["env", *(f"-u {shlex.quote(k)}" for k in removed)] if removed else []
-    words += [f"{k}={shlex.quote(v)}" for k, v in added.items()]
-    return " ".join([*words, shlex.join(argv)])
 
 
 def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_: dict[str, Path],

@@ -13,7 +13,6 @@ import argparse
 import logging
 import math
 import os
-import shlex
 import sys
 from collections.abc import Mapping
 
@@ -121,10 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"pdserve serve: {role.describe()} (platform {ctx.platform}, ranktable digest {ctx.digest})",
           file=sys.stderr, flush=True)
     if args.dry_run:
-        print(shlex.join(argv))
-        for key in sorted(env):
-            if os.environ.get(key) != env[key]:
-                print(f"{key}={env[key]}")
+        print(cmd.shell_line(argv, env, os.environ))
         return 0
     from pdserve.worker.daemon import supervise
 

@@ -11,6 +11,7 @@ and in order; pdserve only appends.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,20 +235,33 @@ def _check_connector_settings(extra: dict, from_env: set[str]) -> None:
         ConnectorSettings.model_validate(extra)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
         top = str(err["loc"][0]) if err["loc"] else ""
-        found = f"{key}={err.get('input')!r}: {err.get('msg', 'invalid value')}"
-        if top in from_env or top not in _KEY_FLAGS:
-            default = ConnectorSettings.model_fields[top].default if top in known else None
-            example = json.dumps({top: default}) if isinstance(default, (int, float, str)) \
-                else '{"load_timeout_seconds": 10}'
-            raise ConfigError("environment", ENV_KV_EXTRA, found,
-                              f"correct or remove {top!r}, e.g. export {ENV_KV_EXTRA}='{example}'") from None
-        flag = _KEY_FLAGS[top]
-        value = err.get("input")
-        fix = (f"{flag} 30 (seconds, a finite number above 0)" if top == "lease_seconds"
-               else f"correct {flag}")
-        raise ConfigError("flags", flag, f"{value!r}: {err.get('msg', 'invalid value')}", fix) from None
+        found = f"{err.get('input')!r}: {err.get('msg', 'invalid value')}"
+        default = ConnectorSettings.model_fields[top].default if top in known else None
+        if top in _KEY_FLAGS and top not in from_env:  # the daemon's own flag set it
+            flag = _KEY_FLAGS[top]
+            raise ConfigError("flags", flag, found, f"{flag} {default}" if default is not None
+                              else f"correct {flag}") from None
+        example = json.dumps({top: default}) if isinstance(default, (int, float, str)) \
+            else '{"load_timeout_seconds": 10}'
+        raise ConfigError("environment", ENV_KV_EXTRA, f"{top}={found}",
+                          f"correct or remove {top!r}, e.g. export {ENV_KV_EXTRA}='{example}'") from None
+
+
+def env_changes(env: Mapping[str, str], base: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What a daemon's environment sets (new or different values) and unsets, compared with ``base``."""
+    added = {k: v for k, v in env.items() if base.get(k) != v}
+    removed = [k for k in base if k not in env]
+    return added, removed
+
+
+def shell_line(argv: Sequence[str], env: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """``[env -u VAR] VAR=value ... command``: pasted into a shell whose environment is ``base``,
+    it starts the process with exactly ``env`` (the dry runs of ``serve`` and ``up``; pure)."""
+    added, removed = env_changes(env, base)
+    words = ["env", *(f"-u {shlex.quote(k)}" for k in removed)] if removed else []
+    words += [f"{k}={shlex.quote(v)}" for k, v in added.items()]
+    return " ".join([*words, shlex.join(argv)])
 
 
 def build_instance_command(ctx: InstanceContext, opts: ServeOptions,

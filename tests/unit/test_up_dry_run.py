@@ -13,7 +13,8 @@ from pdserve.cli import main
 from pdserve.errors import ConfigError
 from pdserve.model.local import check_local_model
 from pdserve.up.plan import plan_cluster
-from pdserve.up.runner import UpSettings, daemon_commands, env_changes, shell_line, write_commands, write_ranktables
+from pdserve.up.runner import UpSettings, daemon_commands, write_commands, write_ranktables
+from pdserve.worker.command import env_changes, shell_line
 
 pytestmark = pytest.mark.unit
 
