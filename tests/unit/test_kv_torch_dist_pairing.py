@@ -34,3 +34,45 @@ def test_concurrent_first_pulls_create_one_group(monkeypatch: pytest.MonkeyPatch
         th.join(5)
     assert made == [0] and len(got) == 4 and len({id(g) for g in got}) == 1
     assert t._group("dec/1", 0, torch.device("cpu"), "h", 1) is not got[0]  # another peer: its own
+
+
+class _SlowGroup:
+    """A pair group whose sends block until released, recording what was sent."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.sent: list[int] = []
+
+    def send(self, bufs, dst: int, tag: int):
+        self.gate.wait(5)
+        self.sent.append(tag)
+        return type("Work", (), {"wait": lambda self: True})()
+
+
+def _queued(t: torch_dist.TorchDistTransport, xfer_id: str) -> torch_dist.Transfer:
+    xfer = torch_dist.Transfer(xfer_id=xfer_id, req_id=f"req-{xfer_id}", n_blocks=1, peer="dec/0")
+    xfer.handle = (torch.ones(8, dtype=torch.uint8), torch.device("cpu"))
+    t.after_reply(xfer)
+    return xfer
+
+
+def test_sender_survives_a_transfer_finished_while_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    group = _SlowGroup()
+    t = torch_dist.TorchDistTransport(store_host="127.0.0.1", store_port=1)
+    monkeypatch.setattr(t, "_group", lambda *a, **k: group)
+    released: list[torch.Tensor] = []
+    monkeypatch.setattr(t, "_release", released.append)
+    first = _queued(t, "a")    # blocks the sender in its send
+    second = _queued(t, "b")   # waits in the queue ...
+    t.finish(second)           # ... and its lease ends (or the decode side gives up) meanwhile
+    third = _queued(t, "c")
+    group.gate.set()
+    deadline = time.monotonic() + 5
+    while third.state is torch_dist.TransferState.PENDING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.state is torch_dist.TransferState.DONE
+    assert second.state is torch_dist.TransferState.FAILED and "abandoned" in second.error
+    assert third.state is torch_dist.TransferState.DONE  # the thread lived on
+    assert group.sent == [torch_dist.tag_for("a"), torch_dist.tag_for("c")]  # b was never sent
+    assert len(released) == 1  # b's buffer went back to the pool; a and c wait for finish()
+    t.close()

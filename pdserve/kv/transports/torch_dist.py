@@ -133,15 +133,27 @@ class TorchDistTransport(Transport):
             self._sender = threading.Thread(target=self._send_loop, name="pdserve-torch-dist-send",
                                             daemon=True)
             self._sender.start()
-        self._sendq.put(xfer)
+        # the buffer travels with the job: finish() may clear xfer.handle before the sender gets to it
+        self._sendq.put((xfer, xfer.handle))
 
     def _send_loop(self) -> None:
         while True:
-            xfer = self._sendq.get()
-            if xfer is None:
+            job = self._sendq.get()
+            if job is None:
                 return
-            buf, device = xfer.handle
-            state, error = TransferState.DONE, ""
+            xfer, (buf, device) = job
+            try:
+                self._send_one(xfer, buf, device)
+            except Exception:  # never let one transfer end the thread every later pull depends on
+                log.exception("torch_dist sender: unexpected error on %s", xfer.req_id)
+
+    def _send_one(self, xfer: Transfer, buf: torch.Tensor, device: torch.device) -> None:
+        with self._handoff:
+            abandoned = xfer.handle is None
+        state, error = TransferState.DONE, ""
+        if abandoned:  # its lease ended or the decode side gave up while it waited in the queue
+            state, error = TransferState.FAILED, "abandoned before it was sent"
+        else:
             try:
                 group = self._group(xfer.peer, 0, device, self.store_host, self.store_port or 0)
                 if buf.numel():
@@ -149,11 +161,11 @@ class TorchDistTransport(Transport):
             except Exception as exc:  # the decode side reports the failure to its engine
                 log.warning("torch_dist send of %s to %s failed: %s", xfer.req_id, xfer.peer, exc)
                 state, error = TransferState.FAILED, str(exc)
-            with self._handoff:
-                xfer.mark(state, error)
-                finished = xfer.handle is None
-            if finished:  # finish() came first: the buffer is ours to recycle
-                self._release(buf)
+        with self._handoff:
+            xfer.mark(state, error)
+            finished = xfer.handle is None
+        if finished:  # finish() came first: the buffer is ours to recycle
+            self._release(buf)
 
     def finish(self, xfer: Transfer) -> None:
         with self._handoff:
