@@ -28,7 +28,7 @@ from pdserve.scheduler.backlog import prefill_locally, work_tokens
 from pdserve.scheduler.capture import CaptureRecord, CaptureSink
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.drain import Drain
-from pdserve.scheduler.errors import ApiError, UpstreamClientError, bad_request, model_not_found
+from pdserve.scheduler.errors import ApiError, ClientStalled, UpstreamClientError, bad_request, model_not_found
 from pdserve.scheduler.features import RequestShaper
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
@@ -192,10 +192,10 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except Exception as exc:  # a bug must cost one request, never the server
         if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
-            # the client left while we wrote to it, before aiohttp cancelled the handler: aiohttp
-            # ignores the re-raised error as a premature disconnection (no traceback, no 500)
-            _finish(state, request, 499, t0, "client disconnected")
-            raise
+            # the client left (or stalled and was cut off) while we wrote to it. Re-raised, aiohttp
+            # would log a traceback; a response it cannot send ends as a premature disconnection.
+            _finish(state, request, 499, t0, str(exc) if isinstance(exc, ClientStalled) else "client disconnected")
+            return web.Response(status=499)
         log.exception("request %s failed", rid)
         err = ApiError(500, f"internal scheduler error: {type(exc).__name__}")
         resp, status = err.response(rid), 500

@@ -226,7 +226,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("first_token_timeout", ("--first-token-timeout",), "float", "timeouts (seconds)",
         help=f"streams: until the decode instance's first chunk (default {_D.first_token_timeout:g})"),
     Opt("idle_timeout", ("--idle-timeout",), "float", "timeouts (seconds)",
-        help=f"longest gap between stream chunks (default {_D.idle_timeout:g})"),
+        help=f"longest gap between stream chunks, from an instance or to a client that stopped reading "
+             f"(default {_D.idle_timeout:g})"),
     Opt("decode_timeout", ("--decode-timeout",), "float", "timeouts (seconds)",
         help=f"a whole non-streaming decode answer (default {_D.decode_timeout:g})"),
     Opt("health_interval", ("--health-interval",), "float", "timeouts (seconds)",

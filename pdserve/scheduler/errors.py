@@ -95,3 +95,12 @@ def model_not_found(model: str) -> ApiError:
 def overloaded(message: str, retry_after: float) -> ApiError:
     secs = max(1, int(retry_after + 0.999))
     return ApiError(429, message, headers={"Retry-After": str(secs)})
+
+
+class ClientStalled(ConnectionResetError):
+    """The client kept its connection open but stopped reading for ``--idle-timeout``.
+
+    aiohttp waits for a full socket buffer to drain without a limit, so such a client would hold
+    its admission and instance slots until shutdown; the scheduler aborts its connection instead.
+    Raised as a ConnectionResetError so it ends like any other client that left (a 499).
+    """

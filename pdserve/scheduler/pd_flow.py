@@ -28,7 +28,7 @@ from aiohttp import web
 from pdserve.scheduler.affinity import PrefixPoints, PrefixTracker
 from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
-from pdserve.scheduler.errors import ApiError, UpstreamClientError
+from pdserve.scheduler.errors import ApiError, ClientStalled, UpstreamClientError
 from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
@@ -78,6 +78,7 @@ class RequestContext:
     prefill_done: float | None = None  # perf_counter when the prefill answer arrived
     lease: dict[str, Any] | None = None  # kv_transfer_params no decode instance has got yet
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
+    client: asyncio.BaseTransport | None = None  # the client's connection, once its stream is open
 
 
 @dataclass(slots=True)
@@ -317,8 +318,8 @@ class PDFlow:
             f"decode instance refused the continuation: {_snippet(exc.body)}")
         ctx.error = err.message
         log.warning("request %s: %s", ctx.request_id, err.message)
-        await out.write(relay.error(err))
-        await out.write_eof()
+        await self._write(ctx, out, relay.error(err))
+        await self._write(ctx, out, None)
         return out
 
     async def _send_first(self, ctx: RequestContext, request: web.Request, first: FirstToken,
@@ -330,7 +331,7 @@ class PDFlow:
         ctx.chunks += events.count(b"data: ")
         if ctx.capture is not None:
             ctx.capture.chunks.append(events)
-        await out.write(relay.transform(events))
+        await self._write(ctx, out, relay.transform(events))
         ctx.ttft_s = time.perf_counter() - ctx.t0
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
         self.metrics.first_from_prefill.inc()
@@ -341,7 +342,22 @@ class PDFlow:
         out = web.StreamResponse(headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"})
         out.content_type = content_type.split(";")[0]
         await out.prepare(request)
+        ctx.client = request.transport
         return out
+
+    async def _write(self, ctx: RequestContext, out: web.StreamResponse, data: bytes | None) -> None:
+        """Write to the client's stream (``None``: end it), for at most ``--idle-timeout`` seconds.
+
+        aiohttp waits without a limit for a client that stopped reading to drain its buffer; the
+        request would keep its admission slot, its decode slot and the instance's generation."""
+        try:
+            async with asyncio.timeout(self.cfg.idle_timeout):
+                await (out.write_eof() if data is None else out.write(data))
+        except TimeoutError:
+            if ctx.client is not None:
+                ctx.client.abort()
+            ctx.error = f"the client read nothing for {self.cfg.idle_timeout:g} s (--idle-timeout)"
+            raise ClientStalled(ctx.error) from None
 
     # -- decode ----------------------------------------------------------------------------------
     async def _decode(self, ctx: RequestContext, request: web.Request, pre: PrefillResult, relay: Relay,
@@ -538,7 +554,7 @@ class PDFlow:
                     ctx.capture.chunks.append(events)
                 data = relay.transform(events)
                 if data:
-                    await out.write(data)
+                    await self._write(ctx, out, data)
             try:
                 async with asyncio.timeout(idle):
                     chunk = await content.readany()
@@ -556,12 +572,12 @@ class PDFlow:
         if err is not None:
             ctx.error = err.message
             log.warning("request %s: %s", ctx.request_id, err.message)
-            await out.write(relay.error(err))
+            await self._write(ctx, out, relay.error(err))
         self._observe_tokens(ctx)
         if err is None and ctx.ttft_s is not None:
             choices = ctx.body.get("n") or 1
             per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
             if per_choice > 1:
                 self.metrics.child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))
-        await out.write_eof()
+        await self._write(ctx, out, None)
         return err is None

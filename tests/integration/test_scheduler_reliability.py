@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 
 import aiohttp
 import pytest
@@ -262,3 +264,33 @@ async def test_per_instance_bound_429_after_queue_timeout(make_cluster: MakeClus
     c.decode[0].configure(ttft=1.0)
     results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 1}) for i in range(2)))
     assert sorted(s for s, _, _ in results) == [200, 429]
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_idle_timeout(make_cluster: MakeCluster,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp waits without a limit for a full socket buffer to drain: a client that keeps its
+    connection but reads nothing would hold its slots and the decode instance's generation."""
+    c = await make_cluster(1, 1, fake_kw={"max_model_len": 1_000_000}, idle_timeout=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (c.server.host, c.server.port))
+    body = json.dumps({"prompt": "x", "max_tokens": 200_000, "stream": True}).encode()  # > socket buffers
+    await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        await asyncio.sleep(0.3)
+        assert c.state.metrics.inflight._value.get() == 1  # streaming, and the client reads nothing
+        deadline = loop.time() + 10
+        while c.state.metrics.inflight._value.get() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert c.state.metrics.inflight._value.get() == 0
+        await asyncio.sleep(0.3)
+        d = reqs(c.decode)[0]
+        assert d["aborted"] is True and d["tokens_sent"] < 200_000  # the generation stopped too
+        async with c.get("/metrics") as r:
+            assert re.search(r'requests_total\{endpoint="completions",[^}]*status="499"\} 1.0', await r.text())
+        assert "Error handling request" not in caplog.text  # a client that left is no server error
+    finally:
+        sock.close()
