@@ -41,6 +41,7 @@ class UpError(PdserveError):
 
 UP_DECODE_ONLY_WHEN_QUEUED = 1024  # the scheduler's --decode-only-when-queued under `pdserve up`
 COMMANDS_FILE = "commands.sh"  # in the run folder: every daemon's command line, for a re-run by hand
+SCHEDULER = "scheduler"  # the scheduler daemon's name (the instances are named after their role and index)
 
 
 @dataclass
@@ -110,12 +111,12 @@ def daemon_commands(plan: ClusterPlan, s: UpSettings, global_path: Path, locals_
             env["PDSERVE_CPU_BIND"] = inst.cpu_bind
         out.append((inst.name, argv, env))
     sched_argv = [python, "-m", "pdserve", "serve", *common, "--host", plan.host, "--port", str(plan.scheduler_port),
-                  *s.scheduler_args]
+                  "--drain-seconds", str(s.drain_seconds), *s.scheduler_args]
     sched_env = dict(base_env, RANK_TABLE_FILE_PATH=str(host_path), NODE_PORTS=plan.node_ports)
     sched_env.setdefault("USE_OPENAI", "1")
     # one host, instances side by side: when prefill falls behind, let decode compute prompts
     sched_env.setdefault("PDSERVE_DECODE_ONLY_WHEN_QUEUED", str(UP_DECODE_ONLY_WHEN_QUEUED))
-    out.append(("scheduler", sched_argv, sched_env))
+    out.append((SCHEDULER, sched_argv, sched_env))
     return out
 
 
@@ -184,7 +185,7 @@ class Cluster:
     def _urls(self) -> dict[str, str]:
         h = self.plan.host
         urls = {i.name: f"http://{h}:{i.port}/health" for i in self.plan.instances}
-        urls["scheduler"] = f"http://{h}:{self.plan.scheduler_port}/health"
+        urls[SCHEDULER] = f"http://{h}:{self.plan.scheduler_port}/health"
         return urls
 
     def dead(self) -> ManagedProcess | None:
@@ -238,18 +239,23 @@ class Cluster:
                     p.remember_descendants()
 
     def stop(self) -> None:
-        """Scheduler first (no new requests), then the instances; all in parallel, bounded."""
+        """The scheduler first, then the instances in parallel; each daemon drains, bounded.
+
+        The scheduler's in-flight requests still need the instances, so they stop only after it.
+        Each daemon gets exactly one SIGTERM: a second one tells the scheduler to stop without
+        waiting for its in-flight requests."""
         if not self.procs:
             return
         self.say("stopping ...")
-        for p in reversed(self.procs):
+        for p in self.procs:
             p.remember_descendants()
-            p.signal_group(signal.SIGTERM)
         deadline = self.s.drain_seconds + 15.0  # the daemons drain, then SIGKILL their servers
-        threads = [threading.Thread(target=p.stop, args=(deadline,), daemon=True) for p in self.procs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(deadline + 30.0)
+        first = [p for p in self.procs if p.name == SCHEDULER]
+        for group in (first, [p for p in self.procs if p not in first]):
+            threads = [threading.Thread(target=p.stop, args=(deadline,), daemon=True) for p in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(deadline + 30.0)
         self.say("stopped")
         self.procs.clear()

@@ -118,7 +118,7 @@ def test_dry_run_prints_the_environment_up_sets(capsys: pytest.CaptureFixture[st
     assert prefill["RANK_TABLE_FILE_PATH"].endswith("local_ranktable_127.0.0.1_0.json")
     sched = dict(w.split("=", 1) for w in cmds["scheduler"] if "=" in w and not w.startswith("-"))
     assert sched["PDSERVE_DECODE_ONLY_WHEN_QUEUED"] == "1024" and sched["NODE_PORTS"] == "8100,8101,8102"
-    assert cmds["scheduler"][-2:] == ["--port", "9000"]
+    assert cmds["scheduler"][-4:] == ["--port", "9000", "--drain-seconds", "30.0"]  # up's drain, not the default
 
 
 def test_shell_line_sets_and_unsets_only_the_differences() -> None:
