@@ -266,7 +266,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
         raise model_not_found(client_model)
     shaped = state.shaper.shape(endpoint, body)  # aliases, defaults, system prompt (no-op when unset)
     req = models.validate(endpoint, body)
-    if shaped.changed:
+    if models.normalize_flags(body, req) or shaped.changed:
         raw = dumps(body)
     est = models.check_length(endpoint, req, body, cfg.max_model_len, cfg.chars_per_token_bound)
     max_tokens = models.max_tokens_of(endpoint, req) or 16

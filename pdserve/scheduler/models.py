@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from pdserve.scheduler.errors import ApiError, bad_request
 
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds; beyond them the engine overflows (a 500)
-TokenId = Annotated[StrictInt, Field(ge=0, le=_I64_MAX)]
+# lax ints, as vLLM's own models: a JSON 504.0 is token 504 (504.5 is refused)
+TokenId = Annotated[int, Field(ge=0, le=_I64_MAX)]
 
 
 class _Model(BaseModel):
@@ -27,15 +28,15 @@ class _Model(BaseModel):
 
 
 class StreamOptions(_Model):
-    include_usage: StrictBool | None = None
-    continuous_usage_stats: StrictBool | None = None
+    include_usage: bool | None = None  # lax, as vLLM: "true" and 1 are true
+    continuous_usage_stats: bool | None = None
 
 
 class SamplingFields(_Model):
     """Sampling parameters common to /v1/completions, /v1/chat/completions and /generate."""
 
     model: StrictStr | None = None
-    stream: StrictBool | None = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=_I64_MAX)
     min_tokens: int | None = Field(default=None, ge=0, le=_I64_MAX)
@@ -137,6 +138,10 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
         raise bad_request("kv_transfer_params are set by the scheduler, which pairs the prefill and "
                           "decode instances itself; leave them out (to drive a hand-over yourself, "
                           "send them to the instances directly)", param="kv_transfer_params")
+    limit = max_tokens_of(endpoint, req) or (None if endpoint == "chat" else 16)  # vLLM's defaults
+    if req.min_tokens and limit is not None and req.min_tokens > limit:
+        raise bad_request(f"min_tokens must be less than or equal to max_tokens={limit}, got {req.min_tokens}.",
+                          param="min_tokens")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     return req
@@ -207,6 +212,22 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any], chars_per_t
     return 0, False
 
 
+def normalize_flags(body: dict[str, Any], req: SamplingFields) -> bool:
+    """Write lax-parsed flags (``"stream": "true"``) back as JSON booleans; True when the body changed.
+
+    vLLM parses them the same lax way, but the scheduler reads some of them from the body, where
+    the string "false" would be truthy."""
+    changed = False
+    if body.get("stream") is not None and type(body["stream"]) is not bool:
+        body["stream"], changed = bool(req.stream), True
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and req.stream_options is not None:
+        for key in ("include_usage", "continuous_usage_stats"):
+            if opts.get(key) is not None and type(opts[key]) is not bool:
+                opts[key], changed = bool(getattr(req.stream_options, key)), True
+    return changed
+
+
 def max_tokens_of(endpoint: Endpoint, req: SamplingFields) -> int | None:
     """The output bound the request asks for (``max_completion_tokens`` exists only for chat: on
     the other endpoints it is an unknown, unvalidated pass-through field)."""
@@ -217,7 +238,8 @@ def max_tokens_of(endpoint: Endpoint, req: SamplingFields) -> int | None:
 
 def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], max_model_len: int | None,
                  chars_per_token: float) -> int:
-    """Reject prompts (or max_tokens) that cannot fit the model's context; return the token estimate."""
+    """Reject prompts that leave no room in the model's context, and max_tokens beyond it; return
+    the prompt's token estimate."""
     est, exact = estimate_prompt_tokens(endpoint, body, chars_per_token)
     if not max_model_len:
         return est
@@ -227,14 +249,13 @@ def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], 
             f"max_tokens={max_tokens} is larger than the model's context length ({max_model_len} tokens)",
             param="max_tokens",
         )
-    needed = est + (max_tokens or 0) if exact else est
-    if (exact and needed > max_model_len) or (not exact and est >= max_model_len):
+    # like vLLM 0.32, max_tokens is cut to what the context leaves; only a prompt that leaves no room
+    # for one token is refused
+    if est >= max_model_len:
         what = f"{est} prompt tokens" if exact else f"at least {est} prompt tokens (estimated)"
-        if exact and max_tokens:
-            what += f" + max_tokens={max_tokens}"
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-            f"{what}. Please reduce the length of the prompt or max_tokens.",
+            f"{what}, which leaves no room for an answer. Please reduce the length of the prompt.",
             param="prompt" if endpoint != "chat" else "messages",
         )
     return est

@@ -327,7 +327,9 @@ class PDFlow:
         """Open the client's stream with the prefill's token (before the decode instance is asked)."""
         out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
         opts = ctx.body.get("stream_options")
-        events = first.events(isinstance(opts, dict) and bool(opts.get("continuous_usage_stats")))
+        # as vLLM: per-chunk usage only together with include_usage
+        events = first.events(isinstance(opts, dict) and opts.get("include_usage") is True
+                              and opts.get("continuous_usage_stats") is True)
         ctx.chunks += events.count(b"data: ")
         if ctx.capture is not None:
             ctx.capture.chunks.append(events)

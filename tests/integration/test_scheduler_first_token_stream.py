@@ -148,3 +148,15 @@ async def test_access_log_and_usage_count_the_prefill_token_as_output(make_clust
     line = next(json.loads(r.getMessage()) for r in caplog.records if r.name == "pdserve.scheduler.access")
     assert line["prompt_tokens"] == 6 and line["completion_tokens"] == 4
     assert line["ttft_ms"] <= line["e2e_ms"]
+
+
+async def test_no_per_chunk_usage_without_include_usage(make_cluster: MakeCluster) -> None:
+    """As vLLM: continuous_usage_stats alone adds no usage, also to the chunk built from the prefill."""
+    c = await make_cluster(1, 1)
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 3, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}
+    status, raw, _ = await post(c, body)
+    assert status == 200, raw
+    events = sse_events(raw)
+    assert texts(events) == [" c0t0", " c0t1", " c0t2"]
+    assert events[0]["choices"][0]["text"] == " c0t0" and "usage" not in events[0]
