@@ -9,11 +9,17 @@ KV as usual and computes one token (the first one) before sampling the second. T
 token no longer waits for the hand-over, and the tokens are the ones one server would produce
 (the continuation is conditioned on exactly the token the client got).
 
-Only streaming requests whose every field continues exactly take this path: one choice, no stop
-strings, no logprobs, greedy or unseeded sampling, an explicit or default-16 ``max_tokens``, and
-for chat, text-only messages without tools. Anything else, and a first token that ends the answer,
-is empty, or is an incomplete character, takes the plain hand-over. Chat answers are rebuilt from
-the completion stream (``ChatFromCompletion``) in vLLM's chunk format.
+Non-stream requests take the same path: the first token is then computed exactly as one server
+computes it, in one pass over the whole prompt (the plain hand-over recomputes the last prompt
+token alone on the decode side, whose bf16 rounding can flip a near-tie). Their answer is the
+prefill's own answer with the continuation's text, finish reason and usage put in (``answer``).
+
+Only requests whose every field continues exactly take this path: one choice, no stop strings,
+no logprobs, greedy or unseeded sampling, an explicit or default ``max_tokens`` (chat's default,
+the rest of the context, needs the model length), and for chat, text-only messages without
+tools. Anything else, and a first token that ends the answer, is empty, or is an incomplete
+character, takes the plain hand-over. Chat streams are rebuilt from the completion stream
+(``ChatFromCompletion``) in vLLM's chunk format.
 """
 
 from __future__ import annotations
@@ -82,10 +88,10 @@ def requested_max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:
     return body.get("max_tokens", MAX_TOKENS_DEFAULT)
 
 
-def eligible(endpoint: str, body: dict[str, Any]) -> bool:
+def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = None) -> bool:
     """Whether the request can continue from the prefill's token and give exactly what one server
     gives (pure; unknown fields say no)."""
-    if endpoint not in ("completions", "chat") or body.get("stream") is not True:
+    if endpoint not in ("completions", "chat") or body.get("stream") not in (True, False, None):
         return False
     prompt_keys = _CHAT_PROMPT if endpoint == "chat" else _COMPLETION_PROMPT
     for key, value in body.items():
@@ -99,8 +105,10 @@ def eligible(endpoint: str, body: dict[str, Any]) -> bool:
             continue
         return False
     m = requested_max_tokens(endpoint, body)
-    if not isinstance(m, int) or m < 2:
-        return False  # one token: the prefill's answer is the whole answer; unknown: vLLM's default
+    if m is None and endpoint == "chat" and max_model_len:
+        pass  # vLLM's chat default, the rest of the context: the continuation asks for it minus one
+    elif not isinstance(m, int) or m < 2:
+        return False  # one token: the prefill's answer is the whole answer
     if endpoint == "chat":
         return _text_only(body.get("messages"))
     prompt = body.get("prompt")
@@ -119,6 +127,8 @@ class FirstToken:
     response_id: str
     created: int
     model: str
+    max_model_len: int | None = None
+    prefill_answer: dict[str, Any] | None = None  # vLLM's own answer for this token (non-stream template)
 
     # -- what the client gets at once --------------------------------------------------------------
     def events(self, continuous_usage: bool) -> bytes:
@@ -150,7 +160,10 @@ class FirstToken:
         """A /v1/completions request that continues after the token (with the prompt's KV params)."""
         out: dict[str, Any] = {k: v for k, v in body.items() if k in _SAFE}
         out["prompt"] = [*self.prompt_ids, self.token_id]
-        out["max_tokens"] = requested_max_tokens(self.endpoint, body) - 1  # type: ignore[operator]
+        wanted = requested_max_tokens(self.endpoint, body)
+        if wanted is None:  # chat's default: all the context leaves (the prompt now holds one more token)
+            wanted = (self.max_model_len or 0) - len(self.prompt_ids)
+        out["max_tokens"] = wanted - 1
         if body.get("min_tokens"):
             out["min_tokens"] = max(0, int(body["min_tokens"]) - 1)
         if body.get("seed") is not None:
@@ -158,6 +171,28 @@ class FirstToken:
         if kvtp is not None:
             out["kv_transfer_params"] = kvtp
         return dumps(out)
+
+    def answer(self, cont: dict[str, Any]) -> dict[str, Any]:
+        """A non-stream answer: the prefill's token and the decode instance's continuation (a
+        /v1/completions answer), in the prefill's answer, which is vLLM's format for the endpoint."""
+        out = dict(self.prefill_answer or {})
+        got = (cont.get("choices") or [{}])[0]
+        choice = dict(out["choices"][0])
+        out["choices"] = [choice]
+        text = self.text + (got.get("text") or "")
+        if self.endpoint == "chat":
+            choice["message"] = {**choice["message"], "content": text}
+        else:
+            choice["text"] = text
+        choice["finish_reason"], choice["stop_reason"] = got.get("finish_reason"), got.get("stop_reason")
+        for key in ("token_ids", "prompt_token_ids"):  # asked for by the scheduler, not the client
+            if key in choice:
+                choice[key] = None
+        for key in ("prompt_token_ids", "kv_transfer_params"):
+            if key in out:
+                out[key] = None
+        out["usage"] = cont.get("usage")
+        return out
 
     @staticmethod
     def fix_usage(usage: dict[str, Any]) -> None:
@@ -196,7 +231,7 @@ def from_prefill(endpoint: str, data: Any, max_model_len: int | None) -> FirstTo
     if max_model_len and len(prompt_ids) + 1 >= max_model_len:
         return None  # the context is full after this token
     return FirstToken(endpoint, ids[0], text, list(prompt_ids), str(data.get("id") or ""),
-                      int(data.get("created") or 0), str(data.get("model") or ""))
+                      int(data.get("created") or 0), str(data.get("model") or ""), max_model_len, data)
 
 
 class ChatFromCompletion:

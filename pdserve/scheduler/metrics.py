@@ -53,9 +53,9 @@ class SchedulerMetrics:
                                      registry=r)
         self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
                                    "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool)", ["reason"], registry=r)
-        self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Streams whose first token came "
+        self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Answers whose first token came "
                                           "from the prefill instance's answer (the decode instance continued "
-                                          "after it)", registry=r)
+                                          "after it; streams and non-stream)", registry=r)
         self.leases_released = Counter(p + "kv_leases_released_total", "Prefill KV leases the scheduler released "
                                        "because no decode instance got the request (client gone, no decode slot, "
                                        "request refused); the rest end by pull or expiry", registry=r)

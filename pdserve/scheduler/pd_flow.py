@@ -263,7 +263,7 @@ class PDFlow:
     async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:
         # decode-only: the decode instance computes the prompt itself (no kv_transfer_params)
         want_first = (self.cfg.prefill_first_token and not ctx.decode_only and isinstance(relay, OpenAIRelay)
-                      and eligible(ctx.endpoint, ctx.body))
+                      and eligible(ctx.endpoint, ctx.body, self.cfg.max_model_len))
         pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
         ctx.lease = pre.kv_transfer_params
         try:
@@ -280,7 +280,7 @@ class PDFlow:
 
     async def _hand_over(self, ctx: RequestContext, request: web.Request, relay: Relay,
                          pre: PrefillResult) -> web.StreamResponse:
-        out = None if pre.first is None else await self._send_first(ctx, request, pre.first, relay)
+        out = None if pre.first is None or not ctx.stream else await self._send_first(ctx, request, pre.first, relay)
         tried: list[Instance] = []
         try:
             for attempt in range(1 + self.cfg.retries):
@@ -384,7 +384,7 @@ class PDFlow:
             path, body = ctx.path, decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
         else:
             path, body = "/v1/completions", pre.first.decode_body(ctx.body, pre.kv_transfer_params)
-            if ctx.endpoint == "chat":
+            if ctx.endpoint == "chat" and ctx.stream:
                 relay = ChatFromCompletion(pre.first, relay)
         resp: aiohttp.ClientResponse | None = None
         finished = False
@@ -455,6 +455,9 @@ class PDFlow:
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise ApiError(502, f"decode instance answered without choices: {payload[:200]!r}")
         fixed = False
+        if pre.first is not None and pre.first.prefill_answer is not None:
+            data, fixed = pre.first.answer(data), True
+            self.metrics.first_from_prefill.inc()
         usage = data.get("usage")
         if isinstance(usage, dict):
             fixed = self._fix_usage(ctx, pre, usage)

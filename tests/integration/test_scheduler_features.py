@@ -69,7 +69,8 @@ async def test_alias_in_generated_text_is_not_rewritten(make_cluster: MakeCluste
 # -- defaults ----------------------------------------------------------------------------------------
 async def test_defaults_fill_missing_keys_only(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, defaults={"temperature": 0.3, "top_p": 0.9, "top_k": 20,
-                                           "repetition_penalty": 1.1, "max_tokens": 3})
+                                           "repetition_penalty": 1.1, "max_tokens": 3},
+                           prefill_first_token=False)  # the client's body, not a continuation, goes to decode
     status, raw = await post(c, "/v1/completions", {"prompt": "a"})
     assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
     body = last_body(c.decode)

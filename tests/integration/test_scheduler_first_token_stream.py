@@ -75,7 +75,7 @@ async def test_chat_stream_rebuilt_from_the_completion_stream(make_cluster: Make
 
 @pytest.mark.parametrize("extra", [
     {"stop": ["x"]}, {"logprobs": 1}, {"n": 2}, {"temperature": 0.7, "seed": 3}, {"max_tokens": 1},
-    {"stream": False}, {"frequency_penalty": 0.5}, {"response_format": {"type": "json_object"}},
+    {"frequency_penalty": 0.5}, {"response_format": {"type": "json_object"}},
     {"some_new_vllm_field": True},
 ])
 async def test_requests_that_cannot_continue_take_the_plain_handover(make_cluster: MakeCluster, extra: dict) -> None:

@@ -102,12 +102,15 @@ async def test_only_instances_failing_502_after_one_retry(make_cluster: MakeClus
     c.decode[0].configure(fail_status=500)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
     assert status == 502 and "decode instance" in json.loads(body)["error"]["message"]
-    assert len(reqs(c.decode)) == 2 and len(reqs(c.prefill)) == 2  # one retry, no more
+    # one retry, no more; the answer continues from the prefill's token, so the retry's decode
+    # instance computes prompt + token itself (no second prefill)
+    assert len(reqs(c.decode)) == 2 and len(reqs(c.prefill)) == 1
+    assert "kv_transfer_params" not in reqs(c.decode)[1]["body"]
     c.decode[0].configure(fail_status=None)
     c.prefill[0].configure(fail_status=503)
     status, body, _ = await post(c, {"prompt": "y", "max_tokens": 2})
     assert status == 502 and "prefill instance" in json.loads(body)["error"]["message"]
-    assert len(reqs(c.prefill)) == 4
+    assert len(reqs(c.prefill)) == 3
 
 
 async def test_decode_unreachable_retried_without_new_prefill(make_cluster: MakeCluster) -> None:
@@ -128,7 +131,7 @@ async def test_decode_fails_everywhere_non_stream_502(make_cluster: MakeCluster)
 
 
 async def test_non_stream_decode_dies_is_5xx_not_200(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1)
+    c = await make_cluster(1, 1, fake_kw={"require_kv_params": False})  # the retry computes the prompt
     c.decode[0].configure(die_after_tokens=1)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 4})
     assert status == 502, body

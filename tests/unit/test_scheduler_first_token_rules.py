@@ -19,14 +19,14 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
     {}, {"temperature": 0, "seed": 1}, {"temperature": 0.8}, {"top_p": 0.9, "top_k": 5, "min_p": 0.1},
     {"stop": None}, {"stop": []}, {"n": 1}, {"logprobs": None}, {"min_tokens": 3}, {"ignore_eos": True},
     {"repetition_penalty": 1.1}, {"presence_penalty": 0}, {"stream_options": {"include_usage": True}},
-    {"prompt": [1, 2, 3]},
+    {"prompt": [1, 2, 3]}, {"stream": False}, {"stream": None},
 ])
 def test_eligible_completions(extra: dict) -> None:
     assert eligible("completions", {**BASE, **extra})
 
 
 @pytest.mark.parametrize("extra", [
-    {"stream": False}, {"stop": "x"}, {"logprobs": 0}, {"n": 2}, {"temperature": 0.8, "seed": 1}, {"seed": 1},
+    {"stream": "yes"}, {"stop": "x"}, {"logprobs": 0}, {"n": 2}, {"temperature": 0.8, "seed": 1}, {"seed": 1},
     {"max_tokens": 1}, {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
     {"prompt": ["a", "b"]}, {"prompt": [[1, 2]]}, {"prompt": []}, {"suffix": "z"}, {"unknown_field": 1},
     {"response_format": {"type": "json_object"}}, {"kv_transfer_params": {"do_remote_decode": True}},
@@ -53,6 +53,14 @@ def test_completions_default_max_tokens_is_vllms_16() -> None:
 def test_eligible_chat(extra: dict, ok: bool) -> None:
     assert eligible("chat", {**CHAT, **extra}) is ok
     assert not eligible("generate", {**BASE})
+
+
+def test_chat_without_max_tokens_asks_for_the_rest_of_the_context() -> None:
+    """vLLM's chat default is all the context leaves: the continuation asks for that minus one."""
+    body = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+    assert not eligible("chat", body) and eligible("chat", body, max_model_len=100)
+    first = FirstToken("chat", 5, "x", [1, 2, 3], "chatcmpl-1", 0, "m", max_model_len=100)
+    assert json.loads(first.decode_body(body, None))["max_tokens"] == 100 - 3 - 1
 
 
 def completion_answer(**choice) -> dict:
@@ -130,3 +138,32 @@ def test_chat_from_completion_stream() -> None:
                               "finish_reason": "length", "stop_reason": None}]}
     assert b["choices"] == [] and b["usage"]["total_tokens"] == 4 and b["object"] == "chat.completion.chunk"
     assert out[2] == b'data: {"error":{"message":"boom","code":500}}' and out[3] == b"data: [DONE]"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_non_stream_answer_is_the_prefills_answer_with_the_continuation(endpoint: str) -> None:
+    if endpoint == "chat":
+        pre = {"id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": " Paris", "tool_calls": []},
+                            "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": [7042]}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+               "prompt_token_ids": [1, 2, 3], "kv_transfer_params": {"do_remote_prefill": True},
+               "system_fingerprint": None}
+    else:
+        pre = {**completion_answer(), "id": "cmpl-1", "object": "text_completion", "created": 7,
+               "usage": {"prompt_tokens": 3, "completion_tokens": 1}, "kv_transfer_params": {"do_remote_prefill": True}}
+    first = from_prefill(endpoint, pre, 100)
+    assert first is not None
+    cont = {"id": "cmpl-other", "created": 8, "choices": [{"index": 0, "text": " is big.", "finish_reason": "stop",
+                                                           "stop_reason": None, "token_ids": None}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}}
+    out = first.answer(cont)
+    choice = out["choices"][0]
+    text = choice["message"]["content"] if endpoint == "chat" else choice["text"]
+    assert text == " Paris is big." and choice["finish_reason"] == "stop" and choice["token_ids"] is None
+    assert (out["id"], out["created"], out["object"]) == (pre["id"], 7, pre["object"])
+    assert out["kv_transfer_params"] is None and out.get("prompt_token_ids") is None
+    assert out["usage"] is cont["usage"]  # the scheduler then moves the token from prompt to output
+    assert pre["choices"][0]["finish_reason"] == "length"  # the template itself is left alone
+    if endpoint == "chat":
+        assert choice["message"]["tool_calls"] == [] and out["system_fingerprint"] is None
