@@ -11,6 +11,7 @@ from aiohttp import web
 
 from pdserve.scheduler.app import STATE, Scheduler, build_app, make_session
 from pdserve.scheduler.config import SchedulerConfig
+from pdserve.scheduler.listen import bind_error, check_listen_address
 from pdserve.scheduler.startup import prepare
 
 log = logging.getLogger("pdserve.scheduler")
@@ -19,6 +20,7 @@ log = logging.getLogger("pdserve.scheduler")
 async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None:
     """Check the instances, then serve until ``stop`` is set or SIGINT/SIGTERM arrives; then drain:
     refuse new requests with 503, give in-flight ones up to ``--drain-seconds``, and return."""
+    check_listen_address(cfg)
     session = make_session(cfg)
     runner: web.AppRunner | None = None
     try:
@@ -29,7 +31,10 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken while we waited for the instances
+            raise bind_error(cfg.host, cfg.port, exc) from None
         log.info("scheduler listening on http://%s:%d (%s API; policies prefill=%s decode=%s; models %s%s)",
                  cfg.host, cfg.port, "OpenAI" if cfg.use_openai else "/generate", cfg.prefill_policy,
                  cfg.decode_policy, ", ".join(cfg.served_model_names) or "any",

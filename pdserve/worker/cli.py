@@ -148,7 +148,12 @@ def _run_scheduler(extra: list[str], dry_run: bool) -> int:
     print(f"pdserve serve: scheduler on {cfg.host}:{cfg.port} for {len(cfg.instances)} instances "
           f"({'OpenAI API' if cfg.use_openai else '/generate'})", file=sys.stderr, flush=True)
     if dry_run:
+        from pdserve.scheduler.listen import check_listen_address
+
+        check_listen_address(cfg)  # a port clash fails here as it would at the real start
         for spec in cfg.instances:
-            print(f"{spec.name} -> {spec.url}")
+            print(f"pdserve serve: {spec.name} -> {spec.url}", file=sys.stderr)
+        # the same scheduler as a plain command (it reads NODE_PORTS and the ranktables from the environment)
+        print(cmd.shell_line([sys.executable, "-m", "pdserve", "scheduler", *extra], os.environ, os.environ))
         return 0
     return run_scheduler(cfg)

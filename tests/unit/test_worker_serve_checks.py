@@ -5,6 +5,7 @@ report cached prompt tokens, and --drain-seconds / PDSERVE_DRAIN_SECONDS are che
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,34 @@ def test_serve_model_path_must_be_a_model_folder(monkeypatch: pytest.MonkeyPatch
     assert (code == 0) is ok, err
     if not ok:
         assert "--model" in err and "is not an existing folder" in err and "Traceback" not in err
+
+
+# -- the scheduler role ---------------------------------------------------------------------------
+def _scheduler_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(GEN / "global_ranktable_10.0.0.18.json"))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_host.json"))
+    monkeypatch.setenv("NODE_PORTS", "8001,8002")
+
+
+def test_scheduler_dry_run_prints_the_plain_command(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    _scheduler_env(monkeypatch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--dry-run", "--host", "127.0.0.1", "--port", str(port)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().endswith(f"-m pdserve scheduler --host 127.0.0.1 --port {port} --drain-seconds 30.0")
+    assert "prefill[0]@10.0.0.18:8001" in out.err
+
+
+def test_scheduler_dry_run_refuses_an_instance_port(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    _scheduler_env(monkeypatch)
+    assert main(["serve", "--dry-run", "--host", "0.0.0.0", "--port", "8002"]) == 2
+    err = capsys.readouterr().err
+    assert "NODE_PORTS: entry 2: port 8002 is decode instance 0's" in err and "Traceback" not in err
