@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Any
 
 from pdserve.errors import ConfigError
+from pdserve.env import parse_bool
 from pdserve.scheduler.capture import CaptureSettings
 
 log = logging.getLogger("pdserve.scheduler")
@@ -297,21 +298,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None,
     return p
 
 
-def _env_bool(value: str | None, default: bool, name: str) -> bool:
-    if value is None or value.strip() == "":
-        return default
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError("environment", name, f"{value!r} is not a boolean", f"export {name}=1 or {name}=0")
-
-
 def _from_env(o: Opt, raw: str) -> Any:
     name = o.env or ""
     if o.kind == "bool":
-        return _env_bool(raw, False, name)
+        return parse_bool(raw, False, name)
     if o.kind in ("int", "float"):
         try:
             return int(raw) if o.kind == "int" else float(raw)
@@ -476,7 +466,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         host=pick("host", d.host),
         port=pick("port", d.port),
         served_model_names=names,
-        use_openai=_env_bool(environ.get(ENV_USE_OPENAI), True, ENV_USE_OPENAI),
+        use_openai=parse_bool(environ.get(ENV_USE_OPENAI), True, ENV_USE_OPENAI),
         ranktable_digest=digest,
         identity_check=not v["no_identity_check"],
         prefill_policy=pick("prefill_policy", d.prefill_policy),

@@ -8,6 +8,7 @@ healthy, prints the endpoint and a curl line, and stops everything on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import tempfile
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "may use); they are split into one block per rank, prefill first")
     p.add_argument("--port", type=int, default=9000, help="scheduler port (default 9000)")
     p.add_argument("--base-port", type=int, default=8100,
-                   help="instance i listens on BASE+i, its KV side channel on BASE+i+10000 (default 8100)")
+                   help="instance i listens on BASE+i, its KV side channel on BASE+10000+i*TP (one port per "
+                        "TP rank; default 8100)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default 2048 with --demo, else vLLM's default)")
     p.add_argument("--kv-connector", default=None, metavar="NAME",
@@ -116,10 +118,28 @@ def _demo_model(dry_run: bool) -> str:
     return str(folder)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Values the daemons would refuse (or silently replace) are refused here, before anything is
+    planned: a dry run must not approve a command line the real run breaks."""
+    from pdserve.worker.cli import drain_seconds
+
+    drain_seconds(args.drain_seconds, {})
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ConfigError("flags", "--timeout", f"{args.timeout:g} is not a positive number of seconds",
+                          "--timeout 300")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ConfigError("flags", "--max-model-len", f"{args.max_model_len} is not a context length",
+                          "a number of tokens, e.g. --max-model-len 2048, or leave it out")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ConfigError("flags", "--served-model-name", "the name is empty",
+                          "a name for clients, or leave it out (the model folder's name)")
+
+
 def run(args: argparse.Namespace) -> int:
     from pdserve.platform import detect_platform, device_count
     from pdserve.up.runner import Cluster, UpSettings, ask, curl_line
 
+    _check_flags(args)
     if args.once and not args.ask:
         args.ask = DEMO_QUESTION
     platform = detect_platform()

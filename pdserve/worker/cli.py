@@ -31,6 +31,10 @@ ENV_LOG_PREFIX = "PDSERVE_LOG_PREFIX"
 DEFAULT_DRAIN_SECONDS = 30.0
 
 
+ENV_LOAD_FAILURE_POLICY = "PDSERVE_KV_LOAD_FAILURE_POLICY"
+LOAD_FAILURE_POLICIES = ("fail", "recompute")
+
+
 def drain_seconds(flag: float | None, environ: Mapping[str, str]) -> float:
     """--drain-seconds, else PDSERVE_DRAIN_SECONDS, else 30; a bad value is a ConfigError (it used
     to fall back to 30 without a word, or to hand a negative or nan deadline to the supervisor)."""
@@ -81,8 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "host, tcp across hosts)")
     g.add_argument("--kv-lease-seconds", type=float, default=30.0, metavar="S",
                    help="prefill-side KV blocks not fetched within S seconds are freed (default 30)")
-    g.add_argument("--kv-load-failure-policy", choices=("fail", "recompute"),
-                   default=os.environ.get("PDSERVE_KV_LOAD_FAILURE_POLICY", "fail"),
+    g.add_argument("--kv-load-failure-policy", choices=LOAD_FAILURE_POLICIES,
+                   default=os.environ.get(ENV_LOAD_FAILURE_POLICY, "fail"),
                    help="decode side: a KV pull that fails or times out fails the request (default) or "
                         "recomputes the prompt locally (env PDSERVE_KV_LOAD_FAILURE_POLICY)")
     g = p.add_argument_group("daemon")
@@ -97,6 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
     drain = drain_seconds(args.drain_seconds, os.environ)
+    if args.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:  # argparse checks a flag, not its env default
+        raise ConfigError("environment", ENV_LOAD_FAILURE_POLICY, f"{args.kv_load_failure_policy!r} is not a policy",
+                          f"export {ENV_LOAD_FAILURE_POLICY}=fail or {ENV_LOAD_FAILURE_POLICY}=recompute")
     role = ranktable.resolve_role_from_env(os.environ)
     if role.kind == "scheduler":
         if "--drain-seconds" not in extra:  # the daemon's flag is the scheduler's drain too

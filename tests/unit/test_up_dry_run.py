@@ -137,3 +137,15 @@ def test_commands_file_next_to_the_ranktables(tmp_path: Path) -> None:
     write_commands(tmp_path / "commands.sh", cmds, s.env)
     text = (tmp_path / "commands.sh").read_text()
     assert "# prefill0\n" in text and "# scheduler\n" in text and "VLLM_CPU_KVCACHE_SPACE=1" in text
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--drain-seconds", "-1"], "--drain-seconds"), (["--timeout", "-5"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"), (["--max-model-len", "0"], "--max-model-len"),
+    (["--served-model-name", " "], "--served-model-name"),
+])
+def test_dry_run_refuses_what_the_daemons_would_refuse(capsys: pytest.CaptureFixture[str], cache: Path,
+                                                       model: Path, flags: list[str], named: str) -> None:
+    assert main(["up", "--dry-run", "--model", str(model), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"flags: {named}: " in err and "fix:" in err and "Traceback" not in err

@@ -237,6 +237,29 @@ def test_cpu_explicit_bind_override(cpu_1p1d: tuple[Path, Path, Path]) -> None:
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
 
 
+@pytest.mark.parametrize(("bind", "says"), [
+    ("x", "'x' is not a core or a range"), ("0|1", "2 core lists for 1 TP rank"),
+    ("0,9999", "core(s) 9999 not usable here"), ("", None), ("0", None),
+])
+def test_cpu_explicit_bind_is_checked(cpu_1p1d: tuple[Path, Path, Path], bind: str, says: str | None) -> None:
+    g, _, d = cpu_1p1d
+    ctx = ctx_for(d, g, platform="cpu", cpu_count=2)
+    if says is None:
+        build(ctx, env={"PDSERVE_CPU_BIND": bind})
+        return
+    with pytest.raises(ConfigError) as exc:
+        build(ctx, env={"PDSERVE_CPU_BIND": bind})
+    msg = str(exc.value)
+    assert msg.startswith("environment: PDSERVE_CPU_BIND: ") and says in msg and "fix:" in msg
+
+
+@pytest.mark.parametrize(("name", "value"), [("PDSERVE_NO_EAGER", "maybe"), ("PDSERVE_SHARED_CORES", "2")])
+def test_cpu_boolean_env_is_checked(cpu_1p1d: tuple[Path, Path, Path], name: str, value: str) -> None:
+    g, p, _ = cpu_1p1d
+    with pytest.raises(ConfigError, match=f"environment: {name}: '{value}' is not a boolean"):
+        build(ctx_for(p, g, platform="cpu", cpu_count=2), env={name: value})
+
+
 def test_flag_helpers() -> None:
     argv = ["--port", "1", "--port=2", "--portx", "3"]
     assert flag_value(argv, "--port") == "2"
@@ -285,5 +308,6 @@ def test_cpu_instances_do_not_busy_wait_by_default(cpu_1p1d: tuple[Path, Path, P
     ctx = ctx_for(p, g, platform="cpu", cpu_count=2)
     assert build(ctx)[1]["PDSERVE_SHARED_CORES"] == "1"
     assert build(ctx, env={"PDSERVE_SHARED_CORES": "0"})[1]["PDSERVE_SHARED_CORES"] == "0"
+    assert build(ctx, env={"PDSERVE_SHARED_CORES": "true"})[1]["PDSERVE_SHARED_CORES"] == "1"  # as vLLM reads it
     cuda = ctx_for(GEN / "local_ranktable_10.0.0.18_45.json", platform="cuda")
     assert "PDSERVE_SHARED_CORES" not in build(cuda)[1]

@@ -180,3 +180,16 @@ def test_scheduler_dry_run_refuses_an_instance_port(monkeypatch: pytest.MonkeyPa
     assert main(["serve", "--dry-run", "--host", "0.0.0.0", "--port", "8002"]) == 2
     err = capsys.readouterr().err
     assert "NODE_PORTS: entry 2: port 8002 is decode instance 0's" in err and "Traceback" not in err
+
+
+def test_kv_load_failure_policy_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse checks --kv-load-failure-policy against its choices, but not a default from the env."""
+    from pdserve.cli import main
+
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(GEN / "global_ranktable_10.0.0.18.json"))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_45.json"))
+    monkeypatch.setenv("PDSERVE_KV_LOAD_FAILURE_POLICY", "retry")
+    assert main(["serve", "--dry-run", "--port", "8001"]) == 2
+    err = capsys.readouterr().err
+    assert "environment: PDSERVE_KV_LOAD_FAILURE_POLICY: 'retry' is not a policy" in err
