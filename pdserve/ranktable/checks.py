@@ -167,10 +167,13 @@ def check_global(
                 key = (server.server_id, dev.device_id)
                 first = used.setdefault(key, (src, path, k))
                 if first[:2] != (src, path):
+                    fix = "give each instance its own devices (one device, one instance)"
+                    if first[0] != src:  # merged files: two hosts that say they are the same host
+                        fix = (f"two files name host {server.server_id}: if they come from different hosts, "
+                               "regenerate each on its host (or with --server-ip set to its own address)")
                     errors.append(ConfigError(src, f"{path}.device[{k}].device_id",
                                               f"device \"{dev.device_id}\" of host {server.server_id} "
-                                              f"is already used by {first[0]}: {first[1]}.device[{first[2]}]",
-                                              "give each instance its own devices (one device, one instance)"))
+                                              f"is already used by {first[0]}: {first[1]}.device[{first[2]}]", fix))
             tp = len(server.device)
             if not tp:
                 continue

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pdserve.errors import ConfigError, plural
-from pdserve.ranktable.io import load_global, load_local
+from pdserve.ranktable.io import load_global, load_local, read_json
 from pdserve.ranktable.schema import GROUP_SCHEDULER, GlobalRanktable, LocalRanktable
 from pdserve.ranktable.topology import InstanceRef, instances
 
@@ -98,5 +99,36 @@ def resolve_role_from_env(environ: Mapping[str, str] = os.environ) -> Role:
         if not value:
             raise ConfigError("environment", var, "not set",
                               f"export {var}=/path/to/{what} (files from `pdserve ranktable gen`)")
+        if not Path(value).is_file():
+            found = "is a directory, not a file" if Path(value).is_dir() else "file not found"
+            raise ConfigError("environment", var, f"{value}: {found}",
+                              f"export {var}=/path/to/{what} (files from `pdserve ranktable gen`)")
         paths[var] = value
+    _check_not_swapped(paths[ENV_GLOBAL], paths[ENV_LOCAL])
     return resolve_role(paths[ENV_GLOBAL], paths[ENV_LOCAL])
+
+
+def _kind(path: str) -> str | None:
+    """"global" or "local" by the file's top-level keys; None when it is neither (or unreadable:
+    the full check reports that, with the field)."""
+    try:
+        data = read_json(path)
+    except ConfigError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "server_group_list" in data:
+        return "global"
+    return "local" if "server_list" in data else None
+
+
+def _check_not_swapped(global_path: str, local_path: str) -> None:
+    """Swapped variables would otherwise give a list of schema errors that tell the operator to
+    edit two correct files."""
+    g, loc = _kind(global_path), _kind(local_path)
+    if g == "local" or loc == "global":
+        var, path, kind = (ENV_GLOBAL, global_path, "local") if g == "local" else (ENV_LOCAL, local_path, "global")
+        hint = " (the two variables look swapped)" if (g, loc) == ("local", "global") else ""
+        raise ConfigError("environment", var, f"{path} is a {kind} ranktable{hint}",
+                          f"{ENV_GLOBAL} takes the global ranktable (with server_group_list), "
+                          f"{ENV_LOCAL} this daemon's local one (one server_list)")

@@ -380,18 +380,22 @@ class FakeInstance:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pdserve.testing.fake_instance",
                                 description="Engine-less fake prefill/decode instance (a test double).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--role", choices=("prefill", "decode"), default="prefill")
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--global-index", type=int, default=None)
-    p.add_argument("--model", default="fake-model")
-    p.add_argument("--digest", default="")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--ttft", type=float, default=0.0)
-    p.add_argument("--token-latency", type=float, default=0.0)
-    p.add_argument("--output-tokens", type=int, default=None)
-    p.add_argument("--no-require-kv-params", action="store_true", help="decode: accept requests without them")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, required=True, help="listen port")
+    p.add_argument("--role", choices=("prefill", "decode"), default="prefill", help="default prefill")
+    p.add_argument("--index", type=int, default=0, help="index inside its role (default 0)")
+    p.add_argument("--global-index", type=int, default=None,
+                   help="place in the global ranktable / NODE_PORTS, prefill first (default: --index; a "
+                        "decode fake behind P prefill fakes needs P + index)")
+    p.add_argument("--model", default="fake-model", help="served model name (default fake-model)")
+    p.add_argument("--digest", default="",
+                   help="ranktable digest it reports (`pdserve ranktable show` prints it; empty: not checked)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length (default 4096)")
+    p.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    p.add_argument("--token-latency", type=float, default=0.0, help="seconds per further token")
+    p.add_argument("--output-tokens", type=int, default=None, help="tokens per answer (default max_tokens)")
+    p.add_argument("--no-require-kv-params", action="store_true",
+                   help="decode: accept requests without kv_transfer_params")
     args = p.parse_args(argv)
     fake = FakeInstance(args.role, args.index, args.global_index, model=args.model, digest=args.digest,
                         max_model_len=args.max_model_len, ttft=args.ttft, token_latency=args.token_latency,

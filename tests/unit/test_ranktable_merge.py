@@ -93,6 +93,7 @@ def test_merge_device_clash_points_at_input(tmp_path: Path) -> None:
         (str(b), "server_group_list[2].server_list[0].device[0].device_id"),
         (str(b), "server_group_list[2].server_list[0].device[1].device_id")]
     assert str(a) in errs[0].found
+    assert "two files name host 10.0.0.1" in errs[0].fix and "--server-ip" in errs[0].fix
 
 
 def test_merge_bad_input_file(tmp_path: Path) -> None:

@@ -108,6 +108,28 @@ def test_from_env_missing_variable(missing: str) -> None:
     assert f"export {missing}=" in exc.value.fix
 
 
+@pytest.mark.parametrize("var", ["GLOBAL_RANK_TABLE_FILE_PATH", "RANK_TABLE_FILE_PATH"])
+def test_from_env_wrong_path_names_the_variable(var: str, tmp_path: Path) -> None:
+    env = {"GLOBAL_RANK_TABLE_FILE_PATH": str(GLOBAL), "RANK_TABLE_FILE_PATH": str(GEN / "local_ranktable_10.0.0.18_45.json")}
+    for bad, found in ((str(tmp_path / "nope.json"), "file not found"), (str(tmp_path), "is a directory")):
+        env[var] = bad
+        with pytest.raises(ConfigError) as exc:
+            resolve_role_from_env(env)
+        assert exc.value.source == "environment" and exc.value.field == var
+        assert exc.value.found.startswith(bad) and found in exc.value.found
+
+
+def test_from_env_swapped_files_say_so() -> None:
+    local = str(GEN / "local_ranktable_10.0.0.18_45.json")
+    with pytest.raises(ConfigError) as exc:
+        resolve_role_from_env({"GLOBAL_RANK_TABLE_FILE_PATH": local, "RANK_TABLE_FILE_PATH": str(GLOBAL)})
+    assert exc.value.field == "GLOBAL_RANK_TABLE_FILE_PATH" and "is a local ranktable" in exc.value.found
+    assert "swapped" in exc.value.found
+    with pytest.raises(ConfigError) as exc:  # the global file twice
+        resolve_role_from_env({"GLOBAL_RANK_TABLE_FILE_PATH": str(GLOBAL), "RANK_TABLE_FILE_PATH": str(GLOBAL)})
+    assert exc.value.field == "RANK_TABLE_FILE_PATH" and "is a global ranktable" in exc.value.found
+
+
 def test_instances_order_prefill_then_decode() -> None:
     rt = load_global(CONFIGS / "2p2d-tp2" / "global_ranktable_10.0.0.18.json")
     assert [(i.name, i.global_index, i.device_ids) for i in instances(rt)] == [
