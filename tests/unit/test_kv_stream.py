@@ -63,6 +63,20 @@ def test_receive_timeout_drops_the_connection(server: StreamServer) -> None:
     assert client.token(addr) != token  # never reused: the stream may be out of step
 
 
+def test_dropped_streams_do_not_pile_up_on_the_prefill_side(server: StreamServer) -> None:
+    """Each drop (an error, a timeout, a decode restart) reconnects with a new token; the server
+    closes the connections whose peer is gone instead of keeping one file descriptor per drop."""
+    client = StreamClient()
+    addr = (HOST, server.port)
+    for _ in range(20):
+        token = client.token(addr)
+        assert _wait(lambda: server.has(token))
+        client.drop(addr)
+    token = client.token(addr)
+    assert _wait(lambda: server.has(token))
+    assert len(server._conns) <= 2  # the live one, and at most the last drop not yet noticed
+
+
 def test_sender_closing_mid_payload_fails_the_receive_fast(server: StreamServer) -> None:
     client = StreamClient()
     addr = (HOST, server.port)

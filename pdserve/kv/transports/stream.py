@@ -107,6 +107,17 @@ def recv_all(sock: socket.socket, buffers: Sequence[Any], deadline: float) -> No
         i = _advance(views, i, got)
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the other end closed a payload connection (the decode side never writes on it
+    after its token, so anything readable is its EOF or a reset)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
@@ -162,8 +173,15 @@ class StreamServer:
         with self._lock:
             old = self._conns.pop(token, None)
             self._conns[token] = conn
+            # a decode worker that dropped a stream (an error, a timeout, a restart) comes back
+            # with a new token and never sends on the old one again: close what its peer closed
+            gone = [(t, c) for t, c in self._conns.items() if c is not conn and _peer_closed(c)]
+            for t, _ in gone:
+                del self._conns[t]
         if old is not None:
             old.close()
+        for _, c in gone:
+            c.close()
         try:
             conn.sendall(_ACK)  # registered: pulls may name this token from now on
         except OSError:
