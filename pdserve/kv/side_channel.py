@@ -26,6 +26,7 @@ from pdserve.kv.transports.base import Transfer, TransferState
 log = logging.getLogger(__name__)
 
 _WAKE = b"wake"
+STALL_MS = 30_000  # a payload connection whose peer acknowledges nothing for this long is closed
 
 
 class SideChannelServer:
@@ -41,6 +42,7 @@ class SideChannelServer:
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.stall_ms = STALL_MS
         self.layout = layout
         self.leases = leases
         self.transports = transports
@@ -106,6 +108,13 @@ class SideChannelServer:
         wake = self._wake_r
         try:
             router.setsockopt(zmq.LINGER, 0)
+            # a decode peer that freezes (SIGSTOP, a hung host) or drops off the network keeps its
+            # TCP connection: zero-copy payload frames queued to it would pin their KV blocks for
+            # as long as TCP retransmits (~15 min) or, while its kernel still answers the window
+            # probes, forever. Data unacknowledged this long closes the connection instead: the
+            # frames are dropped, their trackers finish, the lease's blocks can be freed. (ZMTP
+            # heartbeats cannot do this: a ping waits behind the stuck payload.)
+            router.setsockopt(zmq.TCP_MAXRT, self.stall_ms)
             self._start_auth(router)
             router.bind(f"tcp://{self.host}:{self.port}")
         except Exception as exc:

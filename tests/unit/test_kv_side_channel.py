@@ -425,3 +425,65 @@ def test_payload_ahead_of_the_reply_is_read_at_once(payload: bool) -> None:
         prefill.close(linger=0)
         os.close(ready_r)
         os.close(ready_w)
+
+
+_FROZEN_PEER = """
+import os, signal, sys, time, zmq
+from pdserve.kv import messages as m
+port, fingerprint, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.RCVBUF, 4096)
+sock.connect(f"tcp://127.0.0.1:{port}")
+sock.send(m.encode(m.PullRequest("x1", "r1", list(range(n)), "tcp", fingerprint, 0, "dec/0")))
+time.sleep(0.5)  # the pull is delivered, and parked: its lease is not there yet
+os.kill(os.getpid(), signal.SIGSTOP)  # a hung decode host: its kernel still answers, it reads nothing
+"""
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_frozen_decode_peer_does_not_pin_the_blocks_forever() -> None:
+    """Zero-copy frames read straight from the KV cache: while ZMQ holds them, the lease's blocks
+    stay allocated even past its expiry. A peer that acknowledges nothing for the stall limit
+    loses its connection, the frames are dropped, and the blocks can be freed."""
+    import subprocess
+    import sys
+
+    nb = 8
+    big = {f"l{i}": torch.zeros(2, nb, 16, 128, 64, dtype=torch.bfloat16) for i in range(3)}  # 24 MiB
+    layout = BlockLayout(big, nb)
+    clock = FakeClock()
+    leases = LeaseTable(clock=clock)
+    transports = make_transports()
+    port = free_port()
+    server = SideChannelServer(HOST, port, layout, leases, transports)
+    server.stall_ms = 1000
+    server.start()
+    peer = subprocess.Popen([sys.executable, "-c", _FROZEN_PEER, str(port), layout.fingerprint, str(nb)])
+    try:
+        deadline = time.monotonic() + 20
+        while not _stopped(peer.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leases.add("r1", list(range(nb)), clock.now + 60)  # the parked pull is served now
+        server.wake()
+        deadline = time.monotonic() + 5
+        while "r1" not in leases._held and time.monotonic() < deadline:  # the payload is queued
+            time.sleep(0.01)
+        clock.now += 120  # and the lease ends while ZMQ still sends it
+        assert leases.reap_expired() == ["r1"]
+        assert "r1" not in leases.take_finished() and leases.held() == 1
+        deadline = time.monotonic() + 10
+        finished: set[str] = set()
+        while "r1" not in finished and time.monotonic() < deadline:
+            finished |= leases.take_finished()
+            time.sleep(0.05)
+        assert "r1" in finished
+    finally:
+        peer.kill()
+        peer.wait()
+        server.stop()
+        for t in transports.values():
+            t.close()
