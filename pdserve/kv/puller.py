@@ -32,6 +32,12 @@ class PullError(RuntimeError):
     """A pull failed; the message says why, for the request's error."""
 
 
+# After a pull to a prefill worker's side channel times out, further pulls to it fail at once for
+# this long: its queue would otherwise hold every pull thread of this decode worker (and every
+# load from healthy prefill instances behind them) for a full timeout each.
+SILENT_PEER_SECONDS = 5.0
+
+
 @dataclass
 class PullTask:
     req_id: str  # our (decode) request id
@@ -57,6 +63,9 @@ class Puller:
         # transfer ids: unique across decode workers (random prefix), cheap per pull (counter)
         self._id_prefix = os.urandom(8).hex()
         self._seq = itertools.count()
+        self.silent_peer_seconds = SILENT_PEER_SECONDS
+        self._silent: dict[tuple[str, int], float] = {}  # side channels that just timed out → until when
+        self._peers_lock = threading.Lock()
 
     def _xfer_id(self) -> str:
         return f"{self._id_prefix}{next(self._seq):x}"
@@ -83,17 +92,30 @@ class Puller:
         if sock is not None:
             sock.close(linger=0)
 
-    def pull(self, task: PullTask,
-             on_copied: Callable[[Transfer], None] | None = None) -> Transfer:
+    def pull(self, task: PullTask, on_copied: Callable[[Transfer], None] | None = None,
+             deadline: float | None = None) -> Transfer:
         """Copy the blocks; raise :class:`PullError` on failure or timeout. ``on_copied`` is
-        called once they are in place, before the confirmation is sent."""
+        called once they are in place, before the confirmation is sent. ``deadline``
+        (``time.monotonic()``): when the load was asked for plus the load timeout, so time spent
+        queued behind other pulls counts; default: the timeout from now."""
         port = task.remote_port + self.tp_rank
+        now = time.monotonic()
+        deadline = now + self.timeout if deadline is None else deadline
+        if deadline <= now:
+            self.release(task.remote_host, task.remote_port, task.remote_req_id, "load timeout")
+            raise PullError(f"KV pull of request {task.remote_req_id} waited {self.timeout:.0f}s for a "
+                            "free pull thread (other pulls hung on an unresponsive prefill instance?)")
+        with self._peers_lock:
+            silent_until = self._silent.get((task.remote_host, port), 0.0)
+        if silent_until > now:  # one pull just waited out the timeout there: do not queue behind it
+            raise PullError(f"KV pull of request {task.remote_req_id} from {task.remote_host}:{port} "
+                            f"not tried: a pull there timed out less than {self.silent_peer_seconds:g}s ago")
         xfer = Transfer(self._xfer_id(), task.req_id, len(task.local_block_ids),
                         peer=f"{self.engine_id}/{self.tp_rank}")
         transport = self.transports[task.transport]
         sock = self._socket(task.remote_host, port)
         xfer.remote = (task.remote_host, port)
-        deadline = time.monotonic() + self.timeout
+        xfer.deadline = deadline
         ok = False
         try:
             nbytes = transport.pull_direct(xfer, self.layout, task.remote_block_ids,
@@ -176,6 +198,9 @@ class Puller:
                 continue
             if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
+                with self._peers_lock:
+                    self._silent[(task.remote_host, task.remote_port + self.tp_rank)] = \
+                        time.monotonic() + self.silent_peer_seconds
                 raise PullError(
                     f"KV pull of request {task.remote_req_id} from "
                     f"{task.remote_host}:{task.remote_port + self.tp_rank} timed out after "

@@ -83,14 +83,14 @@ class WorkerSide:
                 self.server.wake()
         if self.puller is None or self._pool is None:
             return
-        for load in meta.loads:
-            self._pool.submit(self._load, load)
+        for load in meta.loads:  # the load timeout counts from now, queueing for a thread included
+            self._pool.submit(self._load, load, time.monotonic() + self.settings.load_timeout_seconds)
         for rel in meta.releases:
             self._pool.submit(self.puller.release, rel.remote_host, rel.remote_port,
                               rel.remote_req_id, rel.reason)
             self._count("releases")
 
-    def _load(self, load: LoadSpec) -> None:
+    def _load(self, load: LoadSpec, deadline: float) -> None:
         task = load.task
         t0 = time.monotonic()
         try:
@@ -99,7 +99,7 @@ class WorkerSide:
                                     "incompatible")  # type: ignore[union-attr]
                 raise PullError(load.error)
             self.puller.pull(  # type: ignore[union-attr]
-                task, on_copied=lambda xfer: self._loaded(task.req_id, xfer, t0))
+                task, on_copied=lambda xfer: self._loaded(task.req_id, xfer, t0), deadline=deadline)
         except Exception as exc:
             log.error("request %s: KV load failed: %s", task.req_id, exc)
             self._count("pull_failures")

@@ -154,17 +154,33 @@ def test_pull_after_expiry_is_refused_before_the_reap(pair: Pair, transport: str
 
 def test_pull_times_out_cleanly() -> None:
     p = Pair(lease_wait=30, timeout=0.4)
+    p.puller.silent_peer_seconds = 0.5
     try:
         start = time.monotonic()
         with pytest.raises(PullError, match="timed out"):
             p.puller.pull(p.task("ghost", [1], [1]))
         assert time.monotonic() - start < 5
-        # the puller recovers: the next pull works (a fresh socket, the stale reply is dropped)
+        # right after, pulls there fail at once instead of queueing behind another timeout ...
         p.lease("ok", [4])
+        start = time.monotonic()
+        with pytest.raises(PullError, match="not tried: a pull there timed out"):
+            p.puller.pull(p.task("ok", [4], [6]))
+        assert time.monotonic() - start < 0.1
+        time.sleep(0.5)
+        # ... then the puller recovers: the next pull works (a fresh socket, the stale reply is dropped)
         p.puller.pull(p.task("ok", [4], [6]))
         p.assert_copied([4], [6])
     finally:
         p.close()
+
+
+def test_a_load_that_waited_out_its_timeout_in_the_queue_fails_at_once(pair: Pair) -> None:
+    """The load timeout counts from when the engine asked for the load: a pull whose deadline
+    passed while it waited for a pull thread fails without a round trip and releases the lease."""
+    pair.lease("late", [1])
+    with pytest.raises(PullError, match="waited .* for a free pull thread"):
+        pair.puller.pull(pair.task("late", [1], [1]), deadline=time.monotonic() - 1)
+    pair.wait_finished("late")  # released at once, not left to expire
 
 
 def test_blocks_not_leased_are_refused(pair: Pair) -> None:
@@ -342,6 +358,7 @@ def test_out_of_range_blocks_fail_the_pull(pair: Pair) -> None:
 
 def test_allowed_peers_refuse_other_addresses() -> None:
     p = Pair(timeout=0.5, allowed_peers=["127.0.0.2"])  # we connect from 127.0.0.1
+    p.puller.silent_peer_seconds = 0
     try:
         p.lease("r", [1])
         with pytest.raises(PullError, match="timed out"):

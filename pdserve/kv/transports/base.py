@@ -45,6 +45,7 @@ class Transfer:
     expires_at: float | None = None  # prefill: the lease's end (time.time() based)
     remote: tuple[str, int] | None = None  # decode: the side-channel address pulled from
     direct: bool = False  # decode: copied without a round trip (Transport.pull_direct)
+    deadline: float | None = None  # decode: time.monotonic() by which the whole pull must be over
 
     def mark(self, state: TransferState, error: str = "") -> None:
         self.state = state

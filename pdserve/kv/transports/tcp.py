@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,7 +171,10 @@ class TcpTransport(Transport):
                 raise RuntimeError("tcp stream payload, but our KV cache has no plain regions")
             expect = ((xfer.xfer_id, layout.nbytes(len(block_ids)))
                       if xfer.hints.get("stream_header") else None)
-            self._client.receive(addr, dst, self.stream_timeout, expect)
+            timeout = self.stream_timeout
+            if xfer.deadline is not None:  # the pull's own deadline, when sooner
+                timeout = max(0.001, min(timeout, xfer.deadline - time.monotonic()))
+            self._client.receive(addr, dst, timeout, expect)
             return
         if not frames:
             raise RuntimeError("tcp reply carried no payload frame")
