@@ -51,7 +51,8 @@ class PullTask:
 
 class Puller:
     def __init__(self, layout: BlockLayout, transports: dict[str, Transport], tp_rank: int,
-                 engine_id: str, timeout: float, torch_dist_port_offset: int = 100) -> None:
+                 engine_id: str, timeout: float, torch_dist_port_offset: int = 100,
+                 silent_peer_seconds: float = 0.0) -> None:
         self.layout = layout
         self.transports = transports
         self.tp_rank = tp_rank
@@ -63,7 +64,9 @@ class Puller:
         # transfer ids: unique across decode workers (random prefix), cheap per pull (counter)
         self._id_prefix = os.urandom(8).hex()
         self._seq = itertools.count()
-        self.silent_peer_seconds = SILENT_PEER_SECONDS
+        # 0: off. Only meaningful when a pull that waits for its lease is refused before it
+        # times out (lease_wait_seconds < the timeout): then a timeout means a silent peer
+        self.silent_peer_seconds = silent_peer_seconds
         self._silent: dict[tuple[str, int], float] = {}  # side channels that just timed out → until when
         self._peers_lock = threading.Lock()
 
@@ -107,7 +110,7 @@ class Puller:
                             "free pull thread (other pulls hung on an unresponsive prefill instance?)")
         with self._peers_lock:
             silent_until = self._silent.get((task.remote_host, port), 0.0)
-        if silent_until > now:  # one pull just waited out the timeout there: do not queue behind it
+        if silent_until > now and self.silent_peer_seconds:  # one pull just waited out the timeout there: do not queue behind it
             raise PullError(f"KV pull of request {task.remote_req_id} from {task.remote_host}:{port} "
                             f"not tried: a pull there timed out less than {self.silent_peer_seconds:g}s ago")
         xfer = Transfer(self._xfer_id(), task.req_id, len(task.local_block_ids),
@@ -198,7 +201,7 @@ class Puller:
                 continue
             if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
-                with self._peers_lock:
+                with self._peers_lock:  # (harmless when silent_peer_seconds is 0)
                     self._silent[(task.remote_host, task.remote_port + self.tp_rank)] = \
                         time.monotonic() + self.silent_peer_seconds
                 raise PullError(

@@ -17,7 +17,7 @@ from pdserve.kv.layout import BlockLayout
 from pdserve.kv.lease_board import LeaseBoard
 from pdserve.kv.leases import LeaseTable
 from pdserve.kv.metadata import LoadSpec, PdserveMetadata
-from pdserve.kv.puller import Puller, PullError
+from pdserve.kv.puller import SILENT_PEER_SECONDS, Puller, PullError
 from pdserve.kv.side_channel import SideChannelServer
 from pdserve.kv.stats import PdserveKVStats
 from pdserve.kv.transports import make_transports
@@ -63,9 +63,11 @@ class WorkerSide:
                 on_bytes=lambda n: self._count("served_bytes", n))
             self.server.start()
         else:
+            waits_less = self.settings.lease_wait_seconds < self.settings.load_timeout_seconds
             self.puller = Puller(self.layout, self.transports, self.tp_rank, self.engine_id,
                                  self.settings.load_timeout_seconds,
-                                 self.settings.torch_dist_port_offset)
+                                 self.settings.torch_dist_port_offset,
+                                 silent_peer_seconds=SILENT_PEER_SECONDS if waits_less else 0.0)
             self._pool = ThreadPoolExecutor(self.settings.pull_threads,
                                             thread_name_prefix="pdserve-kv-pull")
 

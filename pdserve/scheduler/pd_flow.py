@@ -390,14 +390,17 @@ class PDFlow:
         finished = False
         backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself
         inst.add_backlog(backlog)
+        # from here the decode instance may have the request, and its connector confirms or releases
+        # the lease: a release from us (say the client leaves mid-POST) could free blocks it reads
+        lease, ctx.lease = ctx.lease, None
         try:
             first = b""
             payload = b""
             try:
                 async with asyncio.timeout(self.cfg.first_token_timeout if ctx.stream else self.cfg.decode_timeout):
                     resp = await self.session.post(inst.url + path, data=body, headers=self._headers(ctx))
-                    if not 400 <= resp.status < 500:  # refused before its engine saw it: still ours
-                        ctx.lease = None
+                    if 400 <= resp.status < 500:  # refused before its engine saw it: still ours
+                        ctx.lease = lease
                     if ctx.stream and resp.status == 200:
                         first = await resp.content.readany()
                     else:
@@ -406,6 +409,7 @@ class PDFlow:
                 inst.add_backlog(-backlog)  # the prompt is computed once the first byte is here
                 backlog = 0
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                ctx.lease = lease  # never reached it: still ours (a retry reuses it)
                 self.pool.mark_down(inst, f"connect failed: {_describe(exc)}")
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} unreachable: {_describe(exc)}"),
                                    False, "connect") from None

@@ -77,3 +77,22 @@ async def test_a_decode_failure_after_the_request_was_sent_is_left_to_the_decode
     async with c.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 3}) as r:
         assert r.status == 502
     assert await received(sock, 0.3) == []
+
+
+async def test_a_client_leaving_while_decode_has_the_request_leaves_the_lease_to_it(
+        make_cluster: MakeCluster, side_channel) -> None:
+    """The decode instance got the request (it may be pulling the blocks) when the client left:
+    its connector releases or confirms; a release from the scheduler could free blocks mid-read."""
+    import aiohttp
+
+    sock, port = side_channel
+    c = await make_cluster(1, 1, fake_kw={"kv_port": port})
+    c.decode[0].configure(ttft=1.0)  # still working on it when the client leaves
+    with pytest.raises(asyncio.TimeoutError):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(c.url + "/v1/completions", json={"prompt": "a b c", "max_tokens": 3},
+                              timeout=aiohttp.ClientTimeout(total=0.4)) as r:
+                await r.read()
+    assert await received(sock, 0.8) == []
+    assert len(c.decode[0].inference_requests()) == 1
+    assert await released_total(c) == 0

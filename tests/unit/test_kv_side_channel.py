@@ -358,7 +358,6 @@ def test_out_of_range_blocks_fail_the_pull(pair: Pair) -> None:
 
 def test_allowed_peers_refuse_other_addresses() -> None:
     p = Pair(timeout=0.5, allowed_peers=["127.0.0.2"])  # we connect from 127.0.0.1
-    p.puller.silent_peer_seconds = 0
     try:
         p.lease("r", [1])
         with pytest.raises(PullError, match="timed out"):
