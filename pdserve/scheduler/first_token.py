@@ -135,17 +135,22 @@ class FirstToken:
         """The SSE events vLLM would have sent for this token (chat: the role chunk first)."""
         n = len(self.prompt_ids)
         out = []
-        if self.endpoint == "chat":
-            chunks = [({"role": "assistant", "content": ""}, 0), ({"content": self.text}, 1)]
-            for delta, k in chunks:
-                obj = self._head("chat.completion.chunk",
-                                 [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        if self.endpoint == "chat":  # vLLM 0.32's fields, nulls included
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+            token = {"index": 0, "delta": {"content": self.text}, "logprobs": None, "finish_reason": None,
+                     "token_ids": None}
+            for choice, k in ((role, 0), (token, 1)):
+                obj = self._head("chat.completion.chunk", [choice])
                 if continuous_usage:
                     obj["usage"] = {"prompt_tokens": n, "completion_tokens": k, "total_tokens": n + k}
+                if k == 0:
+                    obj.update(prompt_token_ids=None, prompt_text=None)
                 out.append(b"data: " + dumps(obj) + b"\n\n")
         else:
             obj = self._head("text_completion", [{"index": 0, "text": self.text, "logprobs": None,
-                                                  "finish_reason": None, "stop_reason": None}])
+                                                  "finish_reason": None, "stop_reason": None,
+                                                  "prompt_token_ids": None, "token_ids": None}])
             if continuous_usage:
                 obj["usage"] = {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
             out.append(b"data: " + dumps(obj) + b"\n\n")
@@ -267,8 +272,11 @@ class ChatFromCompletion:
                                   "logprobs": None, "finish_reason": c.get("finish_reason")}
             if c.get("finish_reason") is not None:
                 ch["stop_reason"] = c.get("stop_reason")
+            ch["token_ids"] = c.get("token_ids")
             choices.append(ch)
         chat = self.first._head("chat.completion.chunk", choices)
         if "usage" in obj:
             chat["usage"] = obj["usage"]
+        if "system_fingerprint" in obj:  # vLLM stamps it on the terminal chunk
+            chat["system_fingerprint"] = obj["system_fingerprint"]
         return b"data: " + dumps(chat)

@@ -478,7 +478,8 @@ class PDFlow:
             body = relay.json_body(data)
         return web.Response(body=body, headers={"X-Request-Id": ctx.request_id}, content_type="application/json")
 
-    def _fix_usage(self, ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any]) -> bool:
+    def _fix_usage(self, ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any],
+                   add_details: bool = True) -> bool:
         """Record the token counts and put the prefill side's cached tokens in (the decode side
         counts the transferred KV as cached, which says nothing about the prefix cache)."""
         changed = pre.first is not None
@@ -497,8 +498,10 @@ class PDFlow:
             if details.get("cached_tokens") == pre.cached_tokens:
                 return changed
             details["cached_tokens"] = pre.cached_tokens
-        else:
+        elif add_details:
             usage["prompt_tokens_details"] = {"cached_tokens": pre.cached_tokens}
+        else:
+            return changed
         return True
 
     def _fix_usage_events(self, ctx: RequestContext, pre: PrefillResult, events: bytes) -> bytes:
@@ -512,7 +515,9 @@ class PDFlow:
             except ValueError:
                 continue
             usage = obj.get("usage") if isinstance(obj, dict) else None
-            if isinstance(usage, dict) and self._fix_usage(ctx, pre, usage):
+            # per-chunk usage (continuous_usage_stats) has no prompt_tokens_details in vLLM: only
+            # the final usage chunk (no choices) gets the prefill side's cached tokens added
+            if isinstance(usage, dict) and self._fix_usage(ctx, pre, usage, add_details=not obj.get("choices")):
                 parts[i] = b"data: " + dumps(obj)
                 changed = True
         return b"\n\n".join(parts) if changed else events

@@ -220,3 +220,5 @@ async def test_continuous_usage_stream_passes(cluster: Cluster) -> None:
     async with cluster.post("/v1/completions", json=body) as r:
         events = sse_events(await r.read())
     assert all("usage" in e for e in events[:-1]) and events[-1] == "[DONE]"
+    # as vLLM: the cached tokens only in the final usage chunk, not in every per-chunk usage
+    assert [("prompt_tokens_details" in e["usage"]) for e in events[:-1]] == [False] * (len(events) - 2) + [True]

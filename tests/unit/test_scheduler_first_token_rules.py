@@ -123,20 +123,33 @@ def test_first_events_look_like_vllms() -> None:
     assert ev["object"] == "text_completion" and ev["choices"][0]["text"] == " Hi" and "usage" not in ev
 
 
+def test_the_chunks_built_from_the_prefill_carry_vllms_fields() -> None:
+    """The same keys as vLLM 0.32's own chunks, nulls included (clients that index them must work)."""
+    chat = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m").events(False).split(b"\n\n")
+    role, token = json.loads(chat[0][6:]), json.loads(chat[1][6:])
+    assert role["prompt_token_ids"] is None and role["prompt_text"] is None and "token_ids" not in role["choices"][0]
+    assert token["choices"][0]["token_ids"] is None and "prompt_text" not in token
+    comp = json.loads(FirstToken("completions", 9, "Hi", [4, 5], "cmpl-1", 1, "m").events(False)[6:])
+    assert list(comp["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "stop_reason",
+                                        "prompt_token_ids", "token_ids"]
+
+
 def test_chat_from_completion_stream() -> None:
     first = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m")
     relay = ChatFromCompletion(first, OpenAIRelay((b'"model":"m"', b'"model":"alias"')))
     src = (b'data: {"id":"cmpl-1","object":"text_completion","created":2,"model":"m","choices":[{"index":0,'
-           b'"text":" there","logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+           b'"text":" there","logprobs":null,"finish_reason":"length","stop_reason":null,"prompt_token_ids":null,'
+           b'"token_ids":null}]}\n\n'
            b'data: {"id":"cmpl-1","object":"text_completion","created":2,"model":"m","choices":[],'
-           b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+           b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4},"system_fingerprint":"fp"}\n\n'
            b'data: {"error":{"message":"boom","code":500}}\n\ndata: [DONE]\n\n')
     out = relay.transform(src).split(b"\n\n")
     a, b = json.loads(out[0][6:]), json.loads(out[1][6:])
     assert a == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "alias",
                  "choices": [{"index": 0, "delta": {"content": " there"}, "logprobs": None,
-                              "finish_reason": "length", "stop_reason": None}]}
+                              "finish_reason": "length", "stop_reason": None, "token_ids": None}]}
     assert b["choices"] == [] and b["usage"]["total_tokens"] == 4 and b["object"] == "chat.completion.chunk"
+    assert b["system_fingerprint"] == "fp"  # the terminal chunk carries vLLM's fingerprint
     assert out[2] == b'data: {"error":{"message":"boom","code":500}}' and out[3] == b"data: [DONE]"
 
 
