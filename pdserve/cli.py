@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from pdserve import __version__
-from pdserve.errors import ConfigErrors, PdserveError, plural
+from pdserve.errors import ConfigErrors, PdserveError, ShortErrorParser, plural
 from pdserve.logs import ENV_LOG_LEVEL, LEVELS, configure_logging
 
 # module that provides ``register(subparsers)`` for each top-level command group
@@ -29,7 +29,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog="pdserve",
         description="Prefill/decode disaggregated LLM serving on vLLM.",
     )
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help=f"logging level: {', '.join(LEVELS)} (env {ENV_LOG_LEVEL}, default INFO)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ShortErrorParser)
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

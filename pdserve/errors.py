@@ -8,6 +8,9 @@ how to fix it. The CLI prints it and exits non-zero.
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
     """``plural(1, "port")`` -> ``1 port``, ``plural(2, "entry", "entries")`` -> ``2 entries``: messages
@@ -44,3 +47,11 @@ class ConfigErrors(PdserveError):
     def __init__(self, errors: list[ConfigError]) -> None:
         self.errors = errors
         super().__init__("\n".join(f"error: {e.render()}" for e in errors))
+
+
+class ShortErrorParser(argparse.ArgumentParser):
+    """A bad flag gets one line and a pointer to --help, not the whole usage (the scheduler alone
+    has sixty flags: the error line ended up below a screenful of them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  (`{self.prog} --help` lists the flags)\n")

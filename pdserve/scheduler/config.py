@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, ShortErrorParser
 from pdserve.env import parse_bool
 from pdserve.scheduler.capture import CaptureSettings
 
@@ -279,7 +279,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None,
     """Add the scheduler's flags. Every default is None ("not given"); :func:`resolve` layers in
     the environment, the deployment file and the built-in defaults. ``environ`` is unused and kept
     for callers of the old signature."""
-    p = parser or argparse.ArgumentParser(prog="pdserve scheduler", allow_abbrev=False)
+    p = parser or ShortErrorParser(prog="pdserve scheduler", allow_abbrev=False)
     groups: dict[str, Any] = {}
     for o in OPTIONS:
         g = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))

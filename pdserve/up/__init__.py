@@ -130,6 +130,15 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ConfigError("flags", "--max-model-len", f"{args.max_model_len} is not a context length",
                           "a number of tokens, e.g. --max-model-len 2048, or leave it out")
+    if args.scheduler_arg:  # meant for the scheduler alone: a typo must not vanish silently
+        from pdserve.scheduler.config import build_parser
+
+        _, unknown = build_parser().parse_known_args(args.scheduler_arg)
+        bad = [a for a in unknown if a.startswith("-")]
+        if bad:
+            raise ConfigError("flags", "--scheduler-arg", f"{bad[0]} is not a scheduler flag",
+                              "`pdserve scheduler --help` lists them (vLLM flags go to up itself, "
+                              "without --scheduler-arg)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ConfigError("flags", "--served-model-name", "the name is empty",
                           "a name for clients, or leave it out (the model folder's name)")

@@ -149,3 +149,16 @@ def test_dry_run_refuses_what_the_daemons_would_refuse(capsys: pytest.CaptureFix
     assert main(["up", "--dry-run", "--model", str(model), *flags]) == 2
     err = capsys.readouterr().err
     assert f"flags: {named}: " in err and "fix:" in err and "Traceback" not in err
+
+
+def test_a_misspelt_scheduler_arg_is_an_error(capsys: pytest.CaptureFixture[str], cache: Path, model: Path) -> None:
+    assert main(["up", "--dry-run", "--model", str(model), "--scheduler-arg=--decode-only-when-qeued=0"]) == 2
+    assert "--scheduler-arg: --decode-only-when-qeued=0 is not a scheduler flag" in capsys.readouterr().err
+    assert main(["up", "--dry-run", "--model", str(model), "--scheduler-arg=--decode-only-when-queued=64"]) == 0
+
+
+def test_a_bad_scheduler_value_is_one_line_not_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["scheduler", "--decode-only-when-queued", "abc"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid int value: 'abc'" in err and len(err.splitlines()) == 2
