@@ -126,9 +126,15 @@ def run(args: argparse.Namespace) -> int:
     name = f"{inst.role}{inst.index}"
     print(f"pdserve serve: {role.describe()} (platform {ctx.platform}, ranktable digest {ctx.digest})",
           file=sys.stderr, flush=True)
+    wrong_host = cmd.host_error(argv, ctx.local_source)
     if args.dry_run:
+        if wrong_host is not None:  # a preview may be made on another machine: say so, go on
+            print(f"pdserve serve: warning: on this host the server would not start: {wrong_host}",
+                  file=sys.stderr)
         print(cmd.shell_line(argv, env, os.environ))
         return 0
+    if wrong_host is not None:
+        raise wrong_host
     from pdserve.worker.daemon import supervise
 
     prefix = os.environ.get(ENV_LOG_PREFIX)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ def side_port(opts: ServeOptions, http_port: int, env: Mapping[str, str], tp: in
         port = default_side_port(http_port, tp, position)
         where = f"--port {http_port} + {SIDE_PORT_OFFSET}" + (
             f" + {position} x (TP - 1)" if position and tp > 1 else "")
+    if port <= http_port < port + tp:
+        raise ConfigError("flags", "--kv-port", f"the KV side-channel ports {port}..{port + tp - 1} ({where}) "
+                          f"include the HTTP --port {http_port}", "give --kv-port a range apart from --port")
     if not 1024 <= port <= 65535 - (tp - 1):
         raise ConfigError("flags", "--kv-port", f"KV side-channel port {port} ({where}) is out of range "
                           f"for TP {tp} (ranks use port..port+{tp - 1})",
@@ -376,6 +380,24 @@ def check_cpu_bind(text: str, ranks: int, usable: Sequence[int] | None = None) -
     if outside:
         raise ConfigError("environment", ENV_CPU_BIND, f"core(s) {core_ranges(outside)} not usable here",
                           f"choose from the cores this process may use: {core_ranges(allowed)}")
+
+
+def host_error(argv: Sequence[str], role_source: str) -> ConfigError | None:
+    """The server's --host must be an address of this host: the local ranktable's server_ip
+    (unless --host was given). A ranktable made for another host would otherwise fail inside
+    vLLM, after the model loaded."""
+    host = flag_value(argv, "--host")
+    if not host or host in ("0.0.0.0", "::"):
+        return None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+    except OSError as exc:
+        return ConfigError(role_source, "server_list[0].server_ip",
+                           f"{host} is not an address of this host ({exc.strerror or exc})",
+                           "use the local ranktable generated for this host (`pdserve ranktable gen` on it), "
+                           "or pass --host with an address it has")
+    return None
 
 
 def local_source(env: Mapping[str, str]) -> str:

@@ -193,3 +193,30 @@ def test_kv_load_failure_policy_from_the_environment_is_checked(monkeypatch: pyt
     assert main(["serve", "--dry-run", "--port", "8001"]) == 2
     err = capsys.readouterr().err
     assert "environment: PDSERVE_KV_LOAD_FAILURE_POLICY: 'retry' is not a policy" in err
+
+
+# -- the instance's own address -------------------------------------------------------------------
+def test_a_local_ranktable_for_another_host(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    """10.0.0.18 is not an address of this machine: a dry run warns, a real start refuses before
+    vLLM loads the model (it would fail at bind afterwards)."""
+    from pdserve.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(DESIGN))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_45.json"))
+    monkeypatch.setenv("PDSERVE_PLATFORM", "npu")
+    assert main(["serve", "--dry-run", "--model", str(tmp_path), "--port", "8001"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: on this host the server would not start" in err and "10.0.0.18 is not an address" in err
+    assert main(["serve", "--model", str(tmp_path), "--port", "8001"]) == 2
+    err = capsys.readouterr().err
+    assert "local_ranktable_10.0.0.18_45.json: server_list[0].server_ip: 10.0.0.18 is not an address" in err
+    assert main(["serve", "--dry-run", "--model", str(tmp_path), "--port", "8001", "--host", "127.0.0.1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_kv_port_range_must_not_hold_the_http_port(ctx: InstanceContext) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(ctx, "--port", "18001", kv_port=18000)  # TP 2: 18000..18001
+    assert "include the HTTP --port 18001" in str(info.value) and str(info.value).startswith("flags: --kv-port")
