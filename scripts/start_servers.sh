@@ -56,6 +56,11 @@ export GLOBAL_RANK_TABLE_FILE_PATH RANK_TABLE_FILE_PATH
 
 if [[ -n "${PDSERVE_BIN:-}" ]]; then
     pdserve="$PDSERVE_BIN"
+    if [[ ! -x "$pdserve" || -d "$pdserve" ]]; then
+        echo "start_servers.sh: PDSERVE_BIN=$PDSERVE_BIN is not an executable file: point it at the pdserve" \
+             "command (e.g. $repo/.venv/bin/pdserve) or unset it" >&2
+        exit 2
+    fi
 elif [[ -x "$repo/.venv/bin/pdserve" ]]; then
     pdserve="$repo/.venv/bin/pdserve"
 elif command -v pdserve >/dev/null 2>&1; then

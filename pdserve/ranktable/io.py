@@ -102,11 +102,24 @@ def pydantic_errors(exc: ValidationError, source: str, model: type[BaseModel]) -
     return ConfigErrors(errors)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON file; a missing file or bad syntax is a ConfigError with line/column."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is harmless
     except FileNotFoundError:
         raise ConfigError(source, None, "file not found",
                           "check the path (generate it with `pdserve ranktable gen`)") from None
@@ -118,7 +131,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     if not text.strip():
         raise ConfigError(source, None, "file is empty", "regenerate it with `pdserve ranktable gen`")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ConfigError(source, None, f"key {exc.args[0]!r} appears twice in one object (JSON would keep "
+                          "only the last one, silently)", "remove one of them") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(source, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
                           "fix the JSON syntax there (a truncated copy? regenerate the file)") from None

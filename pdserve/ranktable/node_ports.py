@@ -7,7 +7,6 @@ server_ip. Commas and/or whitespace separate the entries, so both ``8001,8002`` 
 
 from __future__ import annotations
 
-import re
 
 from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable.schema import GlobalRanktable
@@ -20,8 +19,14 @@ def split_ports(text: str, source: str = ENV_NODE_PORTS) -> tuple[list[int], lis
     """Parse the entries alone (integers in 1..65535); the count is checked by parse_node_ports."""
     ports: list[int] = []
     errors: list[ConfigError] = []
-    tokens = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    tokens = [t.strip() for t in text.strip().split(",")] if "," in text else text.split()
+    if len(tokens) > 1 and tokens[-1] == "":
+        tokens.pop()  # one trailing comma is harmless
     for i, token in enumerate(tokens):
+        if not token:
+            errors.append(ConfigError(source, f"entry {i}", "is empty (two commas in a row?)",
+                                      "write ports as integers separated by commas, e.g. NODE_PORTS=8001,8002"))
+            continue
         if not (token.isascii() and token.isdigit()):
             errors.append(ConfigError(source, f"entry {i} ({token!r})", "not an integer",
                                       "write ports as integers separated by commas, e.g. NODE_PORTS=8001,8002"))

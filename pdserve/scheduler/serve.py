@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -21,10 +23,29 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None
     """Check the instances, then serve until ``stop`` is set or SIGINT/SIGTERM arrives; then drain:
     refuse new requests with 503, give in-flight ones up to ``--drain-seconds``, and return."""
     check_listen_address(cfg)
+    stop = stop or asyncio.Event()
+    force = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: stopping without waiting for in-flight requests", signame)
+            force.set()
+        else:
+            log.info("%s received", signame)
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also while the instances are waited for
+        try:
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        except (NotImplementedError, RuntimeError):
+            pass
     session = make_session(cfg)
     runner: web.AppRunner | None = None
     try:
-        await prepare(session, cfg)  # raises ConfigError: nothing is listening yet
+        if not await _until_stopped(prepare(session, cfg), stop):  # ConfigError: nothing listens yet
+            log.info("stopped while waiting for the instances")
+            return
         app = build_app(cfg, session)
         state: Scheduler = app[STATE]  # type: ignore[assignment]
         # the drain below already waited for in-flight requests: cleanup then cancels what is left
@@ -39,23 +60,6 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None
                  cfg.host, cfg.port, "OpenAI" if cfg.use_openai else "/generate", cfg.prefill_policy,
                  cfg.decode_policy, ", ".join(cfg.served_model_names) or "any",
                  f"; {len(cfg.api_keys)} API key(s)" if cfg.api_keys else "")
-        stop = stop or asyncio.Event()
-        force = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signame: str) -> None:
-            if stop.is_set():
-                log.warning("%s again: stopping without waiting for in-flight requests", signame)
-                force.set()
-            else:
-                log.info("%s received", signame)
-                stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal, sig.name)
-            except (NotImplementedError, RuntimeError):
-                pass
         await stop.wait()
         state.drain.begin()
         inflight = state.drain.active
@@ -69,6 +73,22 @@ async def serve(cfg: SchedulerConfig, stop: asyncio.Event | None = None) -> None
         if runner is not None:
             await runner.cleanup()
         await session.close()
+
+
+async def _until_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it): True when it finished."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+    task.result()  # its error, if any
+    return True
 
 
 def run_scheduler(cfg: SchedulerConfig) -> int:

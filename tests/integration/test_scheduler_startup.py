@@ -194,3 +194,29 @@ def test_cli_wrong_node_ports_exits_with_message(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert f"port {d_port}" in out.stderr and "expected prefill instance 0" in out.stderr
+
+
+def test_sigterm_while_waiting_for_the_instances_stops_cleanly() -> None:
+    """Before the instances answer there is nothing to drain: SIGTERM ends the wait with a log
+    line and exit 0 (it used to kill the process with 143 and no word)."""
+    import signal
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "scheduler", "--host", "127.0.0.1",
+                             "--port", str(free()), "--prefill-url", f"127.0.0.1:{free()}",
+                             "--decode-url", f"127.0.0.1:{free()}", "--startup-timeout", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2.0)  # waiting for instances that never come
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopped while waiting for the instances" in out and "Traceback" not in out

@@ -56,3 +56,11 @@ def test_start_servers_missing_ranktable_is_one_line() -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("start_servers.sh: GLOBAL_RANK_TABLE_FILE_PATH is not set: export "
                            "GLOBAL_RANK_TABLE_FILE_PATH=/path/to/global_ranktable_merge.json (see --help)\n")
+
+
+def test_start_servers_wrong_pdserve_bin_is_one_line(tmp_path) -> None:
+    env = dict(os.environ, GLOBAL_RANK_TABLE_FILE_PATH="/g.json", RANK_TABLE_FILE_PATH="/l.json",
+               PDSERVE_BIN=str(tmp_path / "nope" / "pdserve"))
+    proc = subprocess.run(["bash", str(START), "--model", "/m"], capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2 and "PDSERVE_BIN=" in proc.stderr and "not an executable file" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1

@@ -61,3 +61,10 @@ def test_non_integer_and_out_of_range_reported_together() -> None:
 def test_negative_port() -> None:
     with pytest.raises(ConfigErrors, match="not an integer"):
         parse_node_ports("-1,8002,8003,8004", RT_2P2D)
+
+
+def test_an_empty_entry_is_named_and_a_trailing_comma_is_fine() -> None:
+    with pytest.raises(ConfigErrors) as exc:
+        parse_node_ports("8001,8002,,8004", RT_2P2D)
+    assert [(e.field, e.found) for e in exc.value.errors][0] == ("entry 2", "is empty (two commas in a row?)")
+    assert parse_node_ports("8001,8002,8003,8004,", RT_2P2D) == [8001, 8002, 8003, 8004]

@@ -152,3 +152,16 @@ def test_counts_read_right_for_one(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "ranktable", "validate", "--global", str(GLOBAL), "--node-ports", "8001")
     assert code == 2 and "1 port ('8001') for 2 instances" in err and "1 ports" not in err
     assert err.rstrip().endswith("pdserve: ranktable validate: 1 error")
+
+
+def test_a_bom_is_harmless_and_a_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    from pdserve.ranktable.io import read_json
+
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"version": "1.0"}')
+    assert read_json(bom) == {"version": "1.0"}
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"server_list": [], "server_list": [{"server_id": "x"}]}')
+    with pytest.raises(ConfigError) as exc:
+        read_json(dup)
+    assert exc.value.source == str(dup) and "'server_list' appears twice" in exc.value.found
