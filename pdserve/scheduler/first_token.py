@@ -24,12 +24,13 @@ character, takes the plain hand-over. Chat streams are rebuilt from the completi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from pdserve.scheduler.jsonio import dumps, loads
 
-__all__ = ["FirstToken", "ChatFromCompletion", "eligible", "from_prefill", "MAX_TOKENS_DEFAULT"]
+__all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "eligible", "from_prefill", "MAX_TOKENS_DEFAULT"]
 
 MAX_TOKENS_DEFAULT = 16  # vLLM's /v1/completions default when max_tokens is absent
 
@@ -280,3 +281,23 @@ class ChatFromCompletion:
         if "system_fingerprint" in obj:  # vLLM stamps it on the terminal chunk
             chat["system_fingerprint"] = obj["system_fingerprint"]
         return b"data: " + dumps(chat)
+
+
+_CREATED = re.compile(rb'"created":\d+')
+
+
+class SameCreated:
+    """A completion stream's later chunks come from the decode instance, whose ``created`` can be
+    a second past the prefill's on the first chunk: every chunk gets the first one's, as from one
+    server. (The pattern, with its unescaped quotes, cannot match inside generated text.)"""
+
+    def __init__(self, first: FirstToken, inner: Any) -> None:
+        self.inner = inner
+        self.created = b'"created":%d' % first.created
+        self.stream_content_type = inner.stream_content_type
+
+    def error(self, err: Any) -> bytes:
+        return self.inner.error(err)
+
+    def transform(self, events: bytes) -> bytes:
+        return self.inner.transform(_CREATED.sub(self.created, events))

@@ -29,7 +29,7 @@ from pdserve.scheduler.affinity import PrefixPoints, PrefixTracker
 from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.errors import ApiError, ClientStalled, UpstreamClientError
-from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, eligible, from_prefill
+from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, SameCreated, eligible, from_prefill
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
@@ -386,6 +386,8 @@ class PDFlow:
             path, body = "/v1/completions", pre.first.decode_body(ctx.body, pre.kv_transfer_params)
             if ctx.endpoint == "chat" and ctx.stream:
                 relay = ChatFromCompletion(pre.first, relay)
+            elif ctx.stream and isinstance(relay, OpenAIRelay):
+                relay = SameCreated(pre.first, relay)
         resp: aiohttp.ClientResponse | None = None
         finished = False
         backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself

@@ -180,3 +180,13 @@ def test_non_stream_answer_is_the_prefills_answer_with_the_continuation(endpoint
     assert pre["choices"][0]["finish_reason"] == "length"  # the template itself is left alone
     if endpoint == "chat":
         assert choice["message"]["tool_calls"] == [] and out["system_fingerprint"] is None
+
+
+def test_a_completion_stream_keeps_the_first_chunks_created() -> None:
+    from pdserve.scheduler.first_token import SameCreated
+
+    relay = SameCreated(FirstToken("completions", 9, "Hi", [4, 5], "cmpl-1", 100, "m"), OpenAIRelay())
+    ev = (b'data: {"id":"cmpl-1","object":"text_completion","created":101,"model":"m","choices":[{"index":0,'
+          b'"text":"say \\"created\\":7","logprobs":null,"finish_reason":null}]}\n\n')
+    out = json.loads(relay.transform(ev)[6:])
+    assert out["created"] == 100 and out["choices"][0]["text"] == 'say "created":7'  # text untouched
