@@ -30,7 +30,8 @@ from typing import Any
 
 from pdserve.scheduler.jsonio import dumps, loads
 
-__all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "eligible", "from_prefill", "MAX_TOKENS_DEFAULT"]
+__all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "complete_answer", "eligible", "from_prefill",
+           "MAX_TOKENS_DEFAULT"]
 
 MAX_TOKENS_DEFAULT = 16  # vLLM's /v1/completions default when max_tokens is absent
 
@@ -238,6 +239,38 @@ def from_prefill(endpoint: str, data: Any, max_model_len: int | None) -> FirstTo
         return None  # the context is full after this token
     return FirstToken(endpoint, ids[0], text, list(prompt_ids), str(data.get("id") or ""),
                       int(data.get("created") or 0), str(data.get("model") or ""), max_model_len, data)
+
+
+def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str, Any] | None:
+    """The prefill's answer as the whole non-stream answer, when it is one: its first token ended
+    it (a stop token or string) or the client asked for one token. It is then exactly what one
+    server answers (the prefill call honoured every field but the ones checked here), and the
+    decode instance is not asked at all: its recompute of the last prompt token could even turn a
+    near-tie the other way. None: the answer goes on (pure)."""
+    if body.get("stream") or body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) \
+            or body.get("use_beam_search") or body.get("min_tokens"):
+        return None  # fields the prefill call leaves out (or a stream, which needs its events)
+    if not isinstance(data, dict):
+        return None
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    reason = choices[0].get("finish_reason")
+    if not (reason == "stop" or (reason == "length" and requested_max_tokens(
+            "chat" if endpoint == "chat" else "completions", body) == 1)):
+        return None
+    out = dict(data)
+    choice = dict(choices[0])
+    out["choices"] = [choice]
+    if not body.get("return_token_ids"):  # asked for by the scheduler, not the client
+        for key in ("token_ids", "prompt_token_ids"):
+            if key in choice:
+                choice[key] = None
+        if "prompt_token_ids" in out:
+            out["prompt_token_ids"] = None
+    if "kv_transfer_params" in out:
+        out["kv_transfer_params"] = None
+    return out
 
 
 class ChatFromCompletion:

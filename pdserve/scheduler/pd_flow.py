@@ -29,7 +29,14 @@ from pdserve.scheduler.affinity import PrefixPoints, PrefixTracker
 from pdserve.scheduler.capture import CaptureRecord
 from pdserve.scheduler.config import SchedulerConfig
 from pdserve.scheduler.errors import ApiError, ClientStalled, UpstreamClientError
-from pdserve.scheduler.first_token import ChatFromCompletion, FirstToken, SameCreated, eligible, from_prefill
+from pdserve.scheduler.first_token import (
+    ChatFromCompletion,
+    FirstToken,
+    SameCreated,
+    complete_answer,
+    eligible,
+    from_prefill,
+)
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
@@ -88,6 +95,7 @@ class PrefillResult:
     cached_tokens: int | None
     prompt_tokens: int | None
     first: FirstToken | None = None  # the prefill's token, already sent to the client
+    answer: dict[str, Any] | None = None  # the prefill's answer, when it is the whole answer
 
 
 def _refused_credentials(status: int, role: str, name: str) -> None:
@@ -240,7 +248,10 @@ class PDFlow:
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
                           ctx.request_id, inst.spec.name)
             first = from_prefill(ctx.endpoint, data, self.cfg.max_model_len) if want_first else None
-            return PrefillResult(inst.spec.name, kvtp, cached, prompt, first)
+            answer = None
+            if first is None and self.cfg.prefill_first_token and not ctx.stream:
+                answer = complete_answer(ctx.endpoint, ctx.body, data)
+            return PrefillResult(inst.spec.name, kvtp, cached, prompt, first, answer)
         assert last is not None
         raise last
 
@@ -267,6 +278,9 @@ class PDFlow:
         pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
         ctx.lease = pre.kv_transfer_params
         try:
+            if pre.answer is not None:  # the answer ended with its first token: no decode instance needed
+                self.metrics.first_from_prefill.inc()
+                return self._json_answer(ctx, pre, dumps(pre.answer), relay, None)
             return await self._hand_over(ctx, request, relay, pre)
         finally:
             if ctx.lease is not None:  # no decode instance got it: free the prefill's blocks now

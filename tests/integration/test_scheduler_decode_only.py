@@ -50,7 +50,7 @@ async def test_short_prompt_served_by_decode_alone(make_cluster: MakeCluster,
     assert reqs(c.prefill) == []
     assert all("kv_transfer_params" not in r["body"] for r in reqs(c.decode))
     long_prompt = " ".join(f"word{i}" for i in range(40))  # ~280 chars: at least 32 tokens by any count
-    status, _ = await post(c, "/v1/completions", {"prompt": long_prompt, "max_tokens": 1})
+    status, _ = await post(c, "/v1/completions", {"prompt": long_prompt, "max_tokens": 2})
     assert status == 200 and len(reqs(c.prefill)) == 1
     assert reqs(c.decode)[-1]["kv_transfer_params"]["do_remote_prefill"] is True
     assert 'pdserve_scheduler_decode_only_total{reason="short"} 2.0' in await metrics(c)
@@ -61,14 +61,14 @@ async def test_short_prompt_served_by_decode_alone(make_cluster: MakeCluster,
 
 async def test_token_id_prompts_counted_exactly(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, decode_only_below=10, fake_kw=NO_KV)
-    await post(c, "/v1/completions", {"prompt": list(range(9)), "max_tokens": 1})
-    await post(c, "/v1/completions", {"prompt": list(range(10)), "max_tokens": 1})
+    await post(c, "/v1/completions", {"prompt": list(range(9)), "max_tokens": 2})
+    await post(c, "/v1/completions", {"prompt": list(range(10)), "max_tokens": 2})
     assert len(reqs(c.prefill)) == 1 and reqs(c.prefill)[0]["body"]["prompt"] == list(range(10))
 
 
 async def test_non_ascii_estimated_conservatively(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, decode_only_below=20, fake_kw=NO_KV)
-    await post(c, "/v1/completions", {"prompt": "你好" * 15, "max_tokens": 1})  # 30 chars: ~30 tokens, not 8
+    await post(c, "/v1/completions", {"prompt": "你好" * 15, "max_tokens": 2})  # 30 chars: ~30 tokens, not 8
     assert len(reqs(c.prefill)) == 1
 
 
@@ -76,7 +76,7 @@ async def test_decode_only_retry_stays_decode_only(make_cluster: MakeCluster) ->
     c = await make_cluster(1, 2, decode_only_below=32, decode_policy="round-robin", fake_kw=NO_KV)
     c.decode[0].configure(fail_status=500)
     c.decode[1].configure(fail_status=None)
-    status, _ = await post(c, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    status, _ = await post(c, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200 and reqs(c.prefill) == []
     assert per_instance(c.decode) == [1, 1]
 
@@ -111,9 +111,9 @@ async def test_follow_up_turn_on_cached_decode_instance_skips_prefill(make_clust
 
 async def test_other_conversation_is_not_considered_cached(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 2, decode_only_uncached_below=64, fake_kw=NO_KV)
-    await post(c, CHAT, {"messages": turn([SYSTEM], "question one " * 20), "max_tokens": 1})
+    await post(c, CHAT, {"messages": turn([SYSTEM], "question one " * 20), "max_tokens": 2})
     other = {"role": "system", "content": "A different long system prompt. " * 30}
-    await post(c, CHAT, {"messages": turn([other], "q"), "max_tokens": 1})
+    await post(c, CHAT, {"messages": turn([other], "q"), "max_tokens": 2})
     assert len(reqs(c.prefill)) == 2
 
 
@@ -124,7 +124,7 @@ async def test_conversations_keep_their_decode_instance(make_cluster: MakeCluste
     for t in range(3):
         for name, hist in convs.items():
             hist.append({"role": "user", "content": f"{name} turn {t}"})
-            async with c.post(CHAT, json={"messages": hist, "max_tokens": 1}) as r:
+            async with c.post(CHAT, json={"messages": hist, "max_tokens": 2}) as r:
                 rid = r.headers["X-Request-Id"]
                 data = await r.json()
             hist.append({"role": "assistant", "content": data["choices"][0]["message"]["content"]})
@@ -137,14 +137,14 @@ async def test_conversations_keep_their_decode_instance(make_cluster: MakeCluste
 async def test_affinity_yields_to_least_load_when_overloaded(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 2, affinity_load_factor=1.0)
     hist = [{"role": "user", "content": "hello"}]
-    await post(c, CHAT, {"messages": hist, "max_tokens": 1})
+    await post(c, CHAT, {"messages": hist, "max_tokens": 2})
     home = next(i for i, f in enumerate(c.decode) if f.inference_requests())
     c.decode[home].configure(ttft=0.6)
     # two slow requests of this conversation in flight on its home instance ...
-    slow = [asyncio.create_task(post(c, CHAT, {"messages": hist, "max_tokens": 1})) for _ in range(2)]
+    slow = [asyncio.create_task(post(c, CHAT, {"messages": hist, "max_tokens": 2})) for _ in range(2)]
     await asyncio.sleep(0.15)
     # ... the next one goes elsewhere rather than queueing behind them
-    status, _ = await post(c, CHAT, {"messages": hist, "max_tokens": 1})
+    status, _ = await post(c, CHAT, {"messages": hist, "max_tokens": 2})
     assert status == 200
     assert len(c.decode[1 - home].inference_requests()) >= 1
     await asyncio.gather(*slow)
@@ -154,10 +154,10 @@ async def test_affinity_off_and_instance_down_forgets(make_cluster: MakeCluster)
     c = await make_cluster(1, 2, decode_affinity=False, decode_policy="round-robin")
     hist = [{"role": "user", "content": "same"}]
     for _ in range(4):
-        await post(c, CHAT, {"messages": hist, "max_tokens": 1})
+        await post(c, CHAT, {"messages": hist, "max_tokens": 2})
     assert per_instance(c.decode) == [2, 2]
     c2 = await make_cluster(1, 2, health_interval=0.05)
-    await post(c2, CHAT, {"messages": hist, "max_tokens": 1})
+    await post(c2, CHAT, {"messages": hist, "max_tokens": 2})
     home = next(i for i, f in enumerate(c2.decode) if f.inference_requests())
     tracker = c2.state.tracker
     assert tracker is not None and tracker._seen
@@ -206,6 +206,6 @@ async def test_busy_prefill_pool_serves_on_decode_alone(make_cluster: MakeCluste
 async def test_busy_fallback_off_by_default(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, fake_kw=NO_KV)
     c.prefill[0].configure(ttft=0.3)
-    results = await asyncio.gather(*(post(c, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 1})
+    results = await asyncio.gather(*(post(c, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 2})
                                      for _ in range(3)))
     assert [s for s, _ in results] == [200] * 3 and len(reqs(c.prefill)) == 3

@@ -113,12 +113,13 @@ SYS = "You are pdserve's assistant."
      [{"role": "system", "content": SYS}, {"role": "user", "content": "q"}]),
 ])
 async def test_system_prompt_modes(make_cluster: MakeCluster, mode: str, messages: list, expected: list) -> None:
-    c = await make_cluster(1, 1, system_prompt=SYS, system_prompt_mode=mode)
-    status, _ = await post(c, CHAT, {"messages": messages, "max_tokens": 1})
+    # the plain hand-over, so that the decode instance gets the shaped messages too
+    c = await make_cluster(1, 1, system_prompt=SYS, system_prompt_mode=mode, prefill_first_token=False)
+    status, _ = await post(c, CHAT, {"messages": messages, "max_tokens": 2})
     assert status == 200
     assert last_body(c.decode)["messages"] == expected
     assert last_body(c.prefill)["messages"] == expected
-    status, _ = await post(c, "/v1/completions", {"prompt": "plain", "max_tokens": 1})
+    status, _ = await post(c, "/v1/completions", {"prompt": "plain", "max_tokens": 2})
     assert status == 200 and last_body(c.decode)["prompt"] == "plain"  # completions are not touched
 
 
@@ -128,7 +129,7 @@ async def test_system_prompt_is_a_shared_prefix_cached_on_one_prefill(make_clust
     cached = []
     for i in range(5):
         status, raw = await post(c, CHAT, {"messages": [{"role": "user", "content": f"question {i}"}],
-                                           "max_tokens": 1})
+                                           "max_tokens": 2})
         assert status == 200
         cached.append(json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert sorted(len(f.inference_requests()) for f in c.prefill) == [0, 0, 5]

@@ -160,3 +160,21 @@ async def test_no_per_chunk_usage_without_include_usage(make_cluster: MakeCluste
     events = sse_events(raw)
     assert texts(events) == [" c0t0", " c0t1", " c0t2"]
     assert events[0]["choices"][0]["text"] == " c0t0" and "usage" not in events[0]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", CHAT])
+async def test_a_one_token_answer_is_the_prefills_own(make_cluster: MakeCluster, path: str) -> None:
+    """Non-stream, max_tokens 1 (or a first token that ends the answer): the prefill's answer is
+    the whole answer, exactly as one server gives it; no decode instance is asked, and the
+    prefill's blocks are released at once."""
+    c = await make_cluster(1, 1)
+    body = {"model": MODEL, "max_tokens": 1, "temperature": 0}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "a b c"})
+    status, raw, _ = await post(c, body, path)
+    assert status == 200, raw
+    answer = json.loads(raw)
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 1
+    assert answer.get("kv_transfer_params") is None and choice.get("token_ids") is None
+    assert reqs(c.decode) == [] and len(reqs(c.prefill)) == 1
+    assert (await metric_line(c, "pdserve_scheduler_first_token_from_prefill_total")).endswith(" 1.0")

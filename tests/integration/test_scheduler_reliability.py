@@ -231,7 +231,7 @@ async def test_idle_timeout_mid_stream_error_event(make_cluster: MakeCluster) ->
 async def test_global_overload_429_with_retry_after(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight=2, max_queue=1, queue_timeout=5)
     c.decode[0].configure(ttft=0.5)
-    tasks = [asyncio.create_task(post(c, {"prompt": f"x{i}", "max_tokens": 1})) for i in range(4)]
+    tasks = [asyncio.create_task(post(c, {"prompt": f"x{i}", "max_tokens": 2})) for i in range(4)]
     await asyncio.sleep(0.2)
     async with c.get("/metrics") as r:
         assert "pdserve_scheduler_queue_length 1.0" in await r.text()
@@ -246,9 +246,9 @@ async def test_global_overload_429_with_retry_after(make_cluster: MakeCluster) -
 async def test_queue_timeout_429(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight=1, max_queue=10, queue_timeout=0.2)
     c.decode[0].configure(ttft=0.6)
-    first = asyncio.create_task(post(c, {"prompt": "a", "max_tokens": 1}))
+    first = asyncio.create_task(post(c, {"prompt": "a", "max_tokens": 2}))
     await asyncio.sleep(0.05)
-    status, body, headers = await post(c, {"prompt": "b", "max_tokens": 1})
+    status, body, headers = await post(c, {"prompt": "b", "max_tokens": 2})
     assert status == 429 and headers["Retry-After"] == "1"
     assert (await first)[0] == 200
 
@@ -256,7 +256,7 @@ async def test_queue_timeout_429(make_cluster: MakeCluster) -> None:
 async def test_per_instance_bound_waits_then_proceeds(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight_per_instance=1, queue_timeout=3)
     c.decode[0].configure(ttft=0.2)
-    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 1}) for i in range(3)))
+    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 2}) for i in range(3)))
     assert [s for s, _, _ in results] == [200, 200, 200]
     starts = sorted(r["t_start"] for r in reqs(c.decode))
     assert starts[2] - starts[0] >= 0.35  # served one at a time
@@ -265,7 +265,7 @@ async def test_per_instance_bound_waits_then_proceeds(make_cluster: MakeCluster)
 async def test_per_instance_bound_429_after_queue_timeout(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight_per_instance=1, queue_timeout=0.2)
     c.decode[0].configure(ttft=1.0)
-    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 1}) for i in range(2)))
+    results = await asyncio.gather(*(post(c, {"prompt": f"x{i}", "max_tokens": 2}) for i in range(2)))
     assert sorted(s for s, _, _ in results) == [200, 429]
 
 

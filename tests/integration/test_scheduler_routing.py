@@ -16,7 +16,7 @@ def counts(fakes: list) -> list[int]:
 
 
 async def complete(c: Cluster, prompt: str, **kw: object) -> int:
-    async with c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, **kw}) as r:
+    async with c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, **kw}) as r:
         await r.read()
         return r.status
 
@@ -44,7 +44,7 @@ async def test_prefix_affinity_chat_messages(make_cluster: MakeCluster) -> None:
     system = {"role": "system", "content": "Long shared system prompt for everyone."}
     for i in range(5):
         async with c.post("/v1/chat/completions", json={"messages": [system, {"role": "user", "content": str(i)}],
-                                                        "max_tokens": 1}) as r:
+                                                        "max_tokens": 2}) as r:
             assert r.status == 200
     assert sorted(counts(c.prefill)) == [0, 0, 5]
 
@@ -113,7 +113,7 @@ async def test_503_when_no_healthy_instance(make_cluster: MakeCluster) -> None:
         return not (await _instances(c))[c.cfg.decode[0].name]
 
     await wait_for(down)
-    async with c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}) as r:
+    async with c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}) as r:
         assert r.status == 503
         err = (await r.json())["error"]
     assert "no healthy decode instance" in err["message"] and err["code"] == 503

@@ -190,3 +190,24 @@ def test_a_completion_stream_keeps_the_first_chunks_created() -> None:
           b'"text":"say \\"created\\":7","logprobs":null,"finish_reason":null}]}\n\n')
     out = json.loads(relay.transform(ev)[6:])
     assert out["created"] == 100 and out["choices"][0]["text"] == 'say "created":7'  # text untouched
+
+
+@pytest.mark.parametrize(("body", "finish", "whole"), [
+    ({"max_tokens": 8}, "stop", True),               # EOS (or a stop string) as the first token
+    ({"max_tokens": 1}, "length", True),             # one token asked for
+    ({"max_tokens": 8}, "length", False),            # the answer goes on
+    ({"max_tokens": 8, "min_tokens": 2}, "stop", False),  # the prefill call left min_tokens out
+    ({"max_tokens": 8, "n": 2}, "stop", False),
+    ({"max_tokens": 8, "stream": True}, "stop", False),
+])
+def test_complete_answer(body: dict, finish: str, whole: bool) -> None:
+    from pdserve.scheduler.first_token import complete_answer
+
+    data = {**completion_answer(finish_reason=finish), "kv_transfer_params": {"remote_block_ids": [1]}}
+    out = complete_answer("completions", {"prompt": "x", **body}, data)
+    assert (out is not None) is whole
+    if out is not None:
+        assert out["kv_transfer_params"] is None and out["choices"][0]["token_ids"] is None
+        assert out["choices"][0]["prompt_token_ids"] is None and data["choices"][0]["token_ids"] == [7042]
+        kept = complete_answer("completions", {"prompt": "x", "return_token_ids": True, **body}, data)
+        assert kept is not None and kept["choices"][0]["token_ids"] == [7042]  # the client asked for them
