@@ -23,6 +23,9 @@ ENV_SERVER_IP = "PDSERVE_SERVER_IP"
 ENV_DEVICES = "PDSERVE_DEVICE_IDS"  # comma-separated device ids
 ENV_MODEL = "PDSERVE_SERVED_MODEL"  # comma-separated served model names
 ENV_SIDE_CHANNEL = "PDSERVE_KV_SIDE_CHANNEL"  # host:port of the KV side channel
+# "context" when the server's chat default max_tokens is the rest of the context (no max_new_tokens
+# in the model's generation config, no generation-config flags); else unset (not known)
+ENV_CHAT_DEFAULT = "PDSERVE_CHAT_DEFAULT_MAX_TOKENS"
 
 
 class Identity(BaseModel):
@@ -34,6 +37,7 @@ class Identity(BaseModel):
     ranktable_digest: str
     served_model_names: list[str]
     kv_side_channel: str | None = None
+    chat_default_max_tokens: str | None = None  # "context", or None: not known
 
 
 def identity_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Identity:
@@ -49,4 +53,5 @@ def identity_from_env(environ: os._Environ[str] | dict[str, str] | None = None) 
         ranktable_digest=env.get(ENV_DIGEST, ""),
         served_model_names=models,
         kv_side_channel=env.get(ENV_SIDE_CHANNEL) or None,
+        chat_default_max_tokens=env.get(ENV_CHAT_DEFAULT) or None,
     )

@@ -52,7 +52,7 @@ class PullTask:
 class Puller:
     def __init__(self, layout: BlockLayout, transports: dict[str, Transport], tp_rank: int,
                  engine_id: str, timeout: float, torch_dist_port_offset: int = 100,
-                 silent_peer_seconds: float = 0.0) -> None:
+                 silent_peer_seconds: float = 0.0, silent_after: float = 0.0) -> None:
         self.layout = layout
         self.transports = transports
         self.tp_rank = tp_rank
@@ -67,6 +67,7 @@ class Puller:
         # 0: off. Only meaningful when a pull that waits for its lease is refused before it
         # times out (lease_wait_seconds < the timeout): then a timeout means a silent peer
         self.silent_peer_seconds = silent_peer_seconds
+        self.silent_after = silent_after  # the prefill side's lease_wait_seconds: it answers a parked pull by then
         self._silent: dict[tuple[str, int], float] = {}  # side channels that just timed out → until when
         self._peers_lock = threading.Lock()
 
@@ -111,6 +112,7 @@ class Puller:
         with self._peers_lock:
             silent_until = self._silent.get((task.remote_host, port), 0.0)
         if silent_until > now and self.silent_peer_seconds:  # one pull just waited out the timeout there: do not queue behind it
+            self.release(task.remote_host, task.remote_port, task.remote_req_id, "side channel not answering")
             raise PullError(f"KV pull of request {task.remote_req_id} from {task.remote_host}:{port} "
                             f"not tried: a pull there timed out less than {self.silent_peer_seconds:g}s ago")
         xfer = Transfer(self._xfer_id(), task.req_id, len(task.local_block_ids),
@@ -184,6 +186,7 @@ class Puller:
     def _await_reply(self, sock: zmq.Socket, xfer_id: str, deadline: float, task: PullTask,
                      transport: Transport | None = None, xfer: Transfer | None = None):
         """The reply's frames; None if the transport's payload arrived first."""
+        sent = time.monotonic()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         payload_fd = None if transport is None or xfer is None else transport.payload_fd(xfer)
@@ -201,13 +204,17 @@ class Puller:
                 continue
             if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
-                with self._peers_lock:  # (harmless when silent_peer_seconds is 0)
-                    self._silent[(task.remote_host, task.remote_port + self.tp_rank)] = \
-                        time.monotonic() + self.silent_peer_seconds
+                waited = time.monotonic() - sent
+                if self.silent_peer_seconds and waited >= self.silent_after:
+                    # no answer for longer than the side channel parks a pull: it is not answering
+                    # (a pull that merely ran out of budget after queueing says nothing of the peer)
+                    with self._peers_lock:
+                        self._silent[(task.remote_host, task.remote_port + self.tp_rank)] = \
+                            time.monotonic() + self.silent_peer_seconds
                 raise PullError(
                     f"KV pull of request {task.remote_req_id} from "
                     f"{task.remote_host}:{task.remote_port + self.tp_rank} timed out after "
-                    f"{self.timeout:.0f}s (prefill instance dead or overloaded?)"
+                    f"{waited:.1f}s (prefill instance dead or overloaded?)"
                 )
             frames = sock.recv_multipart(copy=False)
             header = m.decode(frames[0].buffer)

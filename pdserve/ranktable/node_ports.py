@@ -7,6 +7,8 @@ server_ip. Commas and/or whitespace separate the entries, so both ``8001,8002`` 
 
 from __future__ import annotations
 
+import re
+
 
 from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable.schema import GlobalRanktable
@@ -19,7 +21,7 @@ def split_ports(text: str, source: str = ENV_NODE_PORTS) -> tuple[list[int], lis
     """Parse the entries alone (integers in 1..65535); the count is checked by parse_node_ports."""
     ports: list[int] = []
     errors: list[ConfigError] = []
-    tokens = [t.strip() for t in text.strip().split(",")] if "," in text else text.split()
+    tokens = re.split(r"\s*,\s*|\s+", text.strip()) if text.strip() else []  # commas and/or spaces
     if len(tokens) > 1 and tokens[-1] == "":
         tokens.pop()  # one trailing comma is harmless
     for i, token in enumerate(tokens):

@@ -16,7 +16,8 @@ prefill's own answer with the continuation's text, finish reason and usage put i
 
 Only requests whose every field continues exactly take this path: one choice, no stop strings,
 no logprobs, greedy or unseeded sampling, an explicit or default ``max_tokens`` (chat's default,
-the rest of the context, needs the model length), and for chat, text-only messages without
+the rest of the context, needs the model length and instances that report that default: a
+generation-config ``max_new_tokens`` would change it), and for chat, text-only messages without
 tools. Anything else, and a first token that ends the answer, is empty, or is an incomplete
 character, takes the plain hand-over. Chat streams are rebuilt from the completion stream
 (``ChatFromCompletion``) in vLLM's chunk format.
@@ -90,7 +91,8 @@ def requested_max_tokens(endpoint: str, body: dict[str, Any]) -> int | None:
     return body.get("max_tokens", MAX_TOKENS_DEFAULT)
 
 
-def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = None) -> bool:
+def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = None,
+             chat_default_is_context: bool = False) -> bool:
     """Whether the request can continue from the prefill's token and give exactly what one server
     gives (pure; unknown fields say no)."""
     if endpoint not in ("completions", "chat") or body.get("stream") not in (True, False, None):
@@ -107,7 +109,7 @@ def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = No
             continue
         return False
     m = requested_max_tokens(endpoint, body)
-    if m is None and endpoint == "chat" and max_model_len:
+    if m is None and endpoint == "chat" and max_model_len and chat_default_is_context:
         pass  # vLLM's chat default, the rest of the context: the continuation asks for it minus one
     elif not isinstance(m, int) or m < 2:
         return False  # one token: the prefill's answer is the whole answer

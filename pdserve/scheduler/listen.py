@@ -22,10 +22,20 @@ def bind_error(host: str, port: int, exc: OSError) -> ConfigError:
                        f"{exc.strerror or exc}", _FIX)
 
 
+def _is_local(host: str) -> bool:
+    """Whether ``host`` is an address of this machine (loopback included): one it can bind."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
 def check_listen_address(cfg: SchedulerConfig) -> None:
     """Raise ConfigError if the scheduler's port is an instance's, or cannot be bound here."""
-    for inst in cfg.instances:
-        if inst.port == cfg.port and (inst.host == cfg.host or cfg.host in _ANY):
+    for inst in cfg.instances:  # the same port on another host is fine
+        if inst.port == cfg.port and (inst.host == cfg.host or (cfg.host in _ANY and _is_local(inst.host))):
             raise ConfigError("NODE_PORTS", f"entry {inst.global_index + 1}",
                               f"port {inst.port} is {inst.role} instance {inst.index}'s, and also the "
                               f"scheduler's own --port", f"{_FIX}; NODE_PORTS lists the instances' ports only")

@@ -274,7 +274,7 @@ class PDFlow:
     async def run(self, ctx: RequestContext, request: web.Request, relay: Relay) -> web.StreamResponse:
         # decode-only: the decode instance computes the prompt itself (no kv_transfer_params)
         want_first = (self.cfg.prefill_first_token and not ctx.decode_only and isinstance(relay, OpenAIRelay)
-                      and eligible(ctx.endpoint, ctx.body, self.cfg.max_model_len))
+                      and eligible(ctx.endpoint, ctx.body, self.cfg.max_model_len, self.cfg.chat_default_is_context))
         pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
         ctx.lease = pre.kv_transfer_params
         try:
@@ -436,7 +436,8 @@ class PDFlow:
                 raise ApiError(504, f"decode instance {name} sent no {'token' if ctx.stream else 'answer'} "
                                     f"within {limit:g} s ({which})") from None
             except (aiohttp.ClientError, OSError) as exc:
-                ctx.lease = None
+                # a 4xx whose body failed to arrive was still refused before the engine saw it
+                ctx.lease = lease if resp is not None and 400 <= resp.status < 500 else None
                 raise _DecodeRetry(inst, ApiError(502, f"decode instance {name} failed: {_describe(exc)}"),
                                    True, "disconnect") from None
             status = resp.status
@@ -484,8 +485,8 @@ class PDFlow:
         self._observe_tokens(ctx)
         ctx.ttft_s = time.perf_counter() - ctx.t0  # non-stream: the whole answer is the first token
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
-        if ctx.capture is not None:
-            ctx.capture.response = payload
+        if ctx.capture is not None:  # what the client gets (not the continuation alone)
+            ctx.capture.response = dumps(data) if fixed else payload
         if relay.passthrough and not fixed:
             body = payload
         elif isinstance(relay, OpenAIRelay):

@@ -150,6 +150,9 @@ async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
     instance_names: list[str] = []
     if cfg.identity_check:
         idents = await check_identities(session, cfg)
+        # chat without max_tokens may continue after the prefill's token only if every instance
+        # defaults to the rest of the context (a generation-config max_new_tokens would be lost)
+        cfg.chat_default_is_context = bool(idents) and all(i.chat_default_max_tokens == "context" for i in idents)
         for ident in idents:
             if ident.served_model_names:
                 instance_names = list(ident.served_model_names)

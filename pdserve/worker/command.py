@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pdserve import identity as ident
 from pdserve.env import env_bool
@@ -357,6 +358,10 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
         ident.ENV_MODEL: ",".join(_served_names(user)),
         "PYTHONUNBUFFERED": "1",  # the daemon tees the child's log line by line
     })
+    if chat_default_is_context(user):
+        child_env[ident.ENV_CHAT_DEFAULT] = "context"
+    else:
+        child_env.pop(ident.ENV_CHAT_DEFAULT, None)
     if kv_port is not None and not has_flag(user, "--kv-transfer-config"):
         child_env[ident.ENV_SIDE_CHANNEL] = f"{host_ip}:{kv_port}"
     else:
@@ -380,6 +385,29 @@ def check_cpu_bind(text: str, ranks: int, usable: Sequence[int] | None = None) -
     if outside:
         raise ConfigError("environment", ENV_CPU_BIND, f"core(s) {core_ranges(outside)} not usable here",
                           f"choose from the cores this process may use: {core_ranges(allowed)}")
+
+
+def chat_default_is_context(user: Sequence[str]) -> bool:
+    """Whether vLLM will answer a chat request without max_tokens with up to the rest of the
+    context: no ``max_new_tokens`` in the local model folder's generation_config.json (vLLM turns
+    it into the default max_tokens) and no flag that changes the generation config. The scheduler
+    continues such requests after the prefill's token only when every instance says so."""
+    gen_flag = flag_value(user, "--generation-config")
+    if has_flag(user, "--override-generation-config") or gen_flag not in (None, "auto", "vllm"):
+        return False
+    if gen_flag == "vllm":
+        return True  # vLLM's neutral defaults: no max_tokens
+    model = flag_value(user, "--model")
+    if not model or not Path(model).expanduser().is_dir():
+        return False  # a hub id: its generation config is not known here
+    path = Path(model).expanduser() / "generation_config.json"
+    if not path.is_file():
+        return True
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("max_new_tokens") is None
 
 
 def host_error(argv: Sequence[str], role_source: str) -> ConfigError | None:

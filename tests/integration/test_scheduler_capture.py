@@ -183,3 +183,15 @@ def test_lines_stay_valid_when_the_process_is_killed(tmp_path: Path) -> None:
     sink.close()
     lines = path.read_bytes().splitlines()
     assert [json.loads(x)["i"] for x in lines] == [*ids, "after"]
+
+
+async def test_a_non_stream_answer_continued_from_the_prefill_is_recorded_whole(make_cluster: MakeCluster,
+                                                                               tmp_path: Path) -> None:
+    """The record holds what the client got: the prefill's token, then the continuation."""
+    c, path = await capturing(make_cluster, tmp_path)
+    async with c.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 3}) as r:
+        assert r.status == 200
+        got = await r.json()
+    (row,) = await lines_in(path, 1)
+    assert row["response"]["choices"][0]["text"] == got["choices"][0]["text"] == " c0t0 c0t1 c0t2"
+    assert row["response"]["usage"]["completion_tokens"] == 3

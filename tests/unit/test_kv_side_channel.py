@@ -154,7 +154,7 @@ def test_pull_after_expiry_is_refused_before_the_reap(pair: Pair, transport: str
 
 def test_pull_times_out_cleanly() -> None:
     p = Pair(lease_wait=30, timeout=0.4)
-    p.puller.silent_peer_seconds = 0.5
+    p.puller.silent_peer_seconds, p.puller.silent_after = 0.5, 0.3
     try:
         start = time.monotonic()
         with pytest.raises(PullError, match="timed out"):
@@ -166,12 +166,25 @@ def test_pull_times_out_cleanly() -> None:
         with pytest.raises(PullError, match="not tried: a pull there timed out"):
             p.puller.pull(p.task("ok", [4], [6]))
         assert time.monotonic() - start < 0.1
+        p.wait_finished("ok")  # (that request's lease is released: it failed)
         time.sleep(0.5)
         # ... then the puller recovers: the next pull works (a fresh socket, the stale reply is dropped)
-        p.puller.pull(p.task("ok", [4], [6]))
+        p.lease("ok2", [4])
+        p.puller.pull(p.task("ok2", [4], [6]))
         p.assert_copied([4], [6])
     finally:
         p.close()
+
+
+def test_a_pull_that_ran_out_of_budget_says_nothing_of_the_peer(pair: Pair) -> None:
+    """A load that queued behind other pulls may start with little time left; its timeout must
+    not make the peer 'silent' for the loads after it."""
+    pair.puller.silent_peer_seconds, pair.puller.silent_after = 5.0, 1.0
+    with pytest.raises(PullError, match="timed out"):
+        pair.puller.pull(pair.task("ghost", [1], [1]), deadline=time.monotonic() + 0.1)
+    pair.lease("ok", [4])
+    pair.puller.pull(pair.task("ok", [4], [6]))  # tried, and served
+    pair.assert_copied([4], [6])
 
 
 def test_a_load_that_waited_out_its_timeout_in_the_queue_fails_at_once(pair: Pair) -> None:

@@ -16,7 +16,8 @@ RT_2P2D = load_global(CONFIGS / "2p2d-tp2" / "global_ranktable_10.0.0.18.json")
 RT_TWO_HOST = load_global(CONFIGS / "two-host" / "global_ranktable_merge.json")
 
 
-@pytest.mark.parametrize("text", ["8001,8002,8003,8004", "8001 8002 8003 8004", " 8001, 8002,\t8003 ,8004\n"])
+@pytest.mark.parametrize("text", ["8001,8002,8003,8004", "8001 8002 8003 8004", " 8001, 8002,\t8003 ,8004\n",
+                                  "8001,8002 8003,8004"])
 def test_separators(text: str) -> None:
     assert parse_node_ports(text, RT_2P2D) == [8001, 8002, 8003, 8004]
 

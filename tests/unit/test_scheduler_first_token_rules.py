@@ -58,7 +58,8 @@ def test_eligible_chat(extra: dict, ok: bool) -> None:
 def test_chat_without_max_tokens_asks_for_the_rest_of_the_context() -> None:
     """vLLM's chat default is all the context leaves: the continuation asks for that minus one."""
     body = {k: v for k, v in CHAT.items() if k != "max_tokens"}
-    assert not eligible("chat", body) and eligible("chat", body, max_model_len=100)
+    assert not eligible("chat", body) and not eligible("chat", body, max_model_len=100)  # default unknown
+    assert eligible("chat", body, max_model_len=100, chat_default_is_context=True)
     first = FirstToken("chat", 5, "x", [1, 2, 3], "chatcmpl-1", 0, "m", max_model_len=100)
     assert json.loads(first.decode_body(body, None))["max_tokens"] == 100 - 3 - 1
 

@@ -51,3 +51,10 @@ def test_the_scheduler_port_is_an_instance_port(host: str) -> None:
         check_listen_address(_cfg(8002, host=host, inst_port=8001))
     text = str(err.value)
     assert text.startswith("NODE_PORTS: entry 2:") and "decode instance 0" in text and "--port" in text
+
+
+def test_the_same_port_on_another_host_is_fine() -> None:
+    cfg = SchedulerConfig(instances=[InstanceSpec("prefill", 0, 0, "192.0.2.10", 8000),
+                                     InstanceSpec("decode", 0, 1, "192.0.2.11", 8000)],
+                          host="0.0.0.0", port=_free_port())
+    check_listen_address(cfg)  # nothing raised: those instances are on other machines

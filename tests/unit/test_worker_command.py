@@ -311,3 +311,21 @@ def test_cpu_instances_do_not_busy_wait_by_default(cpu_1p1d: tuple[Path, Path, P
     assert build(ctx, env={"PDSERVE_SHARED_CORES": "true"})[1]["PDSERVE_SHARED_CORES"] == "1"  # as vLLM reads it
     cuda = ctx_for(GEN / "local_ranktable_10.0.0.18_45.json", platform="cuda")
     assert "PDSERVE_SHARED_CORES" not in build(cuda)[1]
+
+
+def test_chat_default_is_context(tmp_path: Path) -> None:
+    """vLLM turns a generation_config.json max_new_tokens into the chat default max_tokens; only
+    without one (and without generation-config flags) is the default the rest of the context."""
+    from pdserve.worker.command import chat_default_is_context
+
+    plain, capped = tmp_path / "plain", tmp_path / "capped"
+    for d in (plain, capped):
+        d.mkdir()
+    (plain / "generation_config.json").write_text('{"eos_token_id": 2}')
+    (capped / "generation_config.json").write_text('{"max_new_tokens": 512}')
+    assert chat_default_is_context(["--model", str(plain)])
+    assert chat_default_is_context(["--model", str(tmp_path)])  # no generation_config.json at all
+    assert not chat_default_is_context(["--model", str(capped)])
+    assert chat_default_is_context(["--model", str(capped), "--generation-config", "vllm"])
+    assert not chat_default_is_context(["--model", str(plain), "--override-generation-config", "{}"])
+    assert not chat_default_is_context(["--model", "org/hub-model"])  # not known here

@@ -177,7 +177,7 @@ def test_scheduler_dry_run_refuses_an_instance_port(monkeypatch: pytest.MonkeyPa
     from pdserve.cli import main
 
     _scheduler_env(monkeypatch)
-    assert main(["serve", "--dry-run", "--host", "0.0.0.0", "--port", "8002"]) == 2
+    assert main(["serve", "--dry-run", "--host", "10.0.0.18", "--port", "8002"]) == 2  # the instances' host
     err = capsys.readouterr().err
     assert "NODE_PORTS: entry 2: port 8002 is decode instance 0's" in err and "Traceback" not in err
 
