@@ -96,6 +96,7 @@ class PrefillResult:
     prompt_tokens: int | None
     first: FirstToken | None = None  # the prefill's token, already sent to the client
     answer: dict[str, Any] | None = None  # the prefill's answer, when it is the whole answer
+    created_cache_tokens: int | None = None  # prompt tokens the prefill wrote to its prefix cache
 
 
 def _refused_credentials(status: int, role: str, name: str) -> None:
@@ -237,12 +238,12 @@ class PDFlow:
                 raise ApiError(502, f"prefill instance {inst.spec.name} answered invalid JSON") from None
             kvtp = data.get("kv_transfer_params") if isinstance(data, dict) else None
             usage = data.get("usage") if isinstance(data, dict) else None
-            cached = prompt = None
+            cached = prompt = created = None
             if isinstance(usage, dict):
                 prompt = usage.get("prompt_tokens")
                 details = usage.get("prompt_tokens_details")
                 if isinstance(details, dict):
-                    cached = details.get("cached_tokens")
+                    cached, created = details.get("cached_tokens"), details.get("created_cache_tokens")
             if not isinstance(kvtp, dict):
                 kvtp = None
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
@@ -251,7 +252,7 @@ class PDFlow:
             answer = None
             if first is None and self.cfg.prefill_first_token and not ctx.stream:
                 answer = complete_answer(ctx.endpoint, ctx.body, data)
-            return PrefillResult(inst.spec.name, kvtp, cached, prompt, first, answer)
+            return PrefillResult(inst.spec.name, kvtp, cached, prompt, first, answer, created)
         assert last is not None
         raise last
 
@@ -512,9 +513,13 @@ class PDFlow:
         ctx.cached_tokens = pre.cached_tokens
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
-            if details.get("cached_tokens") == pre.cached_tokens:
+            # the prompt's cache facts are the prefill side's: it computed (and cached) the prompt
+            wanted = {"cached_tokens": pre.cached_tokens}
+            if "created_cache_tokens" in details and pre.created_cache_tokens is not None:
+                wanted["created_cache_tokens"] = pre.created_cache_tokens
+            if all(details.get(k) == v for k, v in wanted.items()):
                 return changed
-            details["cached_tokens"] = pre.cached_tokens
+            details.update(wanted)
         elif add_details:
             usage["prompt_tokens_details"] = {"cached_tokens": pre.cached_tokens}
         else:
