@@ -146,4 +146,7 @@ def generate(
         paths.append(write(local, save_dir / f"local_ranktable_{host}_{suffix}.json"))
     if sched is not None:
         paths.append(write(LocalRanktable(server_list=[sched]), save_dir / f"local_ranktable_{host}_host.json"))
+    for stale in sorted(set(save_dir.glob(f"local_ranktable_{host}_*.json")) - set(paths)):
+        notify(f"{stale} is not part of this set (left from an earlier gen?): delete it; a daemon given "
+               "it would take a role this global ranktable does not have")
     return paths

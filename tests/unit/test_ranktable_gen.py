@@ -74,6 +74,14 @@ def test_gen_without_api_server_has_empty_group_0(no_hccn: None, tmp_path: Path)
         validate(paths[0])
 
 
+def test_files_left_from_an_earlier_gen_are_pointed_out(no_hccn: None, tmp_path: Path) -> None:
+    generate([[0]], [[1]], True, tmp_path, server_ip="10.0.0.19", notify=lambda _m: None)
+    said: list[str] = []
+    generate([[0]], [[1]], False, tmp_path, server_ip="10.0.0.19", notify=said.append)  # no scheduler now
+    stale = [m for m in said if "not part of this set" in m]
+    assert len(stale) == 1 and "local_ranktable_10.0.0.19_host.json" in stale[0]
+
+
 def test_device_ids_of_10_or_more_use_dashes(tmp_path: Path) -> None:
     generate([[10, 11]], [[2, 3]], False, tmp_path, server_ip="10.0.0.20",
              device_ips={10: "10.0.3.10", 11: "10.0.3.11", 2: "10.0.3.2", 3: "10.0.3.3"})
