@@ -75,10 +75,20 @@ def parse_device_ips(tokens: list[str] | None) -> dict[int, str]:
     return out
 
 
+class _Once(argparse.Action):
+    """A list flag given twice would silently keep only the last list: refuse it instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        if getattr(namespace, self.dest):
+            parser.error(f"{option_string} given twice: list every instance after one "
+                         f"{option_string} (spaces between instances, commas between devices)")
+        setattr(namespace, self.dest, values)
+
+
 def add_gen_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefill-server-list", nargs="+", metavar="IDS", default=[],
+    p.add_argument("--prefill-server-list", nargs="+", metavar="IDS", default=[], action=_Once,
                    help=SERVER_LIST_HELP.format(role="prefill (全量)"))
-    p.add_argument("--decode-server-list", nargs="+", metavar="IDS", default=[],
+    p.add_argument("--decode-server-list", nargs="+", metavar="IDS", default=[], action=_Once,
                    help=SERVER_LIST_HELP.format(role="decode (增量)"))
     p.add_argument("--api-server", action="store_true",
                    help="this host runs the scheduler (服务入口): write local_ranktable_<ip>_host.json and put "
