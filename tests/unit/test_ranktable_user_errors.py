@@ -170,6 +170,6 @@ def test_a_bom_is_harmless_and_a_duplicate_key_is_an_error(tmp_path: Path) -> No
 def test_a_server_list_given_twice_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["ranktable", "gen", "--prefill-server-list", "0", "--prefill-server-list", "1",
-              "--decode-server-list", "2", "--save-dir", str(tmp_path)])
+              "--decode-server-list", "2", "--save-dir", str(tmp_path / "out")])
     assert exc.value.code == 2 and "--prefill-server-list given twice" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    assert not (tmp_path / "out").exists()
