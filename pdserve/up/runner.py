@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import IO
 
 from pdserve import ranktable
 from pdserve.errors import ConfigError, PdserveError
+from pdserve.net import bind_failure
 from pdserve.ranktable.io import ensure_dir
 from pdserve.up.plan import ClusterPlan, ranktable_paths
 from pdserve.worker.command import shell_line
@@ -60,13 +60,7 @@ class UpSettings:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
+    return bind_failure(host, port) is not None
 
 
 def check_ports_free(plan: ClusterPlan) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from pdserve import identity as ident
 from pdserve.env import env_bool
 from pdserve.errors import ConfigError, plural
+from pdserve.net import bind_failure
 from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
 from pdserve.platform import Platform, core_ranges, parse_core_list, usable_cores, visible_devices_env
 from pdserve.ranktable.roles import ENV_LOCAL, Role
@@ -417,10 +417,8 @@ def host_error(argv: Sequence[str], role_source: str) -> ConfigError | None:
     host = flag_value(argv, "--host")
     if not host or host in ("0.0.0.0", "::"):
         return None
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-    except OSError as exc:
+    exc = bind_failure(host)
+    if exc is not None:
         return ConfigError(role_source, "server_list[0].server_ip",
                            f"{host} is not an address of this host ({exc.strerror or exc})",
                            "use the local ranktable generated for this host (`pdserve ranktable gen` on it), "
