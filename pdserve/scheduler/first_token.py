@@ -184,22 +184,14 @@ class FirstToken:
     def answer(self, cont: dict[str, Any]) -> dict[str, Any]:
         """A non-stream answer: the prefill's token and the decode instance's continuation (a
         /v1/completions answer), in the prefill's answer, which is vLLM's format for the endpoint."""
-        out = dict(self.prefill_answer or {})
+        out, choice = _clients_copy(self.prefill_answer or {}, keep_ids=False)
         got = (cont.get("choices") or [{}])[0]
-        choice = dict(out["choices"][0])
-        out["choices"] = [choice]
         text = self.text + (got.get("text") or "")
         if self.endpoint == "chat":
             choice["message"] = {**choice["message"], "content": text}
         else:
             choice["text"] = text
         choice["finish_reason"], choice["stop_reason"] = got.get("finish_reason"), got.get("stop_reason")
-        for key in ("token_ids", "prompt_token_ids"):  # asked for by the scheduler, not the client
-            if key in choice:
-                choice[key] = None
-        for key in ("prompt_token_ids", "kv_transfer_params"):
-            if key in out:
-                out[key] = None
         out["usage"] = cont.get("usage")
         return out
 
@@ -261,10 +253,17 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
     if not (reason == "stop" or (reason == "length" and requested_max_tokens(
             "chat" if endpoint == "chat" else "completions", body) == 1)):
         return None
-    out = dict(data)
-    choice = dict(choices[0])
+    return _clients_copy(data, keep_ids=bool(body.get("return_token_ids")))[0]
+
+
+def _clients_copy(answer: dict[str, Any], keep_ids: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of the prefill's one-choice answer (and of its choice) without what the scheduler
+    added to the prefill call: the token ids (unless the client asked for them too) and the
+    kv_transfer_params, nulled as vLLM nulls them."""
+    out = dict(answer)
+    choice = dict(out["choices"][0])
     out["choices"] = [choice]
-    if not body.get("return_token_ids"):  # asked for by the scheduler, not the client
+    if not keep_ids:
         for key in ("token_ids", "prompt_token_ids"):
             if key in choice:
                 choice[key] = None
@@ -272,7 +271,7 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
             out["prompt_token_ids"] = None
     if "kv_transfer_params" in out:
         out["kv_transfer_params"] = None
-    return out
+    return out, choice
 
 
 class ChatFromCompletion:
