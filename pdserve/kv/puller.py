@@ -64,8 +64,8 @@ class Puller:
         # transfer ids: unique across decode workers (random prefix), cheap per pull (counter)
         self._id_prefix = os.urandom(8).hex()
         self._seq = itertools.count()
-        # 0: off. Only meaningful when a pull that waits for its lease is refused before it
-        # times out (lease_wait_seconds < the timeout): then a timeout means a silent peer
+        # 0: off. A pull with no answer for longer than the side channel parks one (silent_after)
+        # means the side channel is not answering; pulls there then fail at once for this long
         self.silent_peer_seconds = silent_peer_seconds
         self.silent_after = silent_after  # the prefill side's lease_wait_seconds: it answers a parked pull by then
         self._silent: dict[tuple[str, int], float] = {}  # side channels that just timed out → until when
@@ -205,7 +205,7 @@ class Puller:
             if sock not in events:
                 self._drop_socket(task.remote_host, task.remote_port + self.tp_rank)
                 waited = time.monotonic() - sent
-                if self.silent_peer_seconds and waited >= self.silent_after:
+                if self.silent_peer_seconds and waited > self.silent_after:
                     # no answer for longer than the side channel parks a pull: it is not answering
                     # (a pull that merely ran out of budget after queueing says nothing of the peer)
                     with self._peers_lock:

@@ -63,11 +63,10 @@ class WorkerSide:
                 on_bytes=lambda n: self._count("served_bytes", n))
             self.server.start()
         else:
-            waits_less = self.settings.lease_wait_seconds < self.settings.load_timeout_seconds
             self.puller = Puller(self.layout, self.transports, self.tp_rank, self.engine_id,
                                  self.settings.load_timeout_seconds,
                                  self.settings.torch_dist_port_offset,
-                                 silent_peer_seconds=SILENT_PEER_SECONDS if waits_less else 0.0,
+                                 silent_peer_seconds=SILENT_PEER_SECONDS,
                                  silent_after=self.settings.lease_wait_seconds)
             self._pool = ThreadPoolExecutor(self.settings.pull_threads,
                                             thread_name_prefix="pdserve-kv-pull")

@@ -482,7 +482,7 @@ class PDFlow:
             self.metrics.first_from_prefill.inc()
         usage = data.get("usage")
         if isinstance(usage, dict):
-            fixed = self._fix_usage(ctx, pre, usage)
+            fixed = self._fix_usage(ctx, pre, usage) or fixed
         self._observe_tokens(ctx)
         ctx.ttft_s = time.perf_counter() - ctx.t0  # non-stream: the whole answer is the first token
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
