@@ -20,12 +20,8 @@ SCRIPT = ROOT / "scripts" / "pd_ranktable_tools.py"
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("GLOBAL_RANK_TABLE_FILE_PATH", "RANK_TABLE_FILE_PATH", "NODE_PORTS"):
-        monkeypatch.delenv(var, raising=False)
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))  # no hccn_tool
+def _clean(no_hccn: None) -> None:
+    """Every test here: no hccn_tool, no deployment variables."""
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -32,13 +32,6 @@ def fake_hccn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tool
 
 
-@pytest.fixture
-def no_hccn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-
-
 def same_tree(out: Path, golden: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in golden.iterdir())
     for p in golden.iterdir():

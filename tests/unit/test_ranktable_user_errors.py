@@ -26,12 +26,8 @@ GEN = ["ranktable", "gen", "--prefill-server-list", "0", "--decode-server-list",
 
 
 @pytest.fixture(autouse=True)
-def no_hccn(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("GLOBAL_RANK_TABLE_FILE_PATH", "RANK_TABLE_FILE_PATH", "NODE_PORTS"):
-        monkeypatch.delenv(var, raising=False)
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
+def _clean(no_hccn: None) -> None:
+    """Every test here: no hccn_tool, no deployment variables."""
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
