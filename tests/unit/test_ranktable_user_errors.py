@@ -15,6 +15,7 @@ from pdserve.cli import main
 from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable.io import ensure_dir, read_global_all, write
 from pdserve.ranktable.schema import LocalRanktable, Server
+from tests.unit.test_ranktable_cli import run
 
 pytestmark = pytest.mark.unit
 
@@ -28,13 +29,6 @@ GEN = ["ranktable", "gen", "--prefill-server-list", "0", "--decode-server-list",
 @pytest.fixture(autouse=True)
 def _clean(no_hccn: None) -> None:
     """Every test here: no hccn_tool, no deployment variables."""
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 def test_save_dir_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
