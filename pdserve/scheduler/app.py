@@ -13,6 +13,7 @@ import os
 import random
 import re
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -94,7 +95,6 @@ class Scheduler:
         self._own_session = session is None
         self.session = session
         self.flow: PDFlow | None = None
-        self.created = int(time.time())
 
     async def start(self) -> None:
         if self.session is None:
@@ -381,13 +381,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """Every served name (alias) as its own model, as vLLM lists several --served-model-name."""
-    state = _state(request)
-    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "pdserve",
-             "root": state.cfg.upstream_model or name, "parent": None, "max_model_len": state.cfg.max_model_len,
-             "permission": []}
-            for name in state.cfg.served_model_names]
+    """Every served name (alias) as its own model card, as vLLM lists several --served-model-name:
+    ``root`` and ``owned_by`` come from the instances' own /v1/models."""
+    cfg = _state(request).cfg
+    now = int(time.time())
+    data = [{"id": name, "object": "model", "created": now, "owned_by": cfg.model_owned_by or "vllm",
+             "root": cfg.model_root or cfg.upstream_model or name, "parent": None,
+             "max_model_len": cfg.max_model_len, "permission": [model_permission(now)]}
+            for name in cfg.served_model_names]
     return web.json_response({"object": "list", "data": data})
+
+
+def model_permission(created: int) -> dict[str, Any]:
+    """The permission entry vLLM puts in each model card (clients written for OpenAI read it)."""
+    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+            "organization": "*", "group": None, "is_blocking": False}
 
 
 async def health(request: web.Request) -> web.Response:

@@ -75,6 +75,8 @@ class SchedulerConfig:
     port: int = 8000
     served_model_names: list[str] = field(default_factory=list)  # what clients may call the model
     upstream_model: str | None = None  # the instances' own served name (learned at start-up)
+    model_root: str | None = None  # the model path the instances loaded (their /v1/models "root")
+    model_owned_by: str | None = None  # their /v1/models "owned_by" ("vllm")
     chat_default_is_context: bool = False  # every instance's chat default max_tokens is the rest of the context
     use_openai: bool = True
     ranktable_digest: str | None = None  # expected in every identity answer (None: not checked)

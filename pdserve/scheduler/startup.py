@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import aiohttp
 from pydantic import ValidationError
@@ -114,10 +115,19 @@ async def check_identities(session: aiohttp.ClientSession, cfg: SchedulerConfig)
     return list(idents)
 
 
-async def model_facts_from_instances(session: aiohttp.ClientSession,
-                                     cfg: SchedulerConfig) -> tuple[int | None, str | None]:
-    """(max_model_len, served model name) from vLLM's /v1/models: the scheduler rejects too-long
-    prompts early with the first, and calls the instances by the second."""
+@dataclass
+class ModelFacts:
+    """What the instances' own ``/v1/models`` says about the model (vLLM's model card)."""
+
+    max_model_len: int | None = None
+    name: str | None = None
+    root: str | None = None  # the model path the instances loaded
+    owned_by: str | None = None
+
+
+async def model_facts_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> ModelFacts:
+    """The first answer of vLLM's /v1/models: the scheduler rejects too-long prompts early with
+    ``max_model_len``, calls the instances by ``name`` and lists the model as vLLM would."""
     for spec in cfg.decode + cfg.prefill:
         try:
             async with session.get(spec.url + "/v1/models",
@@ -127,15 +137,17 @@ async def model_facts_from_instances(session: aiohttp.ClientSession,
                 data = await resp.json(content_type=None)
             for m in data.get("data") or ():
                 if isinstance(m, dict) and isinstance(m.get("id"), str):
-                    mml = m.get("max_model_len")
-                    return (int(mml) if isinstance(mml, int) else None), m["id"]
+                    mml, root, owner = m.get("max_model_len"), m.get("root"), m.get("owned_by")
+                    return ModelFacts(mml if isinstance(mml, int) else None, m["id"],
+                                      root if isinstance(root, str) else None,
+                                      owner if isinstance(owner, str) else None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
             continue
-    return None, None
+    return ModelFacts()
 
 
 async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> int | None:
-    return (await model_facts_from_instances(session, cfg))[0]
+    return (await model_facts_from_instances(session, cfg)).max_model_len
 
 
 async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
@@ -162,13 +174,14 @@ async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
         else:
             log.info("all %d instances answer with the role and index of their --prefill-url/--decode-url "
                      "(no ranktable: digests not compared)", len(idents))
-    if cfg.max_model_len is None or (not instance_names and cfg.upstream_model is None):
-        mml, name = await model_facts_from_instances(session, cfg)
-        if cfg.max_model_len is None and mml:
-            cfg.max_model_len = mml
-            log.info("max model length %d (from the instances)", cfg.max_model_len)
-        if not instance_names and name:
-            instance_names = [name]
+    facts = await model_facts_from_instances(session, cfg)
+    if cfg.max_model_len is None and facts.max_model_len:
+        cfg.max_model_len = facts.max_model_len
+        log.info("max model length %d (from the instances)", cfg.max_model_len)
+    if not instance_names and facts.name and cfg.upstream_model is None:
+        instance_names = [facts.name]
+    cfg.model_root = cfg.model_root or facts.root
+    cfg.model_owned_by = cfg.model_owned_by or facts.owned_by
     if cfg.upstream_model is None and instance_names:
         cfg.upstream_model = instance_names[0]
     if not cfg.served_model_names:

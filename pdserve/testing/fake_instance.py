@@ -170,7 +170,7 @@ class FakeInstance:
         if not self._authorized(request):
             return web.json_response({"error": "Unauthorized"}, status=401)
         return web.json_response({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "root": self.model,
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "root": f"/models/{self.model}",
              "max_model_len": self.max_model_len}]})
 
     async def _get_requests(self, request: web.Request) -> web.Response:

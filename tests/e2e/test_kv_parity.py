@@ -149,6 +149,13 @@ def test_openai_client_sync_and_streaming_match_reference(pd_cluster, reference)
                                    max_tokens=12, temperature=0)
     assert comp.choices[0].text == ref.choices[0].text
 
+    def card(model) -> dict:  # vLLM's card without what changes per call
+        d = model.model_dump()
+        d.pop("created")
+        d["permission"] = [{k: v for k, v in p.items() if k not in ("id", "created")} for p in d["permission"]]
+        return d
+    assert [card(m) for m in via_pd.models.list()] == [card(m) for m in plain.models.list()]
+
 
 def _stream(url: str, path: str, body: dict) -> tuple[str, dict, int]:
     """(text, usage, data events) of a streamed answer."""

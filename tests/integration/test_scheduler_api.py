@@ -181,7 +181,12 @@ async def test_models_health_metrics(cluster: Cluster) -> None:
     async with cluster.get("/v1/models") as r:
         data = await r.json()
     assert [m["id"] for m in data["data"]] == [MODEL]  # learned from the instances' identity
-    assert data["data"][0]["max_model_len"] == 4096  # learned from the instances' /v1/models
+    card = data["data"][0]
+    assert card["max_model_len"] == 4096  # learned from the instances' /v1/models
+    # vLLM's card: owner and root (the model path) from the instances, one permission entry
+    assert (card["owned_by"], card["root"], card["object"]) == ("fake", f"/models/{MODEL}", "model")
+    assert [p["object"] for p in card["permission"]] == ["model_permission"]
+    assert card["permission"][0]["id"].startswith("modelperm-")
     async with cluster.get("/health") as r:
         assert r.status == 200
     async with cluster.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "stream": True}) as r:

@@ -31,7 +31,7 @@ async def test_aliases_listed_forwarded_as_instance_name_answered_as_client_name
     assert c.cfg.upstream_model == MODEL
     async with c.get("/v1/models") as r:
         data = (await r.json())["data"]
-    assert [m["id"] for m in data] == ["alias-a", "alias-b"] and {m["root"] for m in data} == {MODEL}
+    assert [m["id"] for m in data] == ["alias-a", "alias-b"] and {m["root"] for m in data} == {f"/models/{MODEL}"}
     status, raw = await post(c, "/v1/completions", {"model": "alias-b", "prompt": "a", "max_tokens": 2})
     assert status == 200 and json.loads(raw)["model"] == "alias-b"
     assert last_body(c.prefill)["model"] == MODEL and last_body(c.decode)["model"] == MODEL
