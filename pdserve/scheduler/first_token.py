@@ -18,9 +18,10 @@ Only requests whose every field continues exactly take this path: one choice, no
 no logprobs, greedy or unseeded sampling, an explicit or default ``max_tokens`` (chat's default,
 the rest of the context, needs the model length and instances that report that default: a
 generation-config ``max_new_tokens`` would change it), and for chat, text-only messages without
-tools. Anything else, and a first token that ends the answer, is empty, or is an incomplete
-character, takes the plain hand-over. Chat streams are rebuilt from the completion stream
-(``ChatFromCompletion``) in vLLM's chunk format.
+tools. Anything else, and a first token that is empty or an incomplete character, takes the
+plain hand-over. Chat streams are rebuilt from the completion stream (``ChatFromCompletion``) in
+vLLM's chunk format. An answer that its first token completes is the prefill's answer
+(``complete_answer``; streams get it as vLLM's events, ``stream_events``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from pdserve.scheduler.jsonio import dumps, loads
 
 __all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "complete_answer", "eligible", "from_prefill",
-           "MAX_TOKENS_DEFAULT"]
+           "stream_events", "MAX_TOKENS_DEFAULT"]
 
 MAX_TOKENS_DEFAULT = 16  # vLLM's /v1/completions default when max_tokens is absent
 
@@ -111,8 +112,8 @@ def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = No
     m = requested_max_tokens(endpoint, body)
     if m is None and endpoint == "chat" and max_model_len and chat_default_is_context:
         pass  # vLLM's chat default, the rest of the context: the continuation asks for it minus one
-    elif not isinstance(m, int) or m < 2:
-        return False  # one token: the prefill's answer is the whole answer
+    elif not isinstance(m, int) or m < 1 or (m == 1 and not body.get("stream")):
+        return False  # one non-stream token: the prefill's answer is the whole answer anyway
     if endpoint == "chat":
         return _text_only(body.get("messages"))
     prompt = body.get("prompt")
@@ -147,7 +148,8 @@ class FirstToken:
             for choice, k in ((role, 0), (token, 1)):
                 obj = self._head("chat.completion.chunk", [choice])
                 if continuous_usage:
-                    obj["usage"] = {"prompt_tokens": n, "completion_tokens": k, "total_tokens": n + k}
+                    obj["usage"] = {"prompt_tokens": n, "completion_tokens": k, "total_tokens": n + k,
+                                    "completion_tokens_details": None}
                 if k == 0:
                     obj.update(prompt_token_ids=None, prompt_text=None)
                 out.append(b"data: " + dumps(obj) + b"\n\n")
@@ -240,10 +242,12 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
     it (a stop token or string) or the client asked for one token. It is then exactly what one
     server answers (the prefill call honoured every field but the ones checked here), and the
     decode instance is not asked at all: its recompute of the last prompt token could even turn a
-    near-tie the other way. None: the answer goes on (pure)."""
-    if body.get("stream") or body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) \
+    near-tie the other way. A stream gets it as events (``stream_events``); the caller checks that
+    the stream is ``eligible`` (its events are built here, so no logprobs or token ids). None: the
+    answer goes on (pure)."""
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) \
             or body.get("use_beam_search") or body.get("min_tokens"):
-        return None  # fields the prefill call leaves out (or a stream, which needs its events)
+        return None  # fields the prefill call leaves out
     if not isinstance(data, dict):
         return None
     choices = data.get("choices")
@@ -254,6 +258,59 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
             "chat" if endpoint == "chat" else "completions", body) == 1)):
         return None
     return _clients_copy(data, keep_ids=bool(body.get("return_token_ids")))[0]
+
+
+def stream_events(endpoint: str, answer: dict[str, Any], stream_options: Any) -> bytes:
+    """A complete one-token answer (``complete_answer``'s) as the SSE events vLLM 0.32 streams for
+    it: chat's role chunk, the token's chunk with its finish reason, the usage chunk when asked
+    for, ``[DONE]``; nulls and ``system_fingerprint`` where vLLM puts them."""
+    opts = stream_options if isinstance(stream_options, dict) else {}
+    include = opts.get("include_usage") is True
+    continuous = include and opts.get("continuous_usage_stats") is True
+    choice = answer["choices"][0]
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    n, k = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    chat = endpoint == "chat"
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def head(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": answer.get("id"), "object": kind, "created": answer.get("created"),
+                "model": answer.get("model"), "choices": choices}
+
+    def running(done: int) -> dict[str, Any]:  # per-chunk usage (continuous_usage_stats)
+        u: dict[str, Any] = {"prompt_tokens": n, "total_tokens": n + done, "completion_tokens": done}
+        if chat:
+            u["completion_tokens_details"] = None
+        return u
+
+    events = []
+    ending = {"finish_reason": choice.get("finish_reason"), "stop_reason": choice.get("stop_reason")}
+    if chat:
+        role = head([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+        if continuous:
+            role["usage"] = running(0)
+        role.update(prompt_token_ids=None, prompt_text=None)
+        events.append(role)
+        text = (choice.get("message") or {}).get("content") or ""
+        last = head([{"index": 0, "delta": {"content": text}, "logprobs": None, **ending, "token_ids": None}])
+    else:
+        last = head([{"index": 0, "text": choice.get("text") or "", "logprobs": None, **ending,
+                      "prompt_token_ids": None, "token_ids": None}])
+    if continuous:
+        last["usage"] = running(k)
+    fingerprint = answer.get("system_fingerprint")
+    if not include and fingerprint is not None:
+        last["system_fingerprint"] = fingerprint
+    events.append(last)
+    if include:  # vLLM dumps the final usage chunk without its null fields
+        final = head([])
+        final["usage"] = {key: ({d: x for d, x in v.items() if x is not None} if isinstance(v, dict) else v)
+                          for key, v in usage.items() if v is not None}
+        if fingerprint is not None:
+            final["system_fingerprint"] = fingerprint
+        events.append(final)
+    return b"".join(b"data: " + dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
 def _clients_copy(answer: dict[str, Any], keep_ids: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -311,7 +368,9 @@ class ChatFromCompletion:
             choices.append(ch)
         chat = self.first._head("chat.completion.chunk", choices)
         if "usage" in obj:
-            chat["usage"] = obj["usage"]
+            chat["usage"] = usage = obj["usage"]
+            if choices and isinstance(usage, dict):  # vLLM's per-chunk chat usage has this null
+                usage.setdefault("completion_tokens_details", None)
         if "system_fingerprint" in obj:  # vLLM stamps it on the terminal chunk
             chat["system_fingerprint"] = obj["system_fingerprint"]
         return b"data: " + dumps(chat)

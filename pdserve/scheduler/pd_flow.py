@@ -36,6 +36,7 @@ from pdserve.scheduler.first_token import (
     complete_answer,
     eligible,
     from_prefill,
+    stream_events,
 )
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
@@ -248,10 +249,11 @@ class PDFlow:
                 kvtp = None
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
                           ctx.request_id, inst.spec.name)
-            first = from_prefill(ctx.endpoint, data, self.cfg.max_model_len) if want_first else None
-            answer = None
-            if first is None and self.cfg.prefill_first_token and not ctx.stream:
+            answer = first = None
+            if self.cfg.prefill_first_token and (want_first or not ctx.stream):  # a stream's events are built
                 answer = complete_answer(ctx.endpoint, ctx.body, data)
+            if answer is None and want_first:
+                first = from_prefill(ctx.endpoint, data, self.cfg.max_model_len)
             return PrefillResult(inst.spec.name, kvtp, cached, prompt, first, answer, created)
         assert last is not None
         raise last
@@ -281,6 +283,8 @@ class PDFlow:
         try:
             if pre.answer is not None:  # the answer ended with its first token: no decode instance needed
                 self.metrics.first_from_prefill.inc()
+                if ctx.stream:
+                    return await self._stream_answer(ctx, request, pre, relay)
                 return self._json_answer(ctx, pre, dumps(pre.answer), relay, None)
             return await self._hand_over(ctx, request, relay, pre)
         finally:
@@ -352,6 +356,25 @@ class PDFlow:
         ctx.ttft_s = time.perf_counter() - ctx.t0
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
         self.metrics.first_from_prefill.inc()
+        return out
+
+    async def _stream_answer(self, ctx: RequestContext, request: web.Request, pre: PrefillResult,
+                             relay: Relay) -> web.StreamResponse:
+        """A stream whose first token ended it: the prefill's answer, as vLLM would stream it."""
+        assert pre.answer is not None
+        usage = pre.answer.get("usage")
+        if isinstance(usage, dict):
+            self._fix_usage(ctx, pre, usage)
+        events = stream_events(ctx.endpoint, pre.answer, ctx.body.get("stream_options"))
+        out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
+        ctx.chunks += events.count(b"data: ") - 1  # [DONE] is no chunk
+        if ctx.capture is not None:
+            ctx.capture.chunks.append(events)
+        await self._write(ctx, out, relay.transform(events))
+        ctx.ttft_s = time.perf_counter() - ctx.t0
+        self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
+        self._observe_tokens(ctx)
+        await self._write(ctx, out, None)
         return out
 
     @staticmethod

@@ -242,3 +242,40 @@ def test_non_stream_answers_continue_from_the_prefill_token_and_match_reference(
             assert g.get("kv_transfer_params") is None and gc.get("token_ids") is None
     took_path = metric(pd_cluster.scheduler_url, "pdserve_scheduler_first_token_from_prefill_total") - first_before
     assert took_path >= 2 * len(INSTRUCTIONS), took_path
+
+
+def _events(url: str, path: str, body: dict) -> list:
+    import json
+
+    r = requests.post(f"{url}{path}", json={**body, "stream": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    out = []
+    for ev in r.text.split("\n\n"):
+        if ev.startswith("data: "):
+            out.append(ev[6:] if ev == "data: [DONE]" else json.loads(ev[6:]))
+    return out
+
+
+def _comparable(events: list) -> list:
+    """Events without what differs between two servers (id, time; the instances report cache details)."""
+    out = []
+    for e in events:
+        if isinstance(e, dict):
+            e = {k: v for k, v in e.items() if k not in ("id", "created")}
+            if isinstance(e.get("usage"), dict):
+                e["usage"] = {k: v for k, v in e["usage"].items() if k != "prompt_tokens_details"}
+        out.append(e)
+    return out
+
+
+def test_streams_ended_by_their_first_token_match_reference(pd_cluster, reference):
+    """A stream that its first token ends (max_tokens 1, or EOS first) is the prefill's answer,
+    streamed as vLLM streams it: same events as one server, no decode recompute of the token."""
+    model = pd_cluster.served_model_name
+    for text in INSTRUCTIONS:
+        for path, body in (("/v1/completions", {"prompt": text}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]})):
+            body = {"model": model, "temperature": 0, "max_tokens": 1,
+                    "stream_options": {"include_usage": True}, **body}
+            got, want = (_events(u, path, body) for u in (pd_cluster.scheduler_url, reference))
+            assert _comparable(got) == _comparable(want), (path, text)

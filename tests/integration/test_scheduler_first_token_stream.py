@@ -12,7 +12,9 @@ import pytest
 
 from pdserve.testing.fake_instance import OUTPUT_ID_BASE
 from tests.integration.conftest import MODEL, Cluster, MakeCluster
+from pdserve.kv import messages as m
 from tests.integration.test_scheduler_api import sse_events
+from tests.integration.test_scheduler_lease_release import received, side_channel  # noqa: F401 (fixture)
 from tests.integration.test_scheduler_reliability import post, reqs
 
 pytestmark = pytest.mark.integration
@@ -74,7 +76,7 @@ async def test_chat_stream_rebuilt_from_the_completion_stream(make_cluster: Make
 
 
 @pytest.mark.parametrize("extra", [
-    {"stop": ["x"]}, {"logprobs": 1}, {"n": 2}, {"temperature": 0.7, "seed": 3}, {"max_tokens": 1},
+    {"stop": ["x"]}, {"logprobs": 1}, {"n": 2}, {"temperature": 0.7, "seed": 3},
     {"frequency_penalty": 0.5}, {"response_format": {"type": "json_object"}},
     {"some_new_vllm_field": True},
 ])
@@ -98,12 +100,34 @@ async def test_chat_with_images_or_tools_takes_the_plain_handover(make_cluster: 
     assert all(r["path"] == CHAT for r in reqs(c.decode))
 
 
-async def test_prefill_answer_that_ends_the_request_takes_the_plain_handover(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1)
-    c.prefill[0].configure(output_tokens=0)  # the first token was a stop token: finish_reason "stop"
-    status, raw, _ = await post(c, {"model": MODEL, "prompt": "a", "max_tokens": 3, "stream": True})
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": "a", "max_tokens": 3}),  # the first token was a stop token
+    (CHAT, {"messages": [{"role": "user", "content": "a"}], "max_tokens": 3,
+            "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stream_options": {"include_usage": True}}),
+])
+async def test_a_stream_that_its_first_token_ends_is_the_prefills_answer(
+        make_cluster: MakeCluster, side_channel, path: str, body: dict) -> None:
+    """No decode instance recomputes the token (a near-tie could flip): the client gets the
+    prefill's answer as vLLM streams it, and the prefill's KV lease is released at once."""
+    sock, port = side_channel
+    c = await make_cluster(1, 1, fake_kw={"kv_port": port})
+    if body["max_tokens"] > 1:
+        c.prefill[0].configure(output_tokens=0)  # finish_reason "stop"
+    status, raw, headers = await post(c, {"model": MODEL, "stream": True, **body}, path)
     assert status == 200, raw
-    assert reqs(c.decode)[0]["body"]["prompt"] == "a"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]" and reqs(c.decode) == []
+    ends = [e["choices"][0] for e in events[:-1] if e["choices"] and e["choices"][0].get("finish_reason")]
+    assert [e["finish_reason"] for e in ends] == ["stop" if body["max_tokens"] > 1 else "length"]
+    if "stream_options" in body:
+        usage = events[-2]["usage"]
+        # the prefill's own count (the fake counts none for its stop; vLLM counts the EOS)
+        assert events[-2]["choices"] == [] and usage["completion_tokens"] == (0 if body["max_tokens"] > 1 else 1)
+    got = await received(sock, 1.0)
+    request_id = next(v for k, v in headers.items() if k.lower() == "x-request-id")
+    assert [(type(x), x.req_id) for x in got] == [(m.Release, request_id)]
+    assert (await metric_line(c, "pdserve_scheduler_first_token_from_prefill_total")).endswith(" 1.0")
 
 
 async def test_decode_failure_after_the_first_token_retried_without_a_new_prefill(make_cluster: MakeCluster) -> None:

@@ -20,6 +20,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
     {"stop": None}, {"stop": []}, {"n": 1}, {"logprobs": None}, {"min_tokens": 3}, {"ignore_eos": True},
     {"repetition_penalty": 1.1}, {"presence_penalty": 0}, {"stream_options": {"include_usage": True}},
     {"prompt": [1, 2, 3]}, {"stream": False}, {"stream": None},
+    {"max_tokens": 1},  # a one-token stream: the prefill's answer, streamed (no continuation)
 ])
 def test_eligible_completions(extra: dict) -> None:
     assert eligible("completions", {**BASE, **extra})
@@ -27,7 +28,7 @@ def test_eligible_completions(extra: dict) -> None:
 
 @pytest.mark.parametrize("extra", [
     {"stream": "yes"}, {"stop": "x"}, {"logprobs": 0}, {"n": 2}, {"temperature": 0.8, "seed": 1}, {"seed": 1},
-    {"max_tokens": 1}, {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
+    {"max_tokens": 1, "stream": False}, {"max_tokens": 0}, {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
     {"prompt": ["a", "b"]}, {"prompt": [[1, 2]]}, {"prompt": []}, {"suffix": "z"}, {"unknown_field": 1},
     {"response_format": {"type": "json_object"}}, {"kv_transfer_params": {"do_remote_decode": True}},
 ])
@@ -199,7 +200,7 @@ def test_a_completion_stream_keeps_the_first_chunks_created() -> None:
     ({"max_tokens": 8}, "length", False),            # the answer goes on
     ({"max_tokens": 8, "min_tokens": 2}, "stop", False),  # the prefill call left min_tokens out
     ({"max_tokens": 8, "n": 2}, "stop", False),
-    ({"max_tokens": 8, "stream": True}, "stop", False),
+    ({"max_tokens": 8, "stream": True}, "stop", True),  # streamed by stream_events
 ])
 def test_complete_answer(body: dict, finish: str, whole: bool) -> None:
     from pdserve.scheduler.first_token import complete_answer
@@ -212,3 +213,44 @@ def test_complete_answer(body: dict, finish: str, whole: bool) -> None:
         assert out["choices"][0]["prompt_token_ids"] is None and data["choices"][0]["token_ids"] == [7042]
         kept = complete_answer("completions", {"prompt": "x", "return_token_ids": True, **body}, data)
         assert kept is not None and kept["choices"][0]["token_ids"] == [7042]  # the client asked for them
+
+
+def _events(raw: bytes) -> list:
+    return [e[6:] if e == b"data: [DONE]" else json.loads(e[6:]) for e in raw.split(b"\n\n") if e]
+
+
+# vLLM 0.32's own streams of one-token answers (captured from `vllm serve` on the demo model)
+_VLLM_COMPLETION = [
+    {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m", "choices": [
+        {"index": 0, "text": "\n", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+         "prompt_token_ids": None, "token_ids": None}], "system_fingerprint": "fp"},
+    b"[DONE]"]
+_VLLM_CHAT_USAGE = [
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+     "usage": {"prompt_tokens": 31, "total_tokens": 31, "completion_tokens": 0, "completion_tokens_details": None},
+     "prompt_token_ids": None, "prompt_text": None},
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m", "choices": [
+        {"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": "stop", "stop_reason": 19556,
+         "token_ids": None}],
+     "usage": {"prompt_tokens": 31, "total_tokens": 32, "completion_tokens": 1, "completion_tokens_details": None}},
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m", "choices": [],
+     "usage": {"prompt_tokens": 31, "total_tokens": 32, "completion_tokens": 1,
+               "prompt_tokens_details": {"cached_tokens": 16}}, "system_fingerprint": "fp"},
+    b"[DONE]"]
+
+
+def test_a_complete_one_token_answer_streams_as_vllm_streams_it() -> None:
+    from pdserve.scheduler.first_token import stream_events
+
+    comp = {**completion_answer(text="\n", finish_reason="length"), "id": "cmpl-1", "created": 5,
+            "system_fingerprint": "fp", "usage": {"prompt_tokens": 8, "total_tokens": 9, "completion_tokens": 1}}
+    assert _events(stream_events("completions", comp, None)) == _VLLM_COMPLETION
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m", "system_fingerprint": "fp",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": "stop", "stop_reason": 19556, "token_ids": None}],
+            "usage": {"prompt_tokens": 31, "total_tokens": 32, "completion_tokens": 1,
+                      "prompt_tokens_details": {"cached_tokens": 16, "created_cache_tokens": None},
+                      "completion_tokens_details": None}}
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    assert _events(stream_events("chat", chat, opts)) == _VLLM_CHAT_USAGE
