@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-. .venv/bin/activate
+. "${PDSERVE_VENV:-.venv}/bin/activate"
 python -m pdserve model demo >/dev/null   # build the demo model once (tests share it)
 set +e
 python -m pytest -p no:cacheprovider "$@"

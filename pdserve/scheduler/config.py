@@ -174,7 +174,8 @@ OPTIONS: tuple[Opt, ...] = (
         metavar="KEY", help="sent to the instances as 'Authorization: Bearer KEY' (their vLLM --api-key); "
                             "the client's own Authorization header is never forwarded"),
     Opt("api_key", ("--api-key",), "list", "access control", metavar="KEY",
-        help=f"require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1/* and /generate "
+        help=f"require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every path but /health (and "
+             f"/metrics, unless --protect-metrics) "
              f"(repeatable; also {ENV_API_KEYS}=k1,k2 and {ENV_API_KEY_FILE}=FILE, one key a line)"),
     Opt("api_key_file", ("--api-key-file",), "str", "access control", env=ENV_API_KEY_FILE, metavar="FILE",
         help="file with one API key per line (blank lines and # comments ignored)"),
@@ -196,8 +197,9 @@ OPTIONS: tuple[Opt, ...] = (
         help="do not prefer the decode instance that already holds a conversation's earlier turns"),
     Opt("no_prefill_first_token", ("--no-prefill-first-token",), "bool", "routing",
         env="PDSERVE_NO_PREFILL_FIRST_TOKEN",
-        help="streams: do not send the prefill instance's token to the client at once; the decode instance "
-             "computes the first token again after the KV hand-over (vLLM's own proxies do this)"),
+        help="do not use the prefill instance's token: streams do not get it at once, and every answer "
+             "comes from the decode instance, which computes the first token again after the KV hand-over "
+             "(vLLM's own proxies do this)"),
     Opt("affinity_chunk_chars", ("--affinity-chunk-chars",), "int", "routing",
         help=f"granularity of the decode-side prefix tracker, in characters (default {_D.affinity_chunk_chars})"),
     Opt("decode_only_below", ("--decode-only-below",), "int", "cache-aware disaggregation", metavar="TOKENS",

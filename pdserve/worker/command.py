@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pdserve import identity as ident
 from pdserve.env import env_bool
+from pdserve.kv import tuning
 from pdserve.errors import ConfigError, plural
 from pdserve.net import bind_failure
 from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
@@ -184,6 +185,7 @@ def kv_transfer_config(ctx: InstanceContext, opts: ServeOptions, host_ip: str, p
             "lease_seconds": opts.kv_lease_seconds,
         }
         extra = _extra_config(env)
+        tuning.check(env)  # the workers read these; a bad value fails here, before vLLM loads
         cfg["kv_connector_extra_config"].update(extra)
         _check_connector_settings(cfg["kv_connector_extra_config"], set(extra))
         cfg["kv_load_failure_policy"] = opts.kv_load_failure_policy  # vLLM's own switch
@@ -211,11 +213,20 @@ def _extra_config(env: Mapping[str, str]) -> dict:
     if not isinstance(extra, dict):
         raise ConfigError("environment", ENV_KV_EXTRA, f"{raw!r} is not a JSON object",
                           f'export {ENV_KV_EXTRA}=\'{{"lease_seconds": 20}}\'')
+    for key, source in _ADDRESS_KEYS.items():
+        if key in extra:  # the identity and the peers' ranktable name the address the daemon derives
+            raise ConfigError("environment", ENV_KV_EXTRA, f"{key!r} cannot be set here",
+                              f"remove it; the side channel's address comes from {source}")
     return extra
 
 
+# extra-config keys the daemon derives (other keys of PDSERVE_KV_EXTRA_CONFIG override its flags)
+_ADDRESS_KEYS = {"side_channel_port": "--kv-port / PDSERVE_KV_PORT",
+                 "side_channel_host": "the ranktable's server_ip"}
+
+
 # extra-config keys the daemon fills from its own flags (what to name when such a value is bad)
-_KEY_FLAGS = {"lease_seconds": "--kv-lease-seconds", "transport": "--kv-transport", "side_channel_port": "--kv-port"}
+_KEY_FLAGS = {"lease_seconds": "--kv-lease-seconds", "transport": "--kv-transport"}
 
 
 def _check_connector_settings(extra: dict, from_env: set[str]) -> None:

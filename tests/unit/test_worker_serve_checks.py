@@ -86,6 +86,37 @@ def test_extra_config_overriding_a_bad_lease_flag_is_what_counts(ctx: InstanceCo
         build(ctx, "--port", "8001", env={"PDSERVE_KV_EXTRA_CONFIG": '{"lease_seconds": 0}'})
 
 
+@pytest.mark.parametrize("key", ["side_channel_port", "side_channel_host"])
+def test_extra_config_cannot_move_the_side_channel(ctx: InstanceContext, key: str) -> None:
+    """The identity and the peers' ranktable name the address the daemon derives: an override
+    would make every pull go to a port nobody listens on."""
+    with pytest.raises(ConfigError, match=f"PDSERVE_KV_EXTRA_CONFIG: '{key}' cannot be set here"):
+        build(ctx, "--port", "8001", env={"PDSERVE_KV_EXTRA_CONFIG": json.dumps({key: 1})})
+
+
+@pytest.mark.parametrize(("name", "value", "want"), [
+    ("PDSERVE_KV_TCP_STREAM", "maybe", "is not a boolean"),
+    ("PDSERVE_KV_SHM_SHARE", "2", "is not a boolean"),
+    ("PDSERVE_KV_TCP_ZERO_COPY_MIN", "256k", "is not a byte count"),
+    ("PDSERVE_KV_CMA_SPLIT_MIN", "-1", "is not a byte count"),
+])
+def test_kv_tuning_variables_are_checked_before_vllm_starts(ctx: InstanceContext, name: str, value: str,
+                                                            want: str) -> None:
+    with pytest.raises(ConfigError, match=f"environment: {name}: '{value}' {want}"):
+        build(ctx, "--port", "8001", env={name: value})
+    build(ctx, "--port", "8001", env={name: "0"})  # a valid value passes
+
+
+def test_kv_switches_read_every_spelling_of_off() -> None:
+    from pdserve.kv import tuning
+
+    for off in ("0", "off", "false", "No"):
+        assert tuning.switch("PDSERVE_KV_TCP_STREAM", {"PDSERVE_KV_TCP_STREAM": off}) is False
+    assert tuning.switch("PDSERVE_KV_SHM_DIRECT", {}) is True
+    assert tuning.size("PDSERVE_KV_CMA_SPLIT_MIN", {}) == 8 << 20
+    assert tuning.size("PDSERVE_KV_CMA_SPLIT_MIN", {"PDSERVE_KV_CMA_SPLIT_MIN": " 4096 "}) == 4096
+
+
 def test_other_connectors_and_own_config_are_not_checked(ctx: InstanceContext) -> None:
     build(ctx, "--port", "8001", kv_connector="NixlConnector", kv_lease_seconds=0.0)
     build(ctx, "--port", "8001", "--kv-transfer-config", "{}", kv_lease_seconds=0.0)

@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pdserve.kv import tuning
+
 IOV_MAX = 1024
-SPLIT_MIN = int(os.environ.get("PDSERVE_KV_CMA_SPLIT_MIN", 8 << 20))
+SPLIT_MIN = tuning.size("PDSERVE_KV_CMA_SPLIT_MIN")
 """Bytes from which a read is split over several threads (a thread hand-off costs ~0.1 ms)."""
 NOT_PERMITTED = {errno.EPERM, errno.ESRCH, errno.ENOSYS, errno.EACCES}
 

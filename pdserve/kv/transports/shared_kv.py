@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pdserve.kv import tuning
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.transports.cma import SPLIT_MIN, run_parts
 
@@ -39,7 +40,7 @@ _kept: list[int] = []  # memfds of this process's shared KV buffers (open for th
 
 def enabled() -> bool:
     return (sys.platform.startswith("linux") and hasattr(os, "memfd_create")
-            and os.environ.get("PDSERVE_KV_SHM_SHARE", "1") != "0")
+            and tuning.switch("PDSERVE_KV_SHM_SHARE"))
 
 
 def _libc_mmap():

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pdserve.kv import tuning
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.lease_board import TAG_BYTES, tag_of
 from pdserve.kv.leases import LeaseTable
@@ -209,7 +210,7 @@ class ShmTransport(Transport):
 
     def __init__(self, max_mapped: int = 8, direct: bool | None = None) -> None:
         if direct is None:
-            direct = os.environ.get("PDSERVE_KV_SHM_DIRECT", "1") != "0"
+            direct = tuning.switch("PDSERVE_KV_SHM_DIRECT")
         self.direct = direct and cma.available()
         self._no_direct: set[tuple[str, int]] = set()  # peers whose memory we may not read
         self._pool = SegmentPool()

@@ -26,7 +26,6 @@ both ZMQ I/O threads is off the pull's path (it arrives later and is dropped as 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import select
 import socket
@@ -36,6 +35,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from pdserve.kv import tuning
 
 log = logging.getLogger("pdserve.kv")
 
@@ -53,7 +54,7 @@ def header(xfer_id: str, nbytes: int) -> bytes:
 
 
 def enabled() -> bool:
-    return os.environ.get("PDSERVE_KV_TCP_STREAM", "1") != "0"
+    return tuning.switch("PDSERVE_KV_TCP_STREAM")
 
 
 class SendDone:

@@ -19,7 +19,6 @@ intermediate join.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import zmq
 
+from pdserve.kv import tuning
 from pdserve.kv.layout import BlockLayout
 from pdserve.kv.transports.base import BufferPool, Outgoing, Transfer, Transport
 from pdserve.kv.transports.stream import SendDone, StreamClient, StreamServer, header
@@ -35,7 +35,7 @@ from pdserve.kv.transports.stream import enabled as stream_enabled
 
 log = logging.getLogger("pdserve.kv")
 
-ZERO_COPY_MIN_REGION = int(os.environ.get("PDSERVE_KV_TCP_ZERO_COPY_MIN", 256 << 10))
+ZERO_COPY_MIN_REGION = tuning.size("PDSERVE_KV_TCP_ZERO_COPY_MIN")
 """Mean region size (bytes) from which a pull is sent as frames straight from the KV cache."""
 
 
