@@ -257,11 +257,14 @@ def _events(url: str, path: str, body: dict) -> list:
 
 
 def _comparable(events: list) -> list:
-    """Events without what differs between two servers (id, time; the instances report cache details)."""
+    """Events without what differs between two servers (id, time, config hash; the instances report
+    cache details)."""
     out = []
     for e in events:
         if isinstance(e, dict):
             e = {k: v for k, v in e.items() if k not in ("id", "created")}
+            if "system_fingerprint" in e:  # vLLM's version and a hash of the server's config
+                e["system_fingerprint"] = e["system_fingerprint"].startswith("vllm-")
             if isinstance(e.get("usage"), dict):
                 e["usage"] = {k: v for k, v in e["usage"].items() if k != "prompt_tokens_details"}
         out.append(e)
