@@ -328,7 +328,8 @@ def _route_decode(state: Scheduler, ctx: RequestContext) -> None:
     ``--decode-only-uncached-below``, ``--decode-only-when-queued``), and the prompt's prefix
     hashes for conversation affinity."""
     cfg = state.cfg
-    if cfg.decode_only_below:
+    ctx.decode_only = models.decode_only_reason(ctx.endpoint, ctx.body)
+    if cfg.decode_only_below and not ctx.decode_only:
         if prompt_upper_tokens(ctx.endpoint, ctx.body, cfg.decode_only_below) < cfg.decode_only_below:
             ctx.decode_only = "short"
     if state.tracker is not None:
@@ -405,7 +406,9 @@ async def health(request: web.Request) -> web.Response:
     if state.drain.draining:  # load balancers take this replica out while it drains
         raise ApiError(503, "draining")
     pool = state.pool
-    for role in (pool.prefill, pool.decode):
+    # without prefill instances the decode instances still answer (decode-only fallback)
+    needed = (pool.decode,) if state.cfg.decode_only_fallback else (pool.prefill, pool.decode)
+    for role in needed:
         if not role.healthy():
             raise ApiError(503, f"no healthy {role.role} instance")
     return web.Response(status=200)

@@ -119,6 +119,7 @@ class SchedulerConfig:
     decode_only_when_queued: int = 0  # ... or when every prefill instance has this many prompt tokens queued
     decode_affinity: bool = True  # prefer the decode instance that holds the conversation's history
     prefill_first_token: bool = True  # stream the prefill's token at once; decode continues after it
+    decode_only_fallback: bool = True  # no prefill instance answers: a decode instance computes the prompt
     affinity_chunk_chars: int = 256  # granularity of the decode-side prefix tracker
     config_file: str | None = None
 
@@ -212,6 +213,10 @@ OPTIONS: tuple[Opt, ...] = (
         env="PDSERVE_DECODE_ONLY_WHEN_QUEUED", metavar="TOKENS", help="load-aware: serve a request on a decode instance alone when every prefill instance "
                                "has at least this many prompt tokens queued or running and the decode instance's "
                                "own pending prompt work plus this prompt is no more (0: off)"),
+    Opt("no_decode_only_fallback", ("--no-decode-only-fallback",), "bool", "cache-aware disaggregation",
+        env="PDSERVE_NO_DECODE_ONLY_FALLBACK",
+        help="when no prefill instance is healthy or the prefill fails after its retries, answer with the "
+             "error instead of letting a decode instance compute the prompt itself"),
     Opt("max_inflight", ("--max-inflight",), "int", "overload and limits", env="PDSERVE_MAX_INFLIGHT",
         help="requests in flight at once (0: unbounded)"),
     Opt("max_inflight_per_instance", ("--max-inflight-per-instance",), "int", "overload and limits",
@@ -508,6 +513,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         decode_only_when_queued=pick("decode_only_when_queued", d.decode_only_when_queued),
         decode_affinity=not v["no_decode_affinity"],
         prefill_first_token=not v["no_prefill_first_token"],
+        decode_only_fallback=not v["no_decode_only_fallback"],
         affinity_chunk_chars=pick("affinity_chunk_chars", d.affinity_chunk_chars),
         config_file=config_path,
     )

@@ -52,7 +52,8 @@ class SchedulerMetrics:
                                      "decode instance's first byte (KV pull + first decode step)", buckets=_LAT,
                                      registry=r)
         self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
-                                   "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool)", ["reason"], registry=r)
+                                   "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool, batch of "
+                                   "prompts, prompt_logprobs, prefill failed)", ["reason"], registry=r)
         self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Answers whose first token came "
                                           "from the prefill instance's answer (the decode instance continued "
                                           "after it; streams and non-stream)", registry=r)

@@ -181,6 +181,21 @@ def prompt_text_for_routing(endpoint: Endpoint, body: dict[str, Any], limit: int
     return ""
 
 
+def decode_only_reason(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """Why a request must skip the prefill instance, or None.
+
+    ``batch``: several prompts in one completion request. vLLM returns the KV handle of the first
+    prompt only, so the others' prefilled blocks would wait on the prefill side until their lease
+    expires, and the decode instance computes those prompts anyway. ``prompt_logprobs``: vLLM
+    reads no external (or cached) KV for such a request; the prefill would be computed twice."""
+    if body.get("prompt_logprobs") is not None:
+        return "prompt_logprobs"
+    prompt = body.get("prompt") if endpoint != "chat" else None
+    if isinstance(prompt, list) and len(prompt) > 1 and any(isinstance(p, (str, list)) for p in prompt):
+        return "batch"  # (a list of numbers is one prompt's token ids)
+    return None
+
+
 def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any], chars_per_token: float) -> tuple[int, bool]:
     """(token count, exact?) of the prompt without a tokenizer.
 

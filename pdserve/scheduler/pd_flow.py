@@ -100,10 +100,14 @@ class PrefillResult:
     created_cache_tokens: int | None = None  # prompt tokens the prefill wrote to its prefix cache
 
 
+class _CredentialsRefused(ApiError):
+    """A configuration error, not an outage: no decode-only fallback hides it."""
+
+
 def _refused_credentials(status: int, role: str, name: str) -> None:
     """An instance's 401/403 is about the scheduler's key, not the client's: a 502 that says so."""
     if status in (401, 403):
-        raise ApiError(502, f"{role} instance {name} refused the scheduler's credentials (HTTP {status}): "
+        raise _CredentialsRefused(502, f"{role} instance {name} refused the scheduler's credentials (HTTP {status}): "
                             "give the scheduler the instances' --api-key with --instance-api-key "
                             "(PDSERVE_INSTANCE_API_KEY)")
 
@@ -278,7 +282,7 @@ class PDFlow:
         # decode-only: the decode instance computes the prompt itself (no kv_transfer_params)
         want_first = (self.cfg.prefill_first_token and not ctx.decode_only and isinstance(relay, OpenAIRelay)
                       and eligible(ctx.endpoint, ctx.body, self.cfg.max_model_len, self.cfg.chat_default_is_context))
-        pre = _NO_PREFILL if ctx.decode_only else await self.prefill(ctx, want_first)
+        pre = _NO_PREFILL if ctx.decode_only else await self._prefill_or_fallback(ctx, want_first)
         ctx.lease = pre.kv_transfer_params
         try:
             if pre.answer is not None:  # the answer ended with its first token: no decode instance needed
@@ -290,6 +294,20 @@ class PDFlow:
         finally:
             if ctx.lease is not None:  # no decode instance got it: free the prefill's blocks now
                 self._release(ctx)
+
+    async def _prefill_or_fallback(self, ctx: RequestContext, want_first: bool) -> PrefillResult:
+        """The prefill; when no prefill instance can do it (none healthy, or each failed after the
+        retries), a decode instance computes the prompt itself: slower, but an answer."""
+        try:
+            return await self.prefill(ctx, want_first)
+        except ApiError as exc:
+            if exc.status not in (502, 503, 504) or isinstance(exc, _CredentialsRefused) \
+                    or not self.cfg.decode_only_fallback or not self.pool.decode.healthy():
+                raise
+            log.warning("request %s: %s; a decode instance computes the prompt itself", ctx.request_id, exc.message)
+            ctx.decode_only = "prefill_failed"
+            self.metrics.decode_only.labels(ctx.decode_only).inc()
+            return _NO_PREFILL
 
     def _release(self, ctx: RequestContext) -> None:
         lease, ctx.lease = ctx.lease, None
