@@ -66,6 +66,9 @@ def prefill_main(conn, port: int) -> None:
             leases.add(cmd[1], cmd[2], time.time() + 60)
             server.wake()
             conn.send("ok")
+        elif cmd[0] == "lease_wait":  # how long a pull for a lease not granted yet is parked
+            server.lease_wait_seconds = cmd[1]
+            conn.send("ok")
         elif cmd[0] == "tcp_zero_copy_min":  # force the zero-copy frames (or the gather)
             transports["tcp"].zero_copy_min_region = cmd[1]
             conn.send("ok")
@@ -91,6 +94,10 @@ class Prefill:
 
     def lease(self, req_id: str, block_ids: list[int]) -> None:
         self.conn.send(("lease", req_id, block_ids))
+        assert self.conn.recv() == "ok"
+
+    def lease_wait(self, seconds: float) -> None:
+        self.conn.send(("lease_wait", seconds))
         assert self.conn.recv() == "ok"
 
     def finished(self) -> list[str]:
@@ -182,13 +189,20 @@ def _pull_cases(prefill: Prefill, kv, puller: Puller, transport: str, variant: s
 
 
 def test_missing_lease_is_refused_across_processes(prefill: Prefill, decode) -> None:
+    """The prefill side parks the pull for its lease wait (0.3 s), then refuses it; the puller's
+    own timeout (10 s) is far longer, so the error is that refusal, not a timeout."""
     _, puller = decode
-    puller_timeout, puller.timeout = puller.timeout, 0.5
+    puller_timeout, puller.timeout = puller.timeout, 10.0
+    prefill.lease_wait(0.3)
     try:
-        with pytest.raises(PullError):
+        start = time.monotonic()
+        with pytest.raises(PullError, match=r"refused: no KV lease for request never-leased "
+                                            r"\(expired or never granted\)"):
             puller.pull(PullTask("d-x", "never-leased", HOST, prefill.port, [1], [1], "shm"))
+        assert time.monotonic() - start < 5  # answered after the lease wait, not the puller timeout
     finally:
         puller.timeout = puller_timeout
+        prefill.lease_wait(5)
 
 
 def test_torch_dist_one_decode_worker_two_prefill_instances(prefill: Prefill, decode) -> None:

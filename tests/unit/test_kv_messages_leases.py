@@ -9,7 +9,8 @@ import msgpack
 import pytest
 
 from pdserve.kv import messages as m
-from pdserve.kv.leases import LeaseTable
+from pdserve.kv.lease_board import LeaseBoard, tag_of
+from pdserve.kv.leases import ENDED_MEMORY, LeaseTable
 
 pytestmark = pytest.mark.unit
 
@@ -175,3 +176,50 @@ def test_pin_refuses_an_expired_lease_before_it_is_reaped() -> None:
     clock.now = 1010.0
     assert t.pin("a") is None and t.pin("missing") is None
     assert t.reap_expired() == ["a"] and t.take_finished() == {"a"}
+
+
+def test_ended_after_complete_and_after_expiry() -> None:
+    clock = FakeClock(1000)
+    t = LeaseTable(clock=clock)
+    t.add("done", [1], expires_at=2000)
+    t.add("lapsed", [2], expires_at=1010)
+    assert not t.ended("done") and not t.ended("lapsed") and not t.ended("never")
+    assert t.complete("done")
+    assert t.ended("done") and not t.ended("lapsed")
+    clock.now = 1010
+    assert t.reap_expired() == ["lapsed"]
+    assert t.ended("lapsed")
+    assert t.take_finished() == {"done", "lapsed"}
+    assert t.ended("done") and t.ended("lapsed")  # still known after vLLM freed the blocks
+    assert not t.ended("never")  # a lease never granted has not ended: its pull may wait for it
+
+
+def test_ended_memory_forgets_the_oldest_first() -> None:
+    t = LeaseTable(clock=FakeClock(1000))
+    for i in range(ENDED_MEMORY + 2):
+        t.add(f"r{i}", [1], expires_at=2000)
+        assert t.complete(f"r{i}")
+    assert not t.ended("r0") and not t.ended("r1")  # evicted: the two oldest
+    assert t.ended("r2") and t.ended(f"r{ENDED_MEMORY + 1}")
+    assert len(t._ended) == ENDED_MEMORY
+
+
+def test_re_adding_a_req_id_replaces_its_lease() -> None:
+    clock = FakeClock(1000)
+    board = LeaseBoard(8)
+    t = LeaseTable(clock=clock, board=board)
+    t.add("a", [1, 2], expires_at=1010)
+    t.get("a").pulls = 3
+    t.add("a", [3], expires_at=1030)
+    assert len(t) == 1
+    lease = t.get("a")
+    assert (lease.block_ids, lease.expires_at, lease.pulls) == ([3], 1030, 0)
+    assert board.tags[3] == tag_of("a")
+    clock.now = 1010  # the first grant's expiry no longer applies
+    assert t.reap_expired() == []
+    pinned = t.pin("a")
+    assert pinned is not None and pinned[0] is lease
+    pinned[1].done = True
+    assert t.complete("a") and not t.complete("a")
+    assert board.tags[3] == 0 and t.completed_total == 1
+    assert t.ended("a") and t.take_finished() == {"a"}

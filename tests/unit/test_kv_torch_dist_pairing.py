@@ -13,26 +13,54 @@ from pdserve.kv.transports import torch_dist
 pytestmark = pytest.mark.unit
 
 
-def test_concurrent_first_pulls_create_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[int] = []
+THREADS = 4
 
-    def slow_make_group(store, rank: int, backend: str, timeout: float) -> object:
+
+class _Arrivals(dict):
+    """``TorchDistTransport._creating``: every thread that found no group takes its per-pair
+    creation lock from here (under the transport's lock) before it blocks on that lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.all_in = threading.Event()
+
+    def setdefault(self, key, default=None):
+        self.count += 1
+        if self.count == THREADS:
+            self.all_in.set()
+        return super().setdefault(key, default)
+
+
+def test_concurrent_first_pulls_create_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one rendezvous does not end before every other thread has reached the creation lock
+    (no sleep that a slow host could outlast): all four are in ``_group`` at once."""
+    made: list[int] = []
+    t = torch_dist.TorchDistTransport(store_host="127.0.0.1", store_port=1)
+    arrivals = t._creating = _Arrivals()
+
+    def gated_make_group(store, rank: int, backend: str, timeout: float) -> object:
         made.append(rank)
-        time.sleep(0.2)  # a rendezvous takes a while: the other threads arrive meanwhile
+        assert arrivals.all_in.wait(5), f"only {arrivals.count} of {THREADS} threads arrived"
         return object()
 
-    monkeypatch.setattr(torch_dist, "_make_group", slow_make_group)
+    monkeypatch.setattr(torch_dist, "_make_group", gated_make_group)
     monkeypatch.setattr(torch_dist.TorchDistTransport, "_server_store", lambda self: object())
     monkeypatch.setattr("torch.distributed.PrefixStore", lambda prefix, store: store)
-    t = torch_dist.TorchDistTransport(store_host="127.0.0.1", store_port=1)
+    start = threading.Barrier(THREADS)
     got: list[object] = []
-    threads = [threading.Thread(target=lambda: got.append(t._group("dec/0", 0, torch.device("cpu"), "h", 1)))
-               for _ in range(4)]
+
+    def first_pull() -> None:
+        start.wait(5)
+        got.append(t._group("dec/0", 0, torch.device("cpu"), "h", 1))
+
+    threads = [threading.Thread(target=first_pull) for _ in range(THREADS)]
     for th in threads:
         th.start()
     for th in threads:
-        th.join(5)
-    assert made == [0] and len(got) == 4 and len({id(g) for g in got}) == 1
+        th.join(10)
+    assert arrivals.all_in.is_set()  # the race really happened: all waited on one creation
+    assert made == [0] and len(got) == THREADS and len({id(g) for g in got}) == 1
     assert t._group("dec/1", 0, torch.device("cpu"), "h", 1) is not got[0]  # another peer: its own
 
 
