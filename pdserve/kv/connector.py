@@ -72,7 +72,9 @@ class PdserveConnector(KVConnectorBase_V1, SupportsHMA):
         groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
         if len(groups) > 1:
             raise ValueError(f"PdserveConnector supports models with one KV cache group; this "
-                             f"model has {len(groups)} (hybrid attention)")
+                             f"model has {len(groups)} (hybrid attention). Start vLLM with "
+                             f"--disable-hybrid-kv-cache-manager (pdserve serve adds it unless told "
+                             f"otherwise); models that need it (Mamba/SSM hybrids) are not supported")
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         shared_cores.apply()  # before the first step: engine and workers wait, not spin

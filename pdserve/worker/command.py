@@ -86,6 +86,9 @@ def flag_value(argv: Sequence[str], *names: str) -> str | None:
     return value
 
 
+HYBRID_KV_FLAGS = ("--disable-hybrid-kv-cache-manager", "--no-disable-hybrid-kv-cache-manager")
+
+
 def has_flag(argv: Sequence[str], *names: str) -> bool:
     return any(tok in names or any(tok.startswith(n + "=") for n in names) for tok in argv)
 
@@ -326,6 +329,10 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
             if kvc["kv_connector"] == "NixlConnector":
                 child_env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", host_ip)
                 child_env.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(kv_port))
+            if kvc["kv_connector"] == DEFAULT_CONNECTOR and not has_flag(user, *HYBRID_KV_FLAGS):
+                # pdserve's connector moves one KV cache group: sliding-window models then keep
+                # full-size KV for every layer (one group) instead of failing at start-up
+                argv.append(HYBRID_KV_FLAGS[0])
 
     argv += ["--middleware", MIDDLEWARE]
 

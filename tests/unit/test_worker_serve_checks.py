@@ -136,6 +136,15 @@ def test_prompt_tokens_details_respects_the_operator(ctx: InstanceContext, given
     assert [a for a in argv if "prompt-tokens-details" in a] == given
 
 
+# -- hybrid KV cache manager ----------------------------------------------------------------------
+def test_hybrid_kv_cache_manager_off_with_pdserves_connector(ctx: InstanceContext) -> None:
+    """pdserve's connector moves one KV cache group: sliding-window models must get one group."""
+    assert build(ctx, "--port", "8001").count("--disable-hybrid-kv-cache-manager") == 1
+    assert "--disable-hybrid-kv-cache-manager" not in build(ctx, "--port", "8001", kv_connector="NixlConnector")
+    given = ["--no-disable-hybrid-kv-cache-manager"]
+    assert [a for a in build(ctx, "--port", "8001", *given) if "hybrid" in a] == given
+
+
 # -- drain ----------------------------------------------------------------------------------------
 def test_drain_seconds_sources_and_checks() -> None:
     assert drain_seconds(None, {}) == 30.0
