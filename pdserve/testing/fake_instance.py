@@ -9,9 +9,11 @@ records every request it got, including whether the client closed the connection
 answer ended (that is how the scheduler aborts work).
 
 Latency (time to first token, time per token) and failures (HTTP error, hang, dying mid-stream,
-dropping connections, failing health) are switchable at runtime: ``POST /_fake/config`` with a
-JSON object of :class:`FakeConfig` fields, or ``instance.config.<field> = ...`` in-process.
-``GET /_fake/requests`` lists the recorded requests, ``DELETE /_fake/requests`` clears them.
+dropping connections, failing health, a malformed answer) are switchable at runtime:
+``POST /_fake/config`` with a JSON object of :class:`FakeConfig` fields, or
+``instance.config.<field> = ...`` in-process.
+``GET /_fake/requests`` lists the recorded requests (``raw``: the request's bytes exactly as
+received, listed as UTF-8 text), ``DELETE /_fake/requests`` clears them.
 
 Run: ``python -m pdserve.testing.fake_instance --port 8001 --role prefill --index 0``.
 """
@@ -50,6 +52,9 @@ class FakeConfig:
     kv_port: int = 0  # prefill: the side-channel port its kv_transfer_params name (0: 20000 + index)
     api_key: str | None = None  # like vLLM --api-key: /v1/* need "Authorization: Bearer <key>"
     identity: dict[str, Any] = field(default_factory=dict)  # override identity fields
+    # answer inference requests with HTTP 200 and exactly this body (a malformed answer: invalid
+    # JSON, no choices, an empty stream, a stream without [DONE]); None: a normal answer
+    raw_answer: str | None = None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -174,7 +179,8 @@ class FakeInstance:
              "max_model_len": self.max_model_len}]})
 
     async def _get_requests(self, request: web.Request) -> web.Response:
-        return web.json_response(self.requests)
+        return web.json_response(self.requests, dumps=lambda o: json.dumps(
+            o, default=lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)))
 
     async def _clear_requests(self, request: web.Request) -> web.Response:
         self.requests.clear()
@@ -217,9 +223,10 @@ class FakeInstance:
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         rec: dict[str, Any] = {"path": request.path, "request_id": request.headers.get("X-Request-Id"),
                                "t_start": time.time(), "t_end": None, "status": None, "aborted": False,
-                               "tokens_sent": 0, "body": None, "kv_transfer_params": None,
+                               "tokens_sent": 0, "raw": None, "body": None, "kv_transfer_params": None,
                                "authorization": request.headers.get("Authorization"),
-                               "x_api_key": request.headers.get("x-api-key")}
+                               "x_api_key": request.headers.get("x-api-key"),
+                               "traceparent": request.headers.get("traceparent")}
         self.requests.append(rec)
         cfg = self.config
         try:
@@ -231,8 +238,9 @@ class FakeInstance:
                 if request.transport is not None:
                     request.transport.close()
                 return web.Response(status=500)
+            rec["raw"] = raw = await request.read()
             try:
-                body = await request.json()
+                body = json.loads(raw)
             except ValueError:
                 rec["status"] = 400
                 return self._error(400, "invalid JSON")
@@ -245,6 +253,10 @@ class FakeInstance:
                     cfg.fail_times -= 1
                 rec["status"] = cfg.fail_status
                 return self._error(cfg.fail_status, f"injected failure {cfg.fail_status}")
+            if cfg.raw_answer is not None:
+                rec["status"] = 200
+                return web.Response(body=cfg.raw_answer.encode(), content_type="text/event-stream"
+                                    if isinstance(body, dict) and body.get("stream") else "application/json")
             if body.get("model") not in (None, self.model):
                 rec["status"] = 404
                 return self._error(404, f"The model `{body.get('model')}` does not exist.")

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -62,6 +64,22 @@ async def start_fakes(n_prefill: int, n_decode: int, **fake_kw: Any) -> tuple[li
 
 
 MakeCluster = Callable[..., Awaitable[Cluster]]
+
+
+async def wait_for(pred: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``pred`` (a plain or an async callable) until it returns something true, and return
+    that; fail the test if it has not within ``timeout`` seconds (instead of a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = pred()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g} s")
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

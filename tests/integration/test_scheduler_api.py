@@ -35,7 +35,9 @@ def one(fakes: list) -> Any:
 async def test_completion_non_stream(cluster: Cluster) -> None:
     body = {"model": MODEL, "prompt": "hello there world", "max_tokens": 5, "temperature": 0.3,
             "custom_vllm_field": {"x": [1, 2]}}
-    async with cluster.post("/v1/completions", json=body, headers={"X-Request-Id": "rid-123"}) as r:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with cluster.post("/v1/completions", json=body,
+                            headers={"X-Request-Id": "rid-123", "traceparent": trace}) as r:
         assert r.status == 200
         assert r.headers["X-Request-Id"] == "rid-123"
         data = await r.json()
@@ -55,6 +57,7 @@ async def test_completion_non_stream(cluster: Cluster) -> None:
     assert dec["kv_transfer_params"]["remote_request_id"] == "rid-123"
     # one request id through both instances
     assert pre["request_id"] == dec["request_id"] == "rid-123"
+    assert pre["traceparent"] == dec["traceparent"] == trace  # both calls under the client's trace
 
 
 async def test_decode_gets_exactly_prefill_kv_params(cluster: Cluster) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from pdserve.scheduler.capture import CaptureRecord, CaptureSettings, CaptureSink
-from tests.integration.conftest import Cluster, MakeCluster
+from tests.integration.conftest import Cluster, MakeCluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +78,21 @@ async def test_failed_requests_are_captured_with_status_and_error(make_cluster: 
 
 async def test_sample_rate_zero_writes_nothing(make_cluster: MakeCluster, tmp_path: Path) -> None:
     c, path = await capturing(make_cluster, tmp_path, sample_rate=0.0)
+    sink = c.state.capture
+    assert sink is not None
+    offered = []
+    real_offer = sink.offer
+
+    def counting_offer(rec: CaptureRecord) -> bool:
+        offered.append(rec)
+        return real_offer(rec)
+
+    sink.offer = counting_offer  # type: ignore[method-assign]
     for i in range(5):
         async with c.post("/v1/completions", json={"prompt": f"x{i}", "max_tokens": 1}) as r:
             assert r.status == 200
-    await asyncio.sleep(0.2)
+    # a record is offered before the answer goes out: none was, so none can be written later
+    assert offered == [] and sink.written == 0 and sink.dropped == 0
     assert not path.exists() or path.read_text() == ""
 
 
@@ -106,7 +118,10 @@ async def test_rotation_keeps_backups_and_whole_lines(make_cluster: MakeCluster,
         async with c.post("/v1/completions", json={"prompt": f"request number {i} " + "w " * 20,
                                                    "max_tokens": 2}) as r:
             assert r.status == 200
-    await asyncio.sleep(0.3)
+    sink = c.state.capture
+    assert sink is not None
+    await wait_for(lambda: sink.written + sink.dropped == 30, what="30 records written")
+    assert sink.dropped == 0
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["requests.jsonl", "requests.jsonl.1", "requests.jsonl.2"]
     for p in path.parent.iterdir():
@@ -122,21 +137,33 @@ async def test_slow_disk_never_slows_requests_drops_counted(make_cluster: MakeCl
     sink = c.state.capture
     assert sink is not None
     real = sink._writer.write_line
+    writing, disk_back = threading.Event(), threading.Event()
 
-    def slow_write(line: bytes) -> None:
-        time.sleep(0.5)  # a stalled disk
+    def stalled_write(line: bytes) -> None:
+        writing.set()
+        disk_back.wait(30)  # a stalled disk, until the test lets it go
         real(line)
 
-    sink._writer.write_line = slow_write  # type: ignore[method-assign]
-    t = time.perf_counter()
-    for i in range(10):
-        async with c.post("/v1/completions", json={"prompt": f"x{i}", "max_tokens": 1}) as r:
+    sink._writer.write_line = stalled_write  # type: ignore[method-assign]
+    try:
+        async with c.post("/v1/completions", json={"prompt": "x0", "max_tokens": 1}) as r:
             assert r.status == 200
-    assert time.perf_counter() - t < 1.5  # 10 requests did not wait for 10 × 0.5 s of writing
-    assert sink.dropped >= 6
-    async with c.get("/metrics") as r:
-        text = await r.text()
-    assert f"pdserve_scheduler_capture_dropped_total {float(sink.dropped)}" in text
+        await wait_for(writing.is_set, what="the writer stuck on the first record")
+        for i in range(1, 10):
+            async with c.post("/v1/completions", json={"prompt": f"x{i}", "max_tokens": 1}) as r:
+                assert r.status == 200
+        # all 10 answered while the disk was stalled: nothing written yet, nobody waited for it
+        assert sink.written == 0
+        # one record in the writer's hands, two queued (queue_size=2), the other seven dropped
+        assert sink.dropped == 7
+        async with c.get("/metrics") as r:
+            text = await r.text()
+        assert "pdserve_scheduler_capture_dropped_total 7.0" in text
+    finally:
+        disk_back.set()
+    rows = await lines_in(path, 3)
+    assert [row["request"]["prompt"] for row in rows] == ["x0", "x1", "x2"]
+    await wait_for(lambda: sink.written == 3, what="the three kept records written")
 
 
 def test_lines_stay_valid_when_the_process_is_killed(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cluster, MakeCluster
+from tests.integration.conftest import Cluster, MakeCluster, wait_for
 from tests.integration.test_scheduler_api import sse_events
 
 pytestmark = pytest.mark.integration
@@ -140,14 +140,15 @@ async def test_affinity_yields_to_least_load_when_overloaded(make_cluster: MakeC
     await post(c, CHAT, {"messages": hist, "max_tokens": 2})
     home = next(i for i, f in enumerate(c.decode) if f.inference_requests())
     c.decode[home].configure(ttft=0.6)
-    # two slow requests of this conversation in flight on its home instance ...
-    slow = [asyncio.create_task(post(c, CHAT, {"messages": hist, "max_tokens": 2})) for _ in range(2)]
-    await asyncio.sleep(0.15)
-    # ... the next one goes elsewhere rather than queueing behind them
+    # a slow request of this conversation in flight on its home instance (its fair share of 2) ...
+    slow = asyncio.create_task(post(c, CHAT, {"messages": hist, "max_tokens": 2}))
+    await wait_for(lambda: len(c.decode[home].inference_requests()) == 2, what="slow request on its home instance")
+    # ... the next one goes elsewhere rather than queueing behind it
     status, _ = await post(c, CHAT, {"messages": hist, "max_tokens": 2})
     assert status == 200
-    assert len(c.decode[1 - home].inference_requests()) >= 1
-    await asyncio.gather(*slow)
+    assert not slow.done()
+    assert len(c.decode[home].inference_requests()) == 2 and len(c.decode[1 - home].inference_requests()) == 1
+    assert (await slow)[0] == 200
 
 
 async def test_affinity_off_and_instance_down_forgets(make_cluster: MakeCluster) -> None:
@@ -162,8 +163,9 @@ async def test_affinity_off_and_instance_down_forgets(make_cluster: MakeCluster)
     tracker = c2.state.tracker
     assert tracker is not None and tracker._seen
     c2.decode[home].configure(healthy=False)
-    await asyncio.sleep(0.3)
-    assert c2.state.pool.decode.instances[home].spec.name not in tracker._seen
+    name = c2.state.pool.decode.instances[home].spec.name
+    await wait_for(lambda: not c2.state.pool.decode.instances[home].healthy, what="decode instance taken out")
+    assert name not in tracker._seen
 
 
 def backlog(text: str) -> dict[str, float]:

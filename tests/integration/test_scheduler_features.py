@@ -87,12 +87,17 @@ async def test_defaults_fill_missing_keys_only(make_cluster: MakeCluster) -> Non
     assert pre["max_tokens"] == 1 and pre["temperature"] == 0.3  # the prefill call sees the same sampling
 
 
-async def test_client_bytes_forwarded_untouched_without_features(cluster: Cluster) -> None:
+async def test_client_bytes_forwarded_untouched_without_features(make_cluster: MakeCluster) -> None:
+    # the plain hand-over (with the prefill's first token on, decode gets a continuation instead)
+    c = await make_cluster(1, 1, prefill_first_token=False)
     raw = b'{"prompt": "a b",   "max_tokens": 2, "temperature": 1.0e0}'
-    async with cluster.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"}) as r:
+    async with c.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 200
-    body = last_body(cluster.decode)
-    assert body["temperature"] == 1.0 and "top_p" not in body
+    (dec,) = c.decode[0].inference_requests()
+    kvtp = dec["kv_transfer_params"]
+    assert kvtp["remote_engine_id"] == "fake-prefill-0" and kvtp["do_remote_prefill"] is True  # the prefill's
+    # the client's bytes, not re-encoded: only kv_transfer_params spliced in before the final "}"
+    assert dec["raw"] == raw[:-1] + b',"kv_transfer_params":' + json.dumps(kvtp, separators=(",", ":")).encode() + b"}"
 
 
 # -- system prompt -------------------------------------------------------------------------------------

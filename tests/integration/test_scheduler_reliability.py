@@ -10,7 +10,7 @@ import socket
 import aiohttp
 import pytest
 
-from tests.integration.conftest import Cluster, MakeCluster
+from tests.integration.conftest import Cluster, MakeCluster, wait_for
 from tests.integration.test_scheduler_api import sse_events
 
 pytestmark = pytest.mark.integration
@@ -23,6 +23,11 @@ def reqs(fakes: list) -> list[dict]:
 async def post(c: Cluster, body: dict, path: str = "/v1/completions") -> tuple[int, bytes, dict]:
     async with c.post(path, json=body) as r:
         return r.status, await r.read(), dict(r.headers)
+
+
+async def metrics(c: Cluster) -> str:
+    async with c.get("/metrics") as r:
+        return await r.text()
 
 
 async def test_prefill_5xx_retried_on_other_instance(make_cluster: MakeCluster) -> None:
@@ -43,10 +48,15 @@ async def test_prefill_dropped_connection_retried(make_cluster: MakeCluster) -> 
     for i in range(2):
         status, body, _ = await post(c, {"prompt": f"b{i}", "max_tokens": 2, "stream": True})
         assert status == 200 and sse_events(body)[-1] == "[DONE]"
+    # round-robin sent both requests to prefill 0 first: dropped there, then served by prefill 1
+    assert [r["status"] for r in c.prefill[0].inference_requests()] == ["dropped", "dropped"]
+    assert [(r["status"], r["body"]["prompt"]) for r in c.prefill[1].inference_requests()] == [(200, "b0"), (200, "b1")]
+    assert len(reqs(c.decode)) == 2
+    assert 'pdserve_scheduler_retries_total{reason="connect",stage="prefill"} 2.0' in await metrics(c)
 
 
 async def test_prefill_fails_everywhere_502(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(2, 1)
+    c = await make_cluster(2, 1, decode_only_fallback=False)  # (the fallback: test_scheduler_fallback.py)
     for f in c.prefill:
         f.configure(fail_status=503)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
@@ -98,7 +108,7 @@ async def test_only_prefill_5xx_once_retried_on_it(make_cluster: MakeCluster) ->
 
 
 async def test_only_instances_failing_502_after_one_retry(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1)
+    c = await make_cluster(1, 1, decode_only_fallback=False)
     c.decode[0].configure(fail_status=500)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
     assert status == 502 and "decode instance" in json.loads(body)["error"]["message"]
@@ -160,21 +170,35 @@ async def test_client_disconnect_during_prefill_aborts_and_skips_decode(make_clu
             async with s.post(c.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3},
                               timeout=aiohttp.ClientTimeout(total=0.3)) as r:
                 await r.read()
-    await asyncio.sleep(0.3)
-    assert reqs(c.prefill)[0]["aborted"] is True
+    await wait_for(lambda: reqs(c.prefill)[0]["aborted"], what="prefill call aborted")
     assert reqs(c.decode) == []
 
 
 async def test_client_disconnect_after_prefill_before_decode(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1)
-    c.prefill[0].configure(ttft=0.4)  # the client leaves while prefill runs; prefill finishes
-    with pytest.raises(asyncio.TimeoutError):
-        async with aiohttp.ClientSession() as s:
-            async with s.post(c.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3},
-                              timeout=aiohttp.ClientTimeout(total=0.15)) as r:
-                await r.read()
-    await asyncio.sleep(0.6)
-    assert reqs(c.decode) == []  # never sent
+    """The prefill answered, the request waits for a decode slot, the client leaves: the decode
+    instance never gets it (not even once the slot frees up) and the prefill's lease is released."""
+    c = await make_cluster(1, 1, max_inflight_per_instance=1, queue_timeout=10)
+    c.decode[0].configure(ttft=1.0)
+    first = asyncio.create_task(post(c, {"prompt": "first", "max_tokens": 3}))  # holds the decode slot
+    await wait_for(lambda: c.decode[0].inference_requests(), what="first request on decode")
+    s = aiohttp.ClientSession()
+    try:
+        leaving = asyncio.create_task(s.post(c.url + "/v1/completions", json={"prompt": "leaves", "max_tokens": 3}))
+        # its prefill is done and it waits for the decode slot
+        await wait_for(lambda: c.state.pool.queue.waiting == 1 and [r["status"] for r in reqs(c.prefill)] == [200, 200],
+                       what="second request prefilled and queued for decode")
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+    finally:
+        await s.close()
+    await wait_for(lambda: c.state.pool.queue.waiting == 0, what="the queued request gone")
+    assert re.search(r'requests_total\{endpoint="completions",[^}]*status="499"\} 1.0', await metrics(c))
+    assert "pdserve_scheduler_kv_leases_released_total 1.0" in await metrics(c)
+    assert (await first)[0] == 200
+    assert [r["body"]["prompt"] for r in reqs(c.prefill)] == ["first", "leaves"]
+    assert not any(r["aborted"] for r in reqs(c.prefill))  # the prefill finished before the client left
+    assert len(reqs(c.decode)) == 1  # the first request only: never sent
 
 
 async def test_client_disconnect_mid_stream_aborts_decode(make_cluster: MakeCluster) -> None:
@@ -185,19 +209,18 @@ async def test_client_disconnect_mid_stream_aborts_decode(make_cluster: MakeClus
             await r.content.readuntil(b"\n\n")
             await r.content.readuntil(b"\n\n")
         # leaving the block closes the connection mid-stream
-    await asyncio.sleep(0.3)
     d = reqs(c.decode)[0]
-    assert d["aborted"] is True and d["tokens_sent"] < 100
+    await wait_for(lambda: d["aborted"], what="decode call aborted")
+    assert d["tokens_sent"] < 100
     assert reqs(c.prefill)[0]["status"] == 200
 
 
 async def test_prefill_timeout_504(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1, prefill_timeout=0.2)
+    c = await make_cluster(1, 1, prefill_timeout=0.2, decode_only_fallback=False)
     c.prefill[0].configure(hang=True)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
     assert status == 504 and "--prefill-timeout" in json.loads(body)["error"]["message"]
-    await asyncio.sleep(0.1)
-    assert reqs(c.prefill)[0]["aborted"] is True
+    await wait_for(lambda: reqs(c.prefill)[0]["aborted"], what="prefill call aborted")
 
 
 async def test_first_token_timeout_504(make_cluster: MakeCluster) -> None:
@@ -212,8 +235,7 @@ async def test_decode_timeout_non_stream_504(make_cluster: MakeCluster) -> None:
     c.decode[0].configure(ttft=2)
     status, body, _ = await post(c, {"prompt": "x", "max_tokens": 2})
     assert status == 504 and "--decode-timeout" in json.loads(body)["error"]["message"]
-    await asyncio.sleep(0.1)
-    assert reqs(c.decode)[0]["aborted"] is True
+    await wait_for(lambda: reqs(c.decode)[0]["aborted"], what="decode call aborted")
 
 
 async def test_idle_timeout_mid_stream_error_event(make_cluster: MakeCluster) -> None:
@@ -224,17 +246,17 @@ async def test_idle_timeout_mid_stream_error_event(make_cluster: MakeCluster) ->
     events = sse_events(raw)
     assert events[-2]["error"]["code"] == 504 and "--idle-timeout" in events[-2]["error"]["message"]
     assert events[-1] == "[DONE]"
-    await asyncio.sleep(0.1)
-    assert reqs(c.decode)[0]["aborted"] is True
+    await wait_for(lambda: reqs(c.decode)[0]["aborted"], what="decode call aborted")
 
 
 async def test_global_overload_429_with_retry_after(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight=2, max_queue=1, queue_timeout=5)
     c.decode[0].configure(ttft=0.5)
     tasks = [asyncio.create_task(post(c, {"prompt": f"x{i}", "max_tokens": 2})) for i in range(4)]
-    await asyncio.sleep(0.2)
-    async with c.get("/metrics") as r:
-        assert "pdserve_scheduler_queue_length 1.0" in await r.text()
+    async def one_queued() -> bool:
+        return "pdserve_scheduler_queue_length 1.0" in await metrics(c)
+
+    await wait_for(one_queued, what="one request queued")
     results = await asyncio.gather(*tasks)
     statuses = sorted(s for s, _, _ in results)
     assert statuses == [200, 200, 200, 429]
@@ -247,7 +269,7 @@ async def test_queue_timeout_429(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, max_inflight=1, max_queue=10, queue_timeout=0.2)
     c.decode[0].configure(ttft=0.6)
     first = asyncio.create_task(post(c, {"prompt": "a", "max_tokens": 2}))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: c.state.admission.inflight == 1, what="first request admitted")
     status, body, headers = await post(c, {"prompt": "b", "max_tokens": 2})
     assert status == 429 and headers["Retry-After"] == "1"
     assert (await first)[0] == 200
@@ -283,15 +305,12 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_idle_timeout(mak
     await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: reqs(c.decode) and reqs(c.decode)[0]["tokens_sent"] > 0, what="decode streaming")
         assert c.state.metrics.inflight._value.get() == 1  # streaming, and the client reads nothing
-        deadline = loop.time() + 10
-        while c.state.metrics.inflight._value.get() and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        assert c.state.metrics.inflight._value.get() == 0
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: c.state.metrics.inflight._value.get() == 0, timeout=10, what="request cut off")
         d = reqs(c.decode)[0]
-        assert d["aborted"] is True and d["tokens_sent"] < 200_000  # the generation stopped too
+        await wait_for(lambda: d["aborted"], what="decode call aborted")
+        assert d["tokens_sent"] < 200_000  # the generation stopped too
         async with c.get("/metrics") as r:
             assert re.search(r'requests_total\{endpoint="completions",[^}]*status="499"\} 1.0', await r.text())
         assert "Error handling request" not in caplog.text  # a client that left is no server error

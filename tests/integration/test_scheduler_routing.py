@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
 import pytest
 
-from tests.integration.conftest import Cluster, MakeCluster
+from tests.integration.conftest import Cluster, MakeCluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +32,15 @@ async def test_round_robin_both_roles(make_cluster: MakeCluster) -> None:
 
 async def test_prefix_affinity_same_prefix_same_prefill(make_cluster: MakeCluster) -> None:
     c = await make_cluster(3, 1, prefix_chars=32)
-    shared = "You are a helpful assistant. " * 4
+    shared = "You are a helpful assistant. " * 4  # 20 words: 5 full blocks of the fake's prefix cache
+    cached = []
     for i in range(6):
-        assert await complete(c, shared + f"question {i}") == 200
+        async with c.post("/v1/completions", json={"prompt": shared + f"question {i}", "max_tokens": 2}) as r:
+            assert r.status == 200
+            cached.append(json.loads(await r.read())["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert sorted(counts(c.prefill)) == [0, 0, 6]
-    # and the prefix cache there hits: cached tokens grow after the first request
-    hit = next(f for f in c.prefill if f.inference_requests())
-    assert hit.inference_requests()[0]["status"] == 200
+    # and the prefix cache there hits: nothing cached for the first request, the shared prefix after
+    assert cached == [0] + [20] * 5
 
 
 async def test_prefix_affinity_chat_messages(make_cluster: MakeCluster) -> None:
@@ -51,14 +55,19 @@ async def test_prefix_affinity_chat_messages(make_cluster: MakeCluster) -> None:
 
 async def test_least_load_avoids_busy_decode(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 2, decode_policy="least-load")
-    c.decode[0].config.ttft = 0.5  # decode 0 busy with a slow stream
+    for f in c.decode:
+        f.config.ttft = 2.0  # whichever decode instance the first request lands on stays busy with it
     slow = asyncio.create_task(complete(c, "slow"))
-    await asyncio.sleep(0.1)
-    busy = [i for i, f in enumerate(c.decode) if f.inference_requests()]
+    pool = c.state.pool.decode.instances
+    busy = await wait_for(lambda: [i for i, inst in enumerate(pool) if inst.inflight], what="slow request routed")
+    assert len(busy) == 1
+    (b,) = busy
+    other = 1 - b
+    c.decode[other].config.ttft = 0.0
     for i in range(4):
         assert await complete(c, f"fast {i}") == 200
-    if busy == [0]:
-        assert counts(c.decode) == [1, 4]
+    assert not slow.done() and pool[b].inflight == 1  # still busy while the others were routed
+    assert counts(c.decode)[b] == 1 and counts(c.decode)[other] == 4
     assert await slow == 200
 
 
@@ -74,13 +83,6 @@ async def _instances(c: Cluster) -> dict[str, bool]:
         return {i["name"]: i["healthy"] for i in (await r.json())["instances"]}
 
 
-async def wait_for(pred, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_health_take_out_and_put_back(make_cluster: MakeCluster) -> None:
     c = await make_cluster(2, 1, prefill_policy="round-robin")
     c.prefill[1].config.healthy = False
@@ -93,7 +95,11 @@ async def test_health_take_out_and_put_back(make_cluster: MakeCluster) -> None:
         assert await complete(c, f"x{i}") == 200
     assert counts(c.prefill) == [4, 0]
     async with c.get("/metrics") as r:
-        assert 'pdserve_scheduler_instance_healthy{instance="prefill[1]@127.0.0.1' in await r.text()
+        text = await r.text()
+    assert re.search(r'^pdserve_scheduler_instance_healthy\{instance="prefill\[1\]@127\.0\.0\.1:\d+"[^}]*\} 0\.0$',
+                     text, re.M), text
+    assert re.search(r'^pdserve_scheduler_instance_healthy\{instance="prefill\[0\]@127\.0\.0\.1:\d+"[^}]*\} 1\.0$',
+                     text, re.M), text
     c.prefill[1].config.healthy = True
 
     async def back() -> bool:

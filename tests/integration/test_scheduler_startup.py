@@ -124,8 +124,12 @@ async def test_wait_healthy_waits_for_late_instance(fakes) -> None:  # type: ign
 
     prefill, decode = fakes
     decode[0].config.healthy = False
-    asyncio.get_running_loop().call_later(0.2, lambda: setattr(decode[0].config, "healthy", True))
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    loop.call_later(0.2, lambda: setattr(decode[0].config, "healthy", True))
     await run_prepare(cfg_for(prefill, decode))
+    assert loop.time() - t >= 0.2  # it waited for the late instance (not done before it was healthy)
+    assert decode[0].config.healthy
 
 
 def _env(tmp_path: Path, ports: str) -> dict[str, str]:
@@ -199,7 +203,9 @@ def test_cli_wrong_node_ports_exits_with_message(tmp_path: Path) -> None:
 def test_sigterm_while_waiting_for_the_instances_stops_cleanly() -> None:
     """Before the instances answer there is nothing to drain: SIGTERM ends the wait with a log
     line and exit 0 (it used to kill the process with 143 and no word)."""
+    import queue
     import signal
+    import threading
 
     def free() -> int:
         with socket.socket() as s:
@@ -210,13 +216,34 @@ def test_sigterm_while_waiting_for_the_instances_stops_cleanly() -> None:
                              "--port", str(free()), "--prefill-url", f"127.0.0.1:{free()}",
                              "--decode-url", f"127.0.0.1:{free()}", "--startup-timeout", "600"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen: list[str] = []
     try:
-        time.sleep(2.0)  # waiting for instances that never come
-        assert proc.poll() is None
+        # its signal handlers are in place before it logs the instances it starts waiting for
+        deadline = time.monotonic() + 30
+        while not any("scheduler: 1 prefill + 1 decode instance(s)" in x for x in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        assert proc.poll() is None  # waiting for instances that never come
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+        proc.wait(20)
     finally:
         if proc.poll() is None:
             proc.kill()
+    reader.join(10)
+    while not lines.empty():
+        seen.append(lines.get())
+    out = "".join(seen)
     assert proc.returncode == 0, out
     assert "stopped while waiting for the instances" in out and "Traceback" not in out
