@@ -33,7 +33,7 @@ from pdserve.scheduler.errors import ApiError, ClientStalled, UpstreamClientErro
 from pdserve.scheduler.features import RequestShaper
 from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
-from pdserve.scheduler.pd_flow import PDFlow, RequestContext
+from pdserve.scheduler.pd_flow import TRACE_HEADERS, PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
 from pdserve.scheduler.pool import InstancePool
 from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps, loads
@@ -288,6 +288,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
                          stream=bool(req.stream), key=key,
                          model=client_model if isinstance(client_model, str) else "")
     ctx.model_alias = shaped.answer_model
+    ctx.trace = {h: v for h in TRACE_HEADERS if (v := request.headers.get(h))}
     if cfg.decode_only_when_queued:  # backlog accounting is only needed by the busy fallback
         ctx.work_tokens = work_tokens(endpoint, body)
     request[CTX] = ctx

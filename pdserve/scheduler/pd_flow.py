@@ -46,6 +46,8 @@ from pdserve.scheduler.relay import DONE, OpenAIRelay, Relay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler.flow")
 
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")  # W3C trace context: vLLM's OpenTelemetry reads them
+
 _PREFILL_DROP = ("stream_options", "min_tokens", "best_of", "use_beam_search")
 _KV_PREFILL_REQUEST = {
     "do_remote_decode": True,
@@ -87,6 +89,7 @@ class RequestContext:
     lease: dict[str, Any] | None = None  # kv_transfer_params no decode instance has got yet
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
     client: asyncio.BaseTransport | None = None  # the client's connection, once its stream is open
+    trace: dict[str, str] = field(default_factory=dict)  # the client's trace context, passed on to both calls
 
 
 @dataclass(slots=True)
@@ -192,7 +195,7 @@ class PDFlow:
         self.releaser = releaser
 
     def _headers(self, ctx: RequestContext) -> dict[str, str]:
-        return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id}
+        return {"Content-Type": "application/json", "X-Request-Id": ctx.request_id, **ctx.trace}
 
     # -- prefill ---------------------------------------------------------------------------------
     async def prefill(self, ctx: RequestContext, want_first: bool = False) -> PrefillResult:
