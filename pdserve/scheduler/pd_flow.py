@@ -110,9 +110,9 @@ class _CredentialsRefused(ApiError):
 def _refused_credentials(status: int, role: str, name: str) -> None:
     """An instance's 401/403 is about the scheduler's key, not the client's: a 502 that says so."""
     if status in (401, 403):
-        raise _CredentialsRefused(502, f"{role} instance {name} refused the scheduler's credentials (HTTP {status}): "
-                            "give the scheduler the instances' --api-key with --instance-api-key "
-                            "(PDSERVE_INSTANCE_API_KEY)")
+        raise _CredentialsRefused(
+            502, f"{role} instance {name} refused the scheduler's credentials (HTTP {status}): give the "
+                 "scheduler the instances' --api-key with --instance-api-key (PDSERVE_INSTANCE_API_KEY)")
 
 
 def _down(tried: list[Instance]) -> list[Instance]:
