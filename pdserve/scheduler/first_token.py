@@ -32,8 +32,8 @@ from typing import Any
 
 from pdserve.scheduler.jsonio import dumps, loads
 
-__all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "complete_answer", "eligible", "from_prefill",
-           "stream_events", "MAX_TOKENS_DEFAULT"]
+__all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "TokenTap", "complete_answer", "eligible",
+           "from_prefill", "stream_events", "MAX_TOKENS_DEFAULT"]
 
 MAX_TOKENS_DEFAULT = 16  # vLLM's /v1/completions default when max_tokens is absent
 
@@ -134,6 +134,28 @@ class FirstToken:
     model: str
     max_model_len: int | None = None
     prefill_answer: dict[str, Any] | None = None  # vLLM's own answer for this token (non-stream template)
+    generated: tuple[int, ...] = ()  # tokens after this one the client already got (a resumed stream)
+
+    @property
+    def moved(self) -> int:
+        """Output tokens the continuation's prompt carries (the decode instance counts them as prompt)."""
+        return 1 + len(self.generated)
+
+    def resumed(self, generated: list[int], body: dict[str, Any]) -> "FirstToken | None":
+        """The same answer, to go on after ``generated`` more tokens (a decode instance failed
+        mid-stream; another one continues from exactly what the client has). None: nothing is left
+        to generate."""
+        nxt = FirstToken(self.endpoint, self.token_id, self.text, self.prompt_ids, self.response_id,
+                         self.created, self.model, self.max_model_len, self.prefill_answer,
+                         (*self.generated, *generated))
+        room = len(self.prompt_ids) + nxt.moved < (self.max_model_len or 1 << 62)
+        return nxt if room and nxt._wanted(body) - nxt.moved >= 1 else None
+
+    def _wanted(self, body: dict[str, Any]) -> int:
+        wanted = requested_max_tokens(self.endpoint, body)
+        if wanted is None:  # chat's default: all the context leaves
+            wanted = (self.max_model_len or 0) - len(self.prompt_ids)
+        return wanted
 
     # -- what the client gets at once --------------------------------------------------------------
     def events(self, continuous_usage: bool) -> bytes:
@@ -168,15 +190,17 @@ class FirstToken:
 
     # -- what the decode instance gets -------------------------------------------------------------
     def decode_body(self, body: dict[str, Any], kvtp: dict[str, Any] | None) -> bytes:
-        """A /v1/completions request that continues after the token (with the prompt's KV params)."""
+        """A /v1/completions request that continues after the token (with the prompt's KV params).
+        A stream asks for the token ids (``TokenTap`` records and hides them), so that it can go on
+        elsewhere if its decode instance fails."""
         out: dict[str, Any] = {k: v for k, v in body.items() if k in _SAFE}
-        out["prompt"] = [*self.prompt_ids, self.token_id]
-        wanted = requested_max_tokens(self.endpoint, body)
-        if wanted is None:  # chat's default: all the context leaves (the prompt now holds one more token)
-            wanted = (self.max_model_len or 0) - len(self.prompt_ids)
-        out["max_tokens"] = wanted - 1
+        out["prompt"] = [*self.prompt_ids, self.token_id, *self.generated]
+        # chat's default is all the context leaves (the prompt now holds the moved tokens too)
+        out["max_tokens"] = self._wanted(body) - self.moved
         if body.get("min_tokens"):
-            out["min_tokens"] = max(0, int(body["min_tokens"]) - 1)
+            out["min_tokens"] = max(0, int(body["min_tokens"]) - self.moved)
+        if body.get("stream"):
+            out["return_token_ids"] = True
         if body.get("seed") is not None:
             out["seed"] = body["seed"]
         if kvtp is not None:
@@ -197,13 +221,13 @@ class FirstToken:
         out["usage"] = cont.get("usage")
         return out
 
-    @staticmethod
-    def fix_usage(usage: dict[str, Any]) -> None:
-        """The decode instance counted the token as prompt; the client's answer counts it as output."""
-        if isinstance(usage.get("prompt_tokens"), int) and usage["prompt_tokens"] > 0:
-            usage["prompt_tokens"] -= 1
+    def fix_usage(self, usage: dict[str, Any]) -> None:
+        """The decode instance counted the moved tokens as prompt; the client's answer counts them
+        as output."""
+        if isinstance(usage.get("prompt_tokens"), int) and usage["prompt_tokens"] >= self.moved:
+            usage["prompt_tokens"] -= self.moved
         if isinstance(usage.get("completion_tokens"), int):
-            usage["completion_tokens"] += 1
+            usage["completion_tokens"] += self.moved
 
 
 def from_prefill(endpoint: str, data: Any, max_model_len: int | None) -> FirstToken | None:
@@ -374,6 +398,36 @@ class ChatFromCompletion:
         if "system_fingerprint" in obj:  # vLLM stamps it on the terminal chunk
             chat["system_fingerprint"] = obj["system_fingerprint"]
         return b"data: " + dumps(chat)
+
+
+_IDS = re.compile(rb'"(prompt_token_ids|token_ids)":\[([0-9, ]*)\]')
+_FINISHED = re.compile(rb'"finish_reason":"')
+
+
+class TokenTap:
+    """Records the token ids of the decode instance's stream (the continuation asks for them) and
+    nulls them, as the client did not ask: if that instance fails mid-stream, another one can go
+    on from exactly the tokens the client has (``FirstToken.resumed``). (The patterns, with their
+    unescaped quotes, cannot match inside generated text.)"""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.ids: list[int] = []
+        self.finished = False  # a finish reason went out: nothing is left to resume
+        self.stream_content_type = inner.stream_content_type
+
+    def error(self, err: Any) -> bytes:
+        return self.inner.error(err)
+
+    def transform(self, events: bytes) -> bytes:
+        if _FINISHED.search(events):
+            self.finished = True
+        return self.inner.transform(_IDS.sub(self._take, events))
+
+    def _take(self, m: re.Match[bytes]) -> bytes:
+        if m.group(1) == b"token_ids" and m.group(2).strip():
+            self.ids.extend(int(t) for t in m.group(2).split(b","))
+        return b'"' + m.group(1) + b'":null'
 
 
 _CREATED = re.compile(rb'"created":\d+')

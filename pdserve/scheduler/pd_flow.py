@@ -35,6 +35,7 @@ from pdserve.scheduler.first_token import (
     SameCreated,
     complete_answer,
     eligible,
+    TokenTap,
     from_prefill,
     stream_events,
 )
@@ -127,14 +128,26 @@ class _PrefillRetry(Exception):
 
 
 class _DecodeRetry(Exception):
-    """Decode failed before the client saw a byte; another decode instance may try."""
+    """Decode failed before the client saw a byte (or, ``generated`` set, mid-stream after the
+    client got these tokens); another decode instance may try."""
 
-    def __init__(self, inst: Instance, error: ApiError, reprefill: bool, reason: str) -> None:
+    def __init__(self, inst: Instance, error: ApiError, reprefill: bool, reason: str,
+                 generated: list[int] | None = None) -> None:
         super().__init__(error.message)
         self.inst = inst
         self.error = error
         self.reprefill = reprefill
         self.reason = reason
+        self.generated = generated
+
+
+class _StreamBroke(Exception):
+    """The decode stream failed mid-way and can go on elsewhere: the tokens the client has."""
+
+    def __init__(self, error: ApiError, generated: list[int]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.generated = generated
 
 
 def prefill_body(body: dict[str, Any], endpoint: str, token_ids: bool = False) -> bytes:
@@ -328,16 +341,26 @@ class PDFlow:
                     ctx.error = "client disconnected before decode"
                     raise asyncio.CancelledError()
                 try:
-                    return await self._decode(ctx, request, pre, relay, tried, retrying=attempt > 0, out=out)
+                    return await self._decode(ctx, request, pre, relay, tried, retrying=attempt > 0, out=out,
+                                              last=attempt == self.cfg.retries)
                 except _DecodeRetry as exc:
                     tried.append(exc.inst)
+                    resumed = None
+                    if exc.generated is not None and pre.first is not None:
+                        resumed = pre.first.resumed(exc.generated, ctx.body)
+                        if resumed is None:  # nothing left to generate: end the stream as it failed
+                            raise exc.error from None
                     if attempt == self.cfg.retries:
                         raise exc.error from None
                     ctx.retries += 1
                     self.metrics.retries.labels("decode", exc.reason).inc()
-                    log.warning("request %s: %s; retrying on another decode instance%s", ctx.request_id,
-                                exc.error.message, " after a new prefill" if exc.reprefill else "")
-                    if exc.reprefill and pre.first is not None:
+                    log.warning("request %s: %s; %s", ctx.request_id, exc.error.message,
+                                f"another decode instance continues after the {resumed.moved} tokens the "
+                                "client has" if resumed is not None else "retrying on another decode instance"
+                                + (" after a new prefill" if exc.reprefill else ""))
+                    if resumed is not None:  # it computes prompt + those tokens itself
+                        pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, resumed)
+                    elif exc.reprefill and pre.first is not None:
                         # the client has the token: the decode instance computes prompt + token itself
                         pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, pre.first)
                     elif exc.reprefill and not ctx.decode_only:
@@ -423,8 +446,9 @@ class PDFlow:
     # -- decode ----------------------------------------------------------------------------------
     async def _decode(self, ctx: RequestContext, request: web.Request, pre: PrefillResult, relay: Relay,
                       tried: list[Instance], retrying: bool,
-                      out: web.StreamResponse | None = None) -> web.StreamResponse:
-        """One decode attempt. ``out``: the client's stream, already opened with the prefill's token."""
+                      out: web.StreamResponse | None = None, last: bool = True) -> web.StreamResponse:
+        """One decode attempt. ``out``: the client's stream, already opened with the prefill's token.
+        ``last``: no retry follows (a stream that fails mid-way then ends with an error event)."""
         try:
             inst = await self.pool.decode.acquire(ctx.key, tried)
         except ApiError as exc:
@@ -439,6 +463,7 @@ class PDFlow:
         ctx.instances.append(name)
         if self.tracker is not None and ctx.points is not None:
             self.tracker.record(name, ctx.points)  # its prefix cache will hold this prompt
+        tap: TokenTap | None = None
         if pre.first is None:
             path, body = ctx.path, decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
         else:
@@ -447,6 +472,8 @@ class PDFlow:
                 relay = ChatFromCompletion(pre.first, relay)
             elif ctx.stream and isinstance(relay, OpenAIRelay):
                 relay = SameCreated(pre.first, relay)
+            if ctx.stream:
+                relay = tap = TokenTap(relay)
         resp: aiohttp.ClientResponse | None = None
         finished = False
         backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself
@@ -501,7 +528,11 @@ class PDFlow:
             if out is None:
                 out = await self._open_stream(ctx, request, relay.stream_content_type
                                               or resp.headers.get("Content-Type", "text/event-stream"))
-            finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name)
+            try:
+                finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name,
+                                                    resumable=None if last else tap)
+            except _StreamBroke as exc:
+                raise _DecodeRetry(inst, exc.error, False, "mid_stream", exc.generated) from None
             return out
         finally:
             inst.add_backlog(-backlog)
@@ -546,7 +577,8 @@ class PDFlow:
         counts the transferred KV as cached, which says nothing about the prefix cache)."""
         changed = pre.first is not None
         if changed:
-            FirstToken.fix_usage(usage)
+            assert pre.first is not None
+            pre.first.fix_usage(usage)
         ctx.prompt_tokens = usage.get("prompt_tokens")
         ctx.completion_tokens = usage.get("completion_tokens")
         if pre.cached_tokens is None or pre.kv_transfer_params is None:
@@ -597,9 +629,12 @@ class PDFlow:
             self.metrics.completion_tokens.inc(ctx.completion_tokens)
 
     async def _relay_stream(self, ctx: RequestContext, pre: PrefillResult, resp: aiohttp.ClientResponse,
-                            first: bytes, out: web.StreamResponse, relay: Relay, name: str) -> bool:
-        """Forward SSE events until [DONE]; on upstream failure end the stream with an error event.
-        Returns True when the upstream answer was read to its end."""
+                            first: bytes, out: web.StreamResponse, relay: Relay, name: str,
+                            resumable: TokenTap | None = None) -> bool:
+        """Forward SSE events until [DONE]; on upstream failure end the stream with an error event,
+        or, ``resumable`` (the tokens sent so far are known) and no finish reason sent yet, raise
+        ``_StreamBroke`` so that another decode instance continues. Returns True when the upstream
+        answer was read to its end."""
         itl = self.metrics.child(self.metrics.itl, ctx.endpoint)
         buf = first
         last = first_at = 0.0 if ctx.ttft_s is None else ctx.t0 + ctx.ttft_s  # the prefill's token went out
@@ -649,6 +684,8 @@ class PDFlow:
             buf += chunk
         if err is None and not saw_done:
             err = ApiError(502, f"decode instance {name} ended the stream without [DONE]")
+        if err is not None and resumable is not None and not resumable.finished:
+            raise _StreamBroke(err, resumable.ids)
         if err is not None:
             ctx.error = err.message
             log.warning("request %s: %s", ctx.request_id, err.message)

@@ -351,6 +351,7 @@ class FakeInstance:
         cfg = self.config
         opts = body.get("stream_options") or {}
         continuous = bool(opts.get("continuous_usage_stats"))
+        prompt_ids = [_token_id(t) for t in _prompt_tokens(request.path, body)]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
 
@@ -380,6 +381,10 @@ class FakeInstance:
                     ch = {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": fr}
                 else:
                     ch = {"index": i, "text": text, "logprobs": None, "finish_reason": fr, "stop_reason": None}
+                if body.get("return_token_ids"):  # like vLLM: each chunk's ids, the prompt's on the first
+                    ch["token_ids"] = [OUTPUT_ID_BASE + first_k + k]
+                    if not chat:
+                        ch["prompt_token_ids"] = prompt_ids if k == 0 else None
                 await resp.write(event([ch], k + 1))
             rec["tokens_sent"] = k + 1
         if opts.get("include_usage"):

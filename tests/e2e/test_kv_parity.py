@@ -282,3 +282,39 @@ def test_streams_ended_by_their_first_token_match_reference(pd_cluster, referenc
                     "stream_options": {"include_usage": True}, **body}
             got, want = (_events(u, path, body) for u in (pd_cluster.scheduler_url, reference))
             assert _comparable(got) == _comparable(want), (path, text)
+
+
+def test_a_stream_cut_mid_way_resumes_on_the_decode_instance_and_matches_reference(pd_cluster, reference,
+                                                                                   tmp_path):
+    """A second scheduler reaches the decode instance through a proxy that drops the first
+    streamed answer after a few events: the stream goes on from exactly the tokens the client
+    has (vLLM's own token ids), and the text equals one server's."""
+    import subprocess
+    import sys
+
+    from tests.e2e._cut_proxy import CutProxy
+
+    model = pd_cluster.served_model_name
+    for path, body in (("/v1/completions", {"prompt": "The history of the printing press", "max_tokens": 24}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name four planets."}],
+                                                 "max_tokens": 24})):
+        port = pd_cluster.free_port()
+        url = f"http://127.0.0.1:{port}"
+        proxy = CutProxy(pd_cluster.ports["decode"], events=4)
+        log = open(tmp_path / f"scheduler-{port}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--prefill-url", f"127.0.0.1:{pd_cluster.ports['prefill']}", "--decode-url", f"127.0.0.1:{proxy.port}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_healthy(url, proc, timeout=60)
+            body = {"model": model, "temperature": 0, "stream_options": {"include_usage": True}, **body}
+            got, want = (_stream(u, path, body) for u in (url, reference))
+            assert proxy.cuts == 1
+            assert got[0] == want[0] and got[0], (path, got[0], want[0])
+            assert (got[1]["prompt_tokens"], got[1]["completion_tokens"]) == \
+                (want[1]["prompt_tokens"], want[1]["completion_tokens"])
+            assert metric(url, "pdserve_scheduler_retries_total", reason="mid_stream") == 1
+        finally:
+            stop(proc)
+            proxy.close()

@@ -46,7 +46,8 @@ async def test_completion_stream_continues_after_prefill_token(make_cluster: Mak
     dec = reqs(c.decode)[0]["body"]
     assert dec["prompt"][-1] == OUTPUT_ID_BASE and dec["max_tokens"] == 4 and dec["temperature"] == 0
     assert dec["kv_transfer_params"]["remote_request_id"] == r.headers["X-Request-Id"]
-    assert "return_token_ids" not in dec
+    assert dec["return_token_ids"] is True  # recorded (to resume elsewhere), hidden from the client
+    assert all(e["choices"][0]["token_ids"] is None for e in events if e != "[DONE]" and e.get("choices"))
     assert (await metric_line(c, "pdserve_scheduler_first_token_from_prefill_total")).endswith(" 1.0")
 
 
@@ -202,3 +203,45 @@ async def test_a_one_token_answer_is_the_prefills_own(make_cluster: MakeCluster,
     assert answer.get("kv_transfer_params") is None and choice.get("token_ids") is None
     assert reqs(c.decode) == [] and len(reqs(c.prefill)) == 1
     assert (await metric_line(c, "pdserve_scheduler_first_token_from_prefill_total")).endswith(" 1.0")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", CHAT])
+async def test_a_decode_instance_dying_mid_stream_is_resumed_on_another(make_cluster: MakeCluster, path: str) -> None:
+    """The continuation records its token ids (hidden from the client): another decode instance
+    goes on after exactly the tokens the client has, as Dynamo's request migration does."""
+    c = await make_cluster(1, 2, decode_policy="round-robin")
+    c.decode[1].configure(require_kv_params=False)
+    body = {"model": MODEL, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": "a b"}]} if path == CHAT else {"prompt": "a b"})
+    healthy = [sse_events((await post(c, body, path))[1])[-2]["usage"] for _ in range(2)]  # decode 0, 1
+    for f in c.all():
+        f.requests.clear()
+    c.decode[0].configure(die_after_tokens=2)
+    status, raw, _ = await post(c, body, path)
+    assert status == 200, raw
+    events = sse_events(raw)
+    pieces = [ch.get("text") or ch.get("delta", {}).get("content") or ""
+              for e in events[:-1] if e.get("choices") for ch in e["choices"]]
+    assert "".join(pieces) == " c0t0 c0t1 c0t2 c0t3 c0t4"  # no token lost or repeated
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+    assert all(ch.get("token_ids") is None and ch.get("prompt_token_ids") is None
+               for e in events[:-1] for ch in e.get("choices") or ())
+    usage = events[-2]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == \
+        (healthy[0]["prompt_tokens"], healthy[0]["completion_tokens"]) == (healthy[0]["prompt_tokens"], 5)
+    resumed = c.decode[1].inference_requests()[0]["body"]
+    assert resumed["prompt"][-3:] == [OUTPUT_ID_BASE, OUTPUT_ID_BASE + 1, OUTPUT_ID_BASE + 2]
+    assert resumed["max_tokens"] == 2 and "kv_transfer_params" not in resumed
+    assert len(reqs(c.prefill)) == 1
+    line = await metric_line(c, 'pdserve_scheduler_retries_total{reason="mid_stream"')
+    assert line.endswith(" 1.0")
+
+
+async def test_with_no_retry_left_a_stream_failing_mid_way_ends_with_the_error(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 2, decode_policy="round-robin", retries=0)
+    c.decode[0].configure(die_after_tokens=2)
+    status, raw, _ = await post(c, {"model": MODEL, "prompt": "a b", "max_tokens": 5, "stream": True})
+    assert status == 200
+    events = sse_events(raw)
+    assert "error" in events[-2] and events[-1] == "[DONE]"  # no retry left: the stream ends with the error
+    assert texts(events) == [" c0t0", " c0t1", " c0t2"] and c.decode[1].inference_requests() == []

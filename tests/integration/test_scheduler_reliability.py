@@ -149,7 +149,7 @@ async def test_non_stream_decode_dies_is_5xx_not_200(make_cluster: MakeCluster) 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_decode_dies_mid_stream_error_event_then_done(make_cluster: MakeCluster, path: str) -> None:
-    c = await make_cluster(1, 1)
+    c = await make_cluster(1, 1, retries=0)  # no retry left (resuming: test_scheduler_first_token_stream.py)
     c.decode[0].configure(die_after_tokens=2)
     body = {"max_tokens": 5, "stream": True}
     body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"})
@@ -159,7 +159,7 @@ async def test_decode_dies_mid_stream_error_event_then_done(make_cluster: MakeCl
     assert events[-1] == "[DONE]"
     err = events[-2]["error"]
     assert err["code"] == 502 and "mid-stream" in err["message"]
-    assert len(reqs(c.decode)) == 1  # no retry once bytes reached the client
+    assert len(reqs(c.decode)) == 1
 
 
 async def test_client_disconnect_during_prefill_aborts_and_skips_decode(make_cluster: MakeCluster) -> None:
@@ -239,7 +239,7 @@ async def test_decode_timeout_non_stream_504(make_cluster: MakeCluster) -> None:
 
 
 async def test_idle_timeout_mid_stream_error_event(make_cluster: MakeCluster) -> None:
-    c = await make_cluster(1, 1, idle_timeout=0.15)
+    c = await make_cluster(1, 1, idle_timeout=0.15, retries=0)
     c.decode[0].configure(token_latency=1.0)
     status, raw, _ = await post(c, {"prompt": "x", "max_tokens": 3, "stream": True})
     assert status == 200

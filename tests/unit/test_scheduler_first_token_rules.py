@@ -106,12 +106,44 @@ def test_decode_body_continues_after_the_token() -> None:
     out = json.loads(first.decode_body(body, {"remote_request_id": "r"}))
     assert out == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
                    "prompt": [4, 5, 9], "max_tokens": 5, "min_tokens": 0, "seed": 3,
+                   "return_token_ids": True,  # a stream records its tokens, to resume elsewhere
                    "kv_transfer_params": {"remote_request_id": "r"}}
+
+
+def test_a_resumed_stream_continues_after_the_tokens_the_client_has() -> None:
+    first = FirstToken("completions", 9, "Hi", [4, 5], "cmpl-1", 1, "m", max_model_len=100)
+    body = {**BASE, "max_tokens": 6, "min_tokens": 4}
+    again = first.resumed([11, 12], body)
+    assert again is not None and again.moved == 3 and again.prompt_ids == [4, 5]
+    out = json.loads(again.decode_body(body, None))
+    assert (out["prompt"], out["max_tokens"], out["min_tokens"]) == ([4, 5, 9, 11, 12], 3, 1)
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    again.fix_usage(usage)
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    assert again.resumed([13, 14], body) is not None and again.resumed([13, 14, 15], body) is None  # 6 reached
+    # chat's default max_tokens (the rest of the context): resumed while context is left
+    chat = FirstToken("chat", 9, "Hi", [4, 5], "c", 1, "m", max_model_len=6)
+    no_max = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+    assert chat.resumed([1, 2], no_max) is not None and chat.resumed([1, 2, 3], no_max) is None
+
+
+def test_token_tap_records_and_hides_the_ids() -> None:
+    from pdserve.scheduler.first_token import TokenTap
+
+    tap = TokenTap(OpenAIRelay())
+    out = tap.transform(b'data: {"choices":[{"index":0,"text":"say \\"token_ids\\":[7]","finish_reason":null,'
+                        b'"prompt_token_ids":[4, 5, 9],"token_ids":[11,12]}]}\n\n')
+    assert tap.ids == [11, 12] and not tap.finished
+    choice = json.loads(out[6:])["choices"][0]
+    assert choice["token_ids"] is None and choice["prompt_token_ids"] is None
+    assert choice["text"] == 'say "token_ids":[7]'  # generated text is left alone
+    tap.transform(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length","token_ids":[13]}]}\n\n')
+    assert tap.ids == [11, 12, 13] and tap.finished
 
 
 def test_usage_counts_the_token_as_output() -> None:
     usage = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
-    FirstToken.fix_usage(usage)
+    FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m").fix_usage(usage)
     assert usage == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
