@@ -112,8 +112,10 @@ def eligible(endpoint: str, body: dict[str, Any], max_model_len: int | None = No
     m = requested_max_tokens(endpoint, body)
     if m is None and endpoint == "chat" and max_model_len and chat_default_is_context:
         pass  # vLLM's chat default, the rest of the context: the continuation asks for it minus one
-    elif not isinstance(m, int) or m < 1 or (m == 1 and not body.get("stream")):
-        return False  # one non-stream token: the prefill's answer is the whole answer anyway
+    elif not isinstance(m, int) or m < 1 or (m == 1 and (not body.get("stream") or body.get("min_tokens"))):
+        # one non-stream token: the prefill's answer is the whole answer anyway; with min_tokens the
+        # prefill's answer (called without it) may end too early and nothing could continue it
+        return False
     if endpoint == "chat":
         return _text_only(body.get("messages"))
     prompt = body.get("prompt")
@@ -281,6 +283,10 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
     if not (reason == "stop" or (reason == "length" and requested_max_tokens(
             "chat" if endpoint == "chat" else "completions", body) == 1)):
         return None
+    msg = choices[0].get("message")
+    if body.get("stream") and isinstance(msg, dict) and (
+            msg.get("reasoning") or msg.get("reasoning_content") or msg.get("tool_calls")):
+        return None  # a parser is at work: stream_events builds content deltas only
     return _clients_copy(data, keep_ids=bool(body.get("return_token_ids")))[0]
 
 
@@ -402,32 +408,46 @@ class ChatFromCompletion:
 
 _IDS = re.compile(rb'"(prompt_token_ids|token_ids)":\[([0-9, ]*)\]')
 _FINISHED = re.compile(rb'"finish_reason":"')
+_NO_TEXT = re.compile(rb'"text":""')  # a completion chunk without text
 
 
 class TokenTap:
     """Records the token ids of the decode instance's stream (the continuation asks for them) and
     nulls them, as the client did not ask: if that instance fails mid-stream, another one can go
-    on from exactly the tokens the client has (``FirstToken.resumed``). (The patterns, with their
-    unescaped quotes, cannot match inside generated text.)"""
+    on from the tokens the client has (``FirstToken.resumed``). (The patterns, with their
+    unescaped quotes, cannot match inside generated text.)
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.ids: list[int] = []
+    Ids of chunks without text (a token holding part of a character, which vLLM holds back) stay
+    pending until text follows: a resume regenerates them, so it never starts mid-character."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # tokens whose text the client has
+        self.pending: list[int] = []
         self.finished = False  # a finish reason went out: nothing is left to resume
-        self.stream_content_type = inner.stream_content_type
 
-    def error(self, err: Any) -> bytes:
-        return self.inner.error(err)
-
-    def transform(self, events: bytes) -> bytes:
+    def take(self, events: bytes) -> bytes:
+        """``events`` with their ids recorded and nulled."""
         if _FINISHED.search(events):
             self.finished = True
-        return self.inner.transform(_IDS.sub(self._take, events))
+        if b"token_ids" not in events:
+            return events
+        return b"\n\n".join(self._event(ev) for ev in events.split(b"\n\n"))
 
-    def _take(self, m: re.Match[bytes]) -> bytes:
-        if m.group(1) == b"token_ids" and m.group(2).strip():
-            self.ids.extend(int(t) for t in m.group(2).split(b","))
-        return b'"' + m.group(1) + b'":null'
+    def _event(self, ev: bytes) -> bytes:
+        got: list[int] = []
+
+        def null(m: re.Match[bytes]) -> bytes:
+            if m.group(1) == b"token_ids" and m.group(2).strip():
+                got.extend(int(t) for t in m.group(2).split(b","))
+            return b'"' + m.group(1) + b'":null'
+
+        out = _IDS.sub(null, ev)
+        if got:
+            self.pending.extend(got)
+            if not _NO_TEXT.search(ev):
+                self.ids.extend(self.pending)
+                self.pending.clear()
+        return out
 
 
 _CREATED = re.compile(rb'"created":\d+')

@@ -186,9 +186,13 @@ def decode_only_reason(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
 
     ``batch``: several prompts in one completion request. vLLM returns the KV handle of the first
     prompt only, so the others' prefilled blocks would wait on the prefill side until their lease
-    expires, and the decode instance computes those prompts anyway. ``prompt_logprobs``: vLLM
-    reads no external (or cached) KV for such a request; the prefill would be computed twice."""
+    expires, and the decode instance computes those prompts anyway. ``prompt_logprobs`` (also
+    ``echo`` with logprobs, which vLLM turns into them): vLLM reads no external (or cached) KV for
+    such a request; the prefill would be computed twice."""
     if body.get("prompt_logprobs") is not None:
+        return "prompt_logprobs"
+    # vLLM turns echo into prompt logprobs: completions with logprobs, chat always (top_logprobs is 0 by default)
+    if body.get("echo") is True and (endpoint == "chat" or body.get("logprobs") is not None):
         return "prompt_logprobs"
     prompt = body.get("prompt") if endpoint != "chat" else None
     if isinstance(prompt, list) and len(prompt) > 1 and any(isinstance(p, (str, list)) for p in prompt):

@@ -91,6 +91,7 @@ class RequestContext:
     capture: CaptureRecord | None = None  # set when this request is sampled for capture
     client: asyncio.BaseTransport | None = None  # the client's connection, once its stream is open
     trace: dict[str, str] = field(default_factory=dict)  # the client's trace context, passed on to both calls
+    last_chunk: float | None = None  # perf_counter of the last stream chunk relayed (inter-token latency)
 
 
 @dataclass(slots=True)
@@ -364,7 +365,7 @@ class PDFlow:
                         # the client has the token: the decode instance computes prompt + token itself
                         pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, pre.first)
                     elif exc.reprefill and not ctx.decode_only:
-                        pre = await self.prefill(ctx)
+                        pre = await self._prefill_or_fallback(ctx, False)
                         ctx.lease = pre.kv_transfer_params
             raise AssertionError("unreachable")
         except (ApiError, UpstreamClientError) as exc:
@@ -473,7 +474,7 @@ class PDFlow:
             elif ctx.stream and isinstance(relay, OpenAIRelay):
                 relay = SameCreated(pre.first, relay)
             if ctx.stream:
-                relay = tap = TokenTap(relay)
+                tap = TokenTap()
         resp: aiohttp.ClientResponse | None = None
         finished = False
         backlog = ctx.work_tokens if pre.kv_transfer_params is None else 0  # it computes the prompt itself
@@ -529,8 +530,8 @@ class PDFlow:
                 out = await self._open_stream(ctx, request, relay.stream_content_type
                                               or resp.headers.get("Content-Type", "text/event-stream"))
             try:
-                finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name,
-                                                    resumable=None if last else tap)
+                finished = await self._relay_stream(ctx, pre, resp, first, out, relay, name, tap,
+                                                    resumable=not last)
             except _StreamBroke as exc:
                 raise _DecodeRetry(inst, exc.error, False, "mid_stream", exc.generated) from None
             return out
@@ -581,7 +582,9 @@ class PDFlow:
             pre.first.fix_usage(usage)
         ctx.prompt_tokens = usage.get("prompt_tokens")
         ctx.completion_tokens = usage.get("completion_tokens")
-        if pre.cached_tokens is None or pre.kv_transfer_params is None:
+        # the prefill computed the client's prompt, also when the decode instance got prompt + the
+        # moved tokens to compute itself (a retry or a resume): its cache hits are the prompt's
+        if pre.cached_tokens is None or (pre.kv_transfer_params is None and pre.first is None):
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict):
                 ctx.cached_tokens = details.get("cached_tokens")
@@ -630,14 +633,15 @@ class PDFlow:
 
     async def _relay_stream(self, ctx: RequestContext, pre: PrefillResult, resp: aiohttp.ClientResponse,
                             first: bytes, out: web.StreamResponse, relay: Relay, name: str,
-                            resumable: TokenTap | None = None) -> bool:
+                            tap: TokenTap | None = None, resumable: bool = False) -> bool:
         """Forward SSE events until [DONE]; on upstream failure end the stream with an error event,
-        or, ``resumable`` (the tokens sent so far are known) and no finish reason sent yet, raise
-        ``_StreamBroke`` so that another decode instance continues. Returns True when the upstream
-        answer was read to its end."""
+        or, ``resumable`` and ``tap`` (it knows the tokens sent so far) and no finish reason sent
+        yet, raise ``_StreamBroke`` so that another decode instance continues. Returns True when
+        the upstream answer was read to its end."""
         itl = self.metrics.child(self.metrics.itl, ctx.endpoint)
         buf = first
-        last = first_at = 0.0 if ctx.ttft_s is None else ctx.t0 + ctx.ttft_s  # the prefill's token went out
+        first_at = 0.0 if ctx.ttft_s is None else ctx.t0 + ctx.ttft_s  # the prefill's token went out
+        last = ctx.last_chunk or first_at  # (a resumed stream: the last chunk before the failure)
         handover = ctx.prefill_done is not None and pre.kv_transfer_params is not None
         saw_done = False
         err: ApiError | None = None
@@ -649,6 +653,8 @@ class PDFlow:
                 events, buf = buf[: cut + 2], buf[cut + 2:]
                 if b'"usage"' in events:
                     events = self._fix_usage_events(ctx, pre, events)
+                if tap is not None:
+                    events = tap.take(events)
                 n = events.count(b"data: ")
                 if events.endswith(DONE):
                     saw_done = True
@@ -663,7 +669,7 @@ class PDFlow:
                     first_at = now
                 elif n:
                     itl.observe(now - last)
-                last = now
+                last = ctx.last_chunk = now
                 ctx.chunks += n
                 if ctx.capture is not None:
                     ctx.capture.chunks.append(events)
@@ -684,8 +690,8 @@ class PDFlow:
             buf += chunk
         if err is None and not saw_done:
             err = ApiError(502, f"decode instance {name} ended the stream without [DONE]")
-        if err is not None and resumable is not None and not resumable.finished:
-            raise _StreamBroke(err, resumable.ids)
+        if err is not None and resumable and tap is not None and not tap.finished:
+            raise _StreamBroke(err, tap.ids)
         if err is not None:
             ctx.error = err.message
             log.warning("request %s: %s", ctx.request_id, err.message)

@@ -15,10 +15,16 @@ class CutProxy:
         self.target_port = target_port
         self.events = events
         self.cuts = 0
+        self.before_cut = b""  # what the cut answer delivered (its complete events reached the client)
         self._lock = threading.Lock()
         self._srv = socket.create_server(("127.0.0.1", 0))
         self.port = self._srv.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def events_before_cut(self) -> int:
+        """Complete SSE events the cut answer delivered (a partial one is dropped by its reader)."""
+        body = self.before_cut.split(b"\r\n\r\n", 1)[-1]  # after the HTTP headers
+        return body[: body.rfind(b"\n\n") + 2].count(b"data: {")
 
     def close(self) -> None:
         self._srv.close()
@@ -46,13 +52,16 @@ class CutProxy:
 
     def _down(self, src: socket.socket, dst: socket.socket, state: dict) -> None:
         seen = 0
+        sent = b""
         while data := self._recv(src):
             if state["streaming"]:
                 seen += data.count(b"data: ")
+                sent += data
                 with self._lock:
                     cut = seen >= self.events and self.cuts == 0
                     if cut:
                         self.cuts += 1
+                        self.before_cut = sent
                 if cut:  # forward what came so far, then drop the connection
                     try:
                         dst.sendall(data)

@@ -28,7 +28,8 @@ def test_eligible_completions(extra: dict) -> None:
 
 @pytest.mark.parametrize("extra", [
     {"stream": "yes"}, {"stop": "x"}, {"logprobs": 0}, {"n": 2}, {"temperature": 0.8, "seed": 1}, {"seed": 1},
-    {"max_tokens": 1, "stream": False}, {"max_tokens": 0}, {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
+    {"max_tokens": 1, "stream": False}, {"max_tokens": 1, "min_tokens": 1}, {"max_tokens": 0},
+    {"max_tokens": None}, {"echo": True}, {"presence_penalty": 0.5}, {"best_of": 2},
     {"prompt": ["a", "b"]}, {"prompt": [[1, 2]]}, {"prompt": []}, {"suffix": "z"}, {"unknown_field": 1},
     {"response_format": {"type": "json_object"}}, {"kv_transfer_params": {"do_remote_decode": True}},
 ])
@@ -130,15 +131,28 @@ def test_a_resumed_stream_continues_after_the_tokens_the_client_has() -> None:
 def test_token_tap_records_and_hides_the_ids() -> None:
     from pdserve.scheduler.first_token import TokenTap
 
-    tap = TokenTap(OpenAIRelay())
-    out = tap.transform(b'data: {"choices":[{"index":0,"text":"say \\"token_ids\\":[7]","finish_reason":null,'
-                        b'"prompt_token_ids":[4, 5, 9],"token_ids":[11,12]}]}\n\n')
+    tap = TokenTap()
+    out = tap.take(b'data: {"choices":[{"index":0,"text":"say \\"token_ids\\":[7]","finish_reason":null,'
+                   b'"prompt_token_ids":[4, 5, 9],"token_ids":[11,12]}]}\n\n')
     assert tap.ids == [11, 12] and not tap.finished
     choice = json.loads(out[6:])["choices"][0]
     assert choice["token_ids"] is None and choice["prompt_token_ids"] is None
     assert choice["text"] == 'say "token_ids":[7]'  # generated text is left alone
-    tap.transform(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length","token_ids":[13]}]}\n\n')
-    assert tap.ids == [11, 12, 13] and tap.finished
+    tap.take(b'data: {"choices":[{"index":0,"text":"","finish_reason":"length","token_ids":[13]}]}\n\n')
+    assert tap.finished
+
+
+def test_token_tap_never_resumes_mid_character() -> None:
+    """A token holding part of a character comes with empty text (vLLM holds the bytes back): it
+    stays pending, so a resume regenerates it instead of starting inside the character."""
+    from pdserve.scheduler.first_token import TokenTap
+
+    tap = TokenTap()
+    chunk = b'data: {"choices":[{"index":0,"text":"%s","finish_reason":null,"token_ids":[%d]}]}\n\n'
+    tap.take(chunk % (b" a", 1) + chunk % (b"", 2))
+    assert (tap.ids, tap.pending) == ([1], [2])
+    tap.take(chunk % (b"\xf0\x9f\x98\x80", 3))  # the character is complete: both are the client's
+    assert (tap.ids, tap.pending) == ([1, 2, 3], [])
 
 
 def test_usage_counts_the_token_as_output() -> None:
@@ -233,6 +247,7 @@ def test_a_completion_stream_keeps_the_first_chunks_created() -> None:
     ({"max_tokens": 8, "min_tokens": 2}, "stop", False),  # the prefill call left min_tokens out
     ({"max_tokens": 8, "n": 2}, "stop", False),
     ({"max_tokens": 8, "stream": True}, "stop", True),  # streamed by stream_events
+    ({"max_tokens": 1, "stream": True, "min_tokens": 1}, "length", False),
 ])
 def test_complete_answer(body: dict, finish: str, whole: bool) -> None:
     from pdserve.scheduler.first_token import complete_answer
@@ -286,3 +301,14 @@ def test_a_complete_one_token_answer_streams_as_vllm_streams_it() -> None:
                       "completion_tokens_details": None}}
     opts = {"include_usage": True, "continuous_usage_stats": True}
     assert _events(stream_events("chat", chat, opts)) == _VLLM_CHAT_USAGE
+
+
+def test_a_one_token_chat_stream_with_reasoning_is_left_to_vllm() -> None:
+    """stream_events builds content deltas only: a reasoning or tool-call answer takes the plain way."""
+    from pdserve.scheduler.first_token import complete_answer
+
+    for msg in ({"role": "assistant", "content": None, "reasoning": "hmm"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]}):
+        data = {"id": "c", "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
+        assert complete_answer("chat", {"max_tokens": 4, "stream": True}, data) is None
+        assert complete_answer("chat", {"max_tokens": 4}, data) is not None  # non-stream: vLLM's own answer

@@ -30,3 +30,32 @@ def test_a_field_the_answer_lacks_is_not_added() -> None:
     usage = {"prompt_tokens": 300, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
     assert not _fix(usage, pre)  # already right: nothing to rewrite
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_a_resumed_answer_reports_the_prefills_cache_hits() -> None:
+    """The resumed decode instance computed prompt + the moved tokens itself; its own cache count
+    covers them too (it could exceed the client's prompt)."""
+    from pdserve.scheduler.first_token import FirstToken
+
+    first = FirstToken("chat", 9, "Hi", [4] * 300, "c", 1, "m", generated=(7,) * 63)
+    pre = PrefillResult("prefill0", None, 128, 300, first)
+    usage = {"prompt_tokens": 364, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 352}}
+    assert _fix(usage, pre)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (300, 65)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 128}
+
+
+@pytest.mark.parametrize(("endpoint", "body", "reason"), [
+    ("completions", {"prompt": ["a", "b"]}, "batch"),
+    ("completions", {"prompt": [[1], [2]]}, "batch"),
+    ("completions", {"prompt": [1, 2.0, 3]}, None),  # one prompt's token ids
+    ("completions", {"prompt": "x", "prompt_logprobs": 0}, "prompt_logprobs"),
+    ("completions", {"prompt": "x", "echo": True, "logprobs": 1}, "prompt_logprobs"),
+    ("completions", {"prompt": "x", "echo": True}, None),  # no logprobs: vLLM asks for none
+    ("chat", {"messages": [], "echo": True}, "prompt_logprobs"),  # chat: top_logprobs defaults to 0
+    ("chat", {"messages": [], "prompt": ["a", "b"]}, None),
+])
+def test_requests_whose_prefill_would_be_wasted_skip_it(endpoint: str, body: dict, reason: str | None) -> None:
+    from pdserve.scheduler.models import decode_only_reason
+
+    assert decode_only_reason(endpoint, body) == reason
