@@ -191,17 +191,17 @@ class FirstToken:
                 "choices": choices}
 
     # -- what the decode instance gets -------------------------------------------------------------
-    def decode_body(self, body: dict[str, Any], kvtp: dict[str, Any] | None) -> bytes:
+    def decode_body(self, body: dict[str, Any], kvtp: dict[str, Any] | None, token_ids: bool = False) -> bytes:
         """A /v1/completions request that continues after the token (with the prompt's KV params).
-        A stream asks for the token ids (``TokenTap`` records and hides them), so that it can go on
-        elsewhere if its decode instance fails."""
+        ``token_ids``: ask for them (a stream that may resume elsewhere if its decode instance
+        fails; ``TokenTap`` records and hides them)."""
         out: dict[str, Any] = {k: v for k, v in body.items() if k in _SAFE}
         out["prompt"] = [*self.prompt_ids, self.token_id, *self.generated]
         # chat's default is all the context leaves (the prompt now holds the moved tokens too)
         out["max_tokens"] = self._wanted(body) - self.moved
         if body.get("min_tokens"):
             out["min_tokens"] = max(0, int(body["min_tokens"]) - self.moved)
-        if body.get("stream"):
+        if token_ids:
             out["return_token_ids"] = True
         if body.get("seed") is not None:
             out["seed"] = body["seed"]

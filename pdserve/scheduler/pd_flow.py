@@ -468,12 +468,13 @@ class PDFlow:
         if pre.first is None:
             path, body = ctx.path, decode_body(ctx.raw, ctx.body, pre.kv_transfer_params)
         else:
-            path, body = "/v1/completions", pre.first.decode_body(ctx.body, pre.kv_transfer_params)
+            resumable = ctx.stream and self.cfg.retries > 0  # record the tokens to resume elsewhere
+            path, body = "/v1/completions", pre.first.decode_body(ctx.body, pre.kv_transfer_params, resumable)
             if ctx.endpoint == "chat" and ctx.stream:
                 relay = ChatFromCompletion(pre.first, relay)
             elif ctx.stream and isinstance(relay, OpenAIRelay):
                 relay = SameCreated(pre.first, relay)
-            if ctx.stream:
+            if resumable:
                 tap = TokenTap()
         resp: aiohttp.ClientResponse | None = None
         finished = False

@@ -245,3 +245,4 @@ async def test_with_no_retry_left_a_stream_failing_mid_way_ends_with_the_error(m
     events = sse_events(raw)
     assert "error" in events[-2] and events[-1] == "[DONE]"  # no retry left: the stream ends with the error
     assert texts(events) == [" c0t0", " c0t1", " c0t2"] and c.decode[1].inference_requests() == []
+    assert "return_token_ids" not in c.decode[0].inference_requests()[0]["body"]  # nothing to resume: not asked

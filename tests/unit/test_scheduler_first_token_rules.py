@@ -104,7 +104,8 @@ def test_decode_body_continues_after_the_token() -> None:
     first = FirstToken("chat", 9, "Hi", [4, 5], "chatcmpl-1", 1, "m")
     body = {**CHAT, "max_completion_tokens": 6, "min_tokens": 1, "temperature": 0, "seed": 3,
             "chat_template_kwargs": {"a": 1}, "stream_options": {"include_usage": True}}
-    out = json.loads(first.decode_body(body, {"remote_request_id": "r"}))
+    assert "return_token_ids" not in json.loads(first.decode_body(body, None))
+    out = json.loads(first.decode_body(body, {"remote_request_id": "r"}, token_ids=True))
     assert out == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
                    "prompt": [4, 5, 9], "max_tokens": 5, "min_tokens": 0, "seed": 3,
                    "return_token_ids": True,  # a stream records its tokens, to resume elsewhere
