@@ -139,6 +139,12 @@ class FirstToken:
     generated: tuple[int, ...] = ()  # tokens after this one the client already got (a resumed stream)
 
     @property
+    def fingerprint(self) -> str | None:
+        """The prefill's ``system_fingerprint``: every chunk of the answer carries one, as from one server."""
+        fp = (self.prefill_answer or {}).get("system_fingerprint")
+        return fp if isinstance(fp, str) else None
+
+    @property
     def moved(self) -> int:
         """Output tokens the continuation's prompt carries (the decode instance counts them as prompt)."""
         return 1 + len(self.generated)
@@ -402,7 +408,7 @@ class ChatFromCompletion:
             if choices and isinstance(usage, dict):  # vLLM's per-chunk chat usage has this null
                 usage.setdefault("completion_tokens_details", None)
         if "system_fingerprint" in obj:  # vLLM stamps it on the terminal chunk
-            chat["system_fingerprint"] = obj["system_fingerprint"]
+            chat["system_fingerprint"] = self.first.fingerprint or obj["system_fingerprint"]
         return b"data: " + dumps(chat)
 
 
@@ -451,20 +457,28 @@ class TokenTap:
 
 
 _CREATED = re.compile(rb'"created":\d+')
+_FINGERPRINT = re.compile(rb'"system_fingerprint":"[^"\\]*"')
 
 
 class SameCreated:
     """A completion stream's later chunks come from the decode instance, whose ``created`` can be
     a second past the prefill's on the first chunk: every chunk gets the first one's, as from one
-    server. (The pattern, with its unescaped quotes, cannot match inside generated text.)"""
+    server, and the prefill's ``system_fingerprint`` (the decode instance's config hashes
+    differently). (The patterns, with their unescaped quotes, cannot match inside generated
+    text.)"""
 
     def __init__(self, first: FirstToken, inner: Any) -> None:
         self.inner = inner
         self.created = b'"created":%d' % first.created
+        fp = first.fingerprint
+        self.fingerprint = None if fp is None else b'"system_fingerprint":' + dumps(fp)
         self.stream_content_type = inner.stream_content_type
 
     def error(self, err: Any) -> bytes:
         return self.inner.error(err)
 
     def transform(self, events: bytes) -> bytes:
-        return self.inner.transform(_CREATED.sub(self.created, events))
+        events = _CREATED.sub(self.created, events)
+        if self.fingerprint is not None and b'"system_fingerprint"' in events:
+            events = _FINGERPRINT.sub(lambda _: self.fingerprint, events)
+        return self.inner.transform(events)

@@ -595,7 +595,8 @@ class PDFlow:
         if isinstance(details, dict):
             # the prompt's cache facts are the prefill side's: it computed (and cached) the prompt
             wanted = {"cached_tokens": pre.cached_tokens}
-            if "created_cache_tokens" in details and pre.created_cache_tokens is not None:
+            # vLLM's chat answers report it (a continued chat stream's usage comes from a completion stream)
+            if pre.created_cache_tokens is not None and ("created_cache_tokens" in details or ctx.endpoint == "chat"):
                 wanted["created_cache_tokens"] = pre.created_cache_tokens
             if all(details.get(k) == v for k, v in wanted.items()):
                 return changed

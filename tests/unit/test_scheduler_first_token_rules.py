@@ -313,3 +313,17 @@ def test_a_one_token_chat_stream_with_reasoning_is_left_to_vllm() -> None:
         data = {"id": "c", "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
         assert complete_answer("chat", {"max_tokens": 4, "stream": True}, data) is None
         assert complete_answer("chat", {"max_tokens": 4}, data) is not None  # non-stream: vLLM's own answer
+
+
+def test_a_continued_stream_carries_the_prefills_fingerprint() -> None:
+    """Prefill and decode instances hash different configs: a client sees one fingerprint per
+    answer, the prefill's (as in a non-stream answer, which is the prefill's own)."""
+    from pdserve.scheduler.first_token import SameCreated
+
+    pre = {"system_fingerprint": "vllm-0.32.0-prefill"}
+    first = FirstToken("completions", 9, "Hi", [4, 5], "cmpl-1", 100, "m", prefill_answer=pre)
+    ev = b'data: {"id":"cmpl-1","created":101,"choices":[],"usage":{},"system_fingerprint":"vllm-0.32.0-decode"}\n\n'
+    assert json.loads(SameCreated(first, OpenAIRelay()).transform(ev)[6:])["system_fingerprint"] == \
+        "vllm-0.32.0-prefill"
+    chat = ChatFromCompletion(FirstToken("chat", 9, "Hi", [4, 5], "c-1", 100, "m", prefill_answer=pre), OpenAIRelay())
+    assert json.loads(chat.transform(ev)[6:])["system_fingerprint"] == "vllm-0.32.0-prefill"

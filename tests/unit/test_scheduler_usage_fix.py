@@ -11,8 +11,8 @@ from pdserve.scheduler.policies import RouteKey
 pytestmark = pytest.mark.unit
 
 
-def _fix(usage: dict, pre: PrefillResult) -> bool:
-    ctx = RequestContext(request_id="r", endpoint="chat", path="/v1/chat/completions", body={}, raw=b"",
+def _fix(usage: dict, pre: PrefillResult, endpoint: str = "chat") -> bool:
+    ctx = RequestContext(request_id="r", endpoint=endpoint, path="/v1/chat/completions", body={}, raw=b"",
                          stream=False, key=RouteKey(None, 1))
     return PDFlow._fix_usage(object.__new__(PDFlow), ctx, pre, usage)
 
@@ -26,9 +26,10 @@ def test_cached_and_created_cache_tokens_come_from_the_prefill() -> None:
 
 
 def test_a_field_the_answer_lacks_is_not_added() -> None:
+    """vLLM's completions report no created_cache_tokens."""
     pre = PrefillResult("prefill0", {"remote_block_ids": [1]}, 0, 300, created_cache_tokens=300)
     usage = {"prompt_tokens": 300, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
-    assert not _fix(usage, pre)  # already right: nothing to rewrite
+    assert not _fix(usage, pre, "completions")  # already right: nothing to rewrite
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
@@ -59,3 +60,11 @@ def test_requests_whose_prefill_would_be_wasted_skip_it(endpoint: str, body: dic
     from pdserve.scheduler.models import decode_only_reason
 
     assert decode_only_reason(endpoint, body) == reason
+
+
+def test_a_continued_chat_stream_reports_created_cache_tokens_as_vllms_chat_does() -> None:
+    """Its usage comes from the decode instance's completion stream, which has no such field."""
+    pre = PrefillResult("prefill0", {"remote_block_ids": [1]}, 16, 300, created_cache_tokens=284)
+    usage = {"prompt_tokens": 300, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 300}}
+    assert _fix(usage, pre)  # _fix's request is a chat request
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 16, "created_cache_tokens": 284}
