@@ -27,7 +27,7 @@ vLLM's chunk format. An answer that its first token completes is the prefill's a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pdserve.scheduler.jsonio import dumps, loads
@@ -153,9 +153,7 @@ class FirstToken:
         """The same answer, to go on after ``generated`` more tokens (a decode instance failed
         mid-stream; another one continues from exactly what the client has). None: nothing is left
         to generate."""
-        nxt = FirstToken(self.endpoint, self.token_id, self.text, self.prompt_ids, self.response_id,
-                         self.created, self.model, self.max_model_len, self.prefill_answer,
-                         (*self.generated, *generated))
+        nxt = replace(self, generated=(*self.generated, *generated))
         room = len(self.prompt_ids) + nxt.moved < (self.max_model_len or 1 << 62)
         return nxt if room and nxt._wanted(body) - nxt.moved >= 1 else None
 
@@ -240,14 +238,9 @@ class FirstToken:
 
 def from_prefill(endpoint: str, data: Any, max_model_len: int | None) -> FirstToken | None:
     """The prefill answer's token, when the answer can go on after it; else None (plain hand-over)."""
-    if not isinstance(data, dict):
-        return None
-    choices = data.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        return None
-    choice = choices[0]
-    if choice.get("finish_reason") != "length":
-        return None  # a stop token or string ended it: the decode instance says so the plain way
+    choice = _one_choice(data)
+    if choice is None or choice.get("finish_reason") != "length":
+        return None  # nothing to continue (a stop ended it: complete_answer's case) or another shape
     ids = choice.get("token_ids")
     prompt_ids = data.get("prompt_token_ids") if endpoint == "chat" else choice.get("prompt_token_ids")
     if not (isinstance(ids, list) and len(ids) == 1 and type(ids[0]) is int):
@@ -280,16 +273,14 @@ def complete_answer(endpoint: str, body: dict[str, Any], data: Any) -> dict[str,
     if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) \
             or body.get("use_beam_search") or body.get("min_tokens"):
         return None  # fields the prefill call leaves out
-    if not isinstance(data, dict):
+    choice = _one_choice(data)
+    if choice is None:
         return None
-    choices = data.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-        return None
-    reason = choices[0].get("finish_reason")
+    reason = choice.get("finish_reason")
     if not (reason == "stop" or (reason == "length" and requested_max_tokens(
             "chat" if endpoint == "chat" else "completions", body) == 1)):
         return None
-    msg = choices[0].get("message")
+    msg = choice.get("message")
     if body.get("stream") and isinstance(msg, dict) and (
             msg.get("reasoning") or msg.get("reasoning_content") or msg.get("tool_calls")):
         return None  # a parser is at work: stream_events builds content deltas only
@@ -347,6 +338,14 @@ def stream_events(endpoint: str, answer: dict[str, Any], stream_options: Any) ->
             final["system_fingerprint"] = fingerprint
         events.append(final)
     return b"".join(b"data: " + dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _one_choice(data: Any) -> dict[str, Any] | None:
+    """The only choice of a prefill answer (it was called with n=1), or None if it has another shape."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    return choices[0]
 
 
 def _clients_copy(answer: dict[str, Any], keep_ids: bool) -> tuple[dict[str, Any], dict[str, Any]]:

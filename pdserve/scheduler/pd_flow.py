@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -33,9 +33,9 @@ from pdserve.scheduler.first_token import (
     ChatFromCompletion,
     FirstToken,
     SameCreated,
+    TokenTap,
     complete_answer,
     eligible,
-    TokenTap,
     from_prefill,
     stream_events,
 )
@@ -355,15 +355,15 @@ class PDFlow:
                         raise exc.error from None
                     ctx.retries += 1
                     self.metrics.retries.labels("decode", exc.reason).inc()
-                    log.warning("request %s: %s; %s", ctx.request_id, exc.error.message,
-                                f"another decode instance continues after the {resumed.moved} tokens the "
-                                "client has" if resumed is not None else "retrying on another decode instance"
-                                + (" after a new prefill" if exc.reprefill else ""))
-                    if resumed is not None:  # it computes prompt + those tokens itself
-                        pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, resumed)
-                    elif exc.reprefill and pre.first is not None:
-                        # the client has the token: the decode instance computes prompt + token itself
-                        pre = PrefillResult(pre.inst_name, None, pre.cached_tokens, pre.prompt_tokens, pre.first)
+                    if resumed is not None:
+                        then = f"another decode instance continues after the {resumed.moved} tokens the client has"
+                    else:
+                        then = "retrying on another decode instance" + (" after a new prefill" if exc.reprefill
+                                                                         and pre.first is None else "")
+                    log.warning("request %s: %s; %s", ctx.request_id, exc.error.message, then)
+                    if resumed is not None or (exc.reprefill and pre.first is not None):
+                        # the client has the token(s): the decode instance computes prompt + them itself
+                        pre = replace(pre, kv_transfer_params=None, first=resumed or pre.first)
                     elif exc.reprefill and not ctx.decode_only:
                         pre = await self._prefill_or_fallback(ctx, False)
                         ctx.lease = pre.kv_transfer_params
@@ -389,19 +389,12 @@ class PDFlow:
     async def _send_first(self, ctx: RequestContext, request: web.Request, first: FirstToken,
                           relay: Relay) -> web.StreamResponse:
         """Open the client's stream with the prefill's token (before the decode instance is asked)."""
-        out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
         opts = ctx.body.get("stream_options")
         # as vLLM: per-chunk usage only together with include_usage
         events = first.events(isinstance(opts, dict) and opts.get("include_usage") is True
                               and opts.get("continuous_usage_stats") is True)
-        ctx.chunks += events.count(b"data: ")
-        if ctx.capture is not None:
-            ctx.capture.chunks.append(events)
-        await self._write(ctx, out, relay.transform(events))
-        ctx.ttft_s = time.perf_counter() - ctx.t0
-        self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
         self.metrics.first_from_prefill.inc()
-        return out
+        return await self._start_stream(ctx, request, relay, events)
 
     async def _stream_answer(self, ctx: RequestContext, request: web.Request, pre: PrefillResult,
                              relay: Relay) -> web.StreamResponse:
@@ -410,16 +403,22 @@ class PDFlow:
         usage = pre.answer.get("usage")
         if isinstance(usage, dict):
             self._fix_usage(ctx, pre, usage)
-        events = stream_events(ctx.endpoint, pre.answer, ctx.body.get("stream_options"))
+        out = await self._start_stream(ctx, request, relay,
+                                       stream_events(ctx.endpoint, pre.answer, ctx.body.get("stream_options")))
+        self._observe_tokens(ctx)
+        await self._write(ctx, out, None)
+        return out
+
+    async def _start_stream(self, ctx: RequestContext, request: web.Request, relay: Relay,
+                            events: bytes) -> web.StreamResponse:
+        """Open the client's stream with events the scheduler built (its first token is out)."""
         out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
-        ctx.chunks += events.count(b"data: ") - 1  # [DONE] is no chunk
+        ctx.chunks += events.count(b"data: {")  # ([DONE] is no chunk)
         if ctx.capture is not None:
             ctx.capture.chunks.append(events)
         await self._write(ctx, out, relay.transform(events))
         ctx.ttft_s = time.perf_counter() - ctx.t0
         self.metrics.child(self.metrics.ttft, ctx.endpoint).observe(ctx.ttft_s)
-        self._observe_tokens(ctx)
-        await self._write(ctx, out, None)
         return out
 
     @staticmethod
@@ -578,8 +577,7 @@ class PDFlow:
         """Record the token counts and put the prefill side's cached tokens in (the decode side
         counts the transferred KV as cached, which says nothing about the prefix cache)."""
         changed = pre.first is not None
-        if changed:
-            assert pre.first is not None
+        if pre.first is not None:
             pre.first.fix_usage(usage)
         ctx.prompt_tokens = usage.get("prompt_tokens")
         ctx.completion_tokens = usage.get("completion_tokens")
