@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pdserve import identity as ident
 from pdserve.env import env_bool
-from pdserve.kv import tuning
 from pdserve.errors import ConfigError, plural
+from pdserve.kv import tuning
 from pdserve.net import bind_failure
 from pdserve.kv.shared_cores import ENV as SHARED_CORES_ENV
 from pdserve.platform import Platform, core_ranges, parse_core_list, usable_cores, visible_devices_env
