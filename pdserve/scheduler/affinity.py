@@ -117,10 +117,14 @@ class PrefixTracker:
         self.max_entries = max_entries
         self._seen: dict[str, OrderedDict[bytes, None]] = {}
 
-    def points(self, endpoint: str, body: dict[str, Any]) -> PrefixPoints:
+    def points(self, endpoint: str, body: dict[str, Any], adapter: str | None = None) -> PrefixPoints:
+        """``adapter``: a LoRA adapter's KV differs from the base model's for the same prompt, so
+        its prefixes hash apart."""
         pieces = prompt_pieces(endpoint, body)
         k = self.chunk
         h = hashlib.blake2b(digest_size=8)
+        if adapter:
+            h.update(b"\x01lora:" + adapter.encode("utf-8", "surrogatepass") + b"\x00")
         pts: list[tuple[int, bytes]] = []
         pos = 0
         for piece in pieces:

@@ -14,13 +14,15 @@ import random
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.scheduler import models
+from pdserve.scheduler.adapters import AdapterAdmin, AdapterRegistry, LoadRequest, UnloadRequest
 from pdserve.scheduler.admission import Admission
 from pdserve.scheduler.affinity import (CHAT_OVERHEAD_TOKENS, AffinityFirst, PrefixPoints, PrefixTracker,
                                         prompt_upper_tokens, upper_tokens)
@@ -55,6 +57,7 @@ _INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused whi
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
+_Admin = TypeVar("_Admin", LoadRequest, UnloadRequest)
 
 
 class Scheduler:
@@ -89,6 +92,10 @@ class Scheduler:
         self.keys = ApiKeys(cfg.api_keys, cfg.protect_metrics)
         self.drain = Drain(self.metrics.draining)
         self.shaper = RequestShaper(cfg)
+        self.adapters = AdapterRegistry()
+        self.adapters.served = {a.name: a for a in cfg.lora_adapters}
+        self.adapter_admin: AdapterAdmin | None = None
+        self._background: set[asyncio.Task[None]] = set()
         up = self.shaper.upstream_bytes()
         self.rename_prefix = up
         self.capture: CaptureSink | None = None
@@ -102,10 +109,24 @@ class Scheduler:
         if self.cfg.capture is not None and self.capture is None:
             self.capture = CaptureSink(self.cfg.capture, on_drop=self.metrics.capture_dropped.inc)
         self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session, self.tracker, LeaseReleaser())
+        self.adapter_admin = admin = AdapterAdmin(
+            self.adapters, self.session, [(i.spec.name, i.url) for i in self.pool.all], self.cfg.served_model_names,
+            self.cfg.upstream_model, self.cfg.prefill_timeout)
+        self.pool.on_up.append(lambda inst: self._spawn(admin.reload(inst.spec.name, inst.url)))
         self.pool.start(self.session)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if not self.adapters.loaded_here:
+            work.close()
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         await self.pool.stop()
+        for task in list(self._background):
+            task.cancel()
         if self.flow is not None and self.flow.releaser is not None:
             self.flow.releaser.close()
         if self.capture is not None:
@@ -262,7 +283,9 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"invalid JSON body: {exc}") from None
     client_model = body.get("model") if isinstance(body, dict) else None
-    if isinstance(client_model, str) and cfg.served_model_names and client_model not in cfg.served_model_names:
+    adapter = client_model if isinstance(client_model, str) and client_model in state.adapters else None
+    if isinstance(client_model, str) and cfg.served_model_names and client_model not in cfg.served_model_names \
+            and adapter is None:
         raise model_not_found(client_model)
     shaped = state.shaper.shape(endpoint, body)  # aliases, defaults, system prompt (no-op when unset)
     req = models.validate(endpoint, body)
@@ -271,6 +294,8 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     est = models.check_length(endpoint, req, body, cfg.max_model_len, cfg.chars_per_token_bound)
     max_tokens = models.max_tokens_of(endpoint, req) or 16
     prefix = models.prompt_text_for_routing(endpoint, body, cfg.prefix_chars)
+    if adapter is not None and isinstance(prefix, str):  # its KV is not the base model's: cached apart
+        prefix = f"lora:{adapter}\x00{prefix}"
     key = RouteKey(prefix.encode("utf-8", "surrogatepass") if isinstance(prefix, str) else prefix,
                    est + max_tokens * (req.n or 1))
     relay: OpenAIRelay | GenerateRelay
@@ -288,6 +313,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
                          stream=bool(req.stream), key=key,
                          model=client_model if isinstance(client_model, str) else "")
     ctx.model_alias = shaped.answer_model
+    ctx.adapter = adapter
     ctx.trace = {h: v for h in TRACE_HEADERS if (v := request.headers.get(h))}
     if cfg.decode_only_when_queued:  # backlog accounting is only needed by the busy fallback
         ctx.work_tokens = work_tokens(endpoint, body)
@@ -347,7 +373,7 @@ def _route_by_cache(state: Scheduler, ctx: RequestContext) -> None:
     """Conversation affinity and ``--decode-only-uncached-below``, from the decode-side tracker."""
     assert state.tracker is not None
     cfg = state.cfg
-    pp = ctx.points = state.tracker.points(ctx.endpoint, ctx.body)
+    pp = ctx.points = state.tracker.points(ctx.endpoint, ctx.body, ctx.adapter)
     healthy = state.pool.decode.healthy()
     affinity = {}
     for inst in healthy:
@@ -385,13 +411,43 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     """Every served name (alias) as its own model card, as vLLM lists several --served-model-name:
     ``root`` and ``owned_by`` come from the instances' own /v1/models."""
-    cfg = _state(request).cfg
+    state = _state(request)
+    cfg = state.cfg
     now = int(time.time())
-    data = [{"id": name, "object": "model", "created": now, "owned_by": cfg.model_owned_by or "vllm",
+    owner = cfg.model_owned_by or "vllm"
+    data = [{"id": name, "object": "model", "created": now, "owned_by": owner,
              "root": cfg.model_root or cfg.upstream_model or name, "parent": None,
              "max_model_len": cfg.max_model_len, "permission": [model_permission(now)]}
             for name in cfg.served_model_names]
+    base = cfg.served_model_names[0] if cfg.served_model_names else None
+    data += [{"id": a.name, "object": "model", "created": now, "owned_by": owner, "root": a.path,
+              "parent": base or a.parent, "max_model_len": None, "permission": [model_permission(now)]}
+             for a in state.adapters.served.values()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def _admin_body(request: web.Request, schema: type[_Admin]) -> _Admin:
+    if request.content_type != "application/json":
+        raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
+                            "with 'Content-Type: application/json'")
+    try:
+        body = loads(await request.read())
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+    return models.validate_as(schema, body)
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """Load a LoRA adapter on every instance (all or none), as vLLM's own route does on one."""
+    admin = _state(request).adapter_admin
+    assert admin is not None
+    return web.Response(text=await admin.load(await _admin_body(request, LoadRequest)))
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    admin = _state(request).adapter_admin
+    assert admin is not None
+    return web.Response(text=await admin.unload(await _admin_body(request, UnloadRequest)))
 
 
 def model_permission(created: int) -> dict[str, Any]:
@@ -437,6 +493,8 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         app.router.add_post("/v1/completions", completions)
         app.router.add_post("/v1/chat/completions", chat_completions)
         app.router.add_get("/v1/models", list_models)
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     else:
         app.router.add_post("/generate", generate)
     app.router.add_get("/health", health)

@@ -26,6 +26,7 @@ from typing import Any
 
 from pdserve.errors import ConfigError, ShortErrorParser
 from pdserve.env import parse_bool
+from pdserve.scheduler.adapters import Adapter
 from pdserve.scheduler.capture import CaptureSettings
 
 log = logging.getLogger("pdserve.scheduler")
@@ -77,6 +78,7 @@ class SchedulerConfig:
     upstream_model: str | None = None  # the instances' own served name (learned at start-up)
     model_root: str | None = None  # the model path the instances loaded (their /v1/models "root")
     model_owned_by: str | None = None  # their /v1/models "owned_by" ("vllm")
+    lora_adapters: list[Adapter] = field(default_factory=list)  # on every instance at start-up
     chat_default_is_context: bool = False  # every instance's chat default max_tokens is the rest of the context
     use_openai: bool = True
     ranktable_digest: str | None = None  # expected in every identity answer (None: not checked)

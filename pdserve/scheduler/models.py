@@ -9,7 +9,7 @@ re-serialised model (that would add defaults or coerce values).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -85,6 +85,7 @@ class GenerateRequest(SamplingFields):
 
 
 Endpoint = Literal["completions", "chat", "generate"]
+_M = TypeVar("_M", bound=BaseModel)
 _MODELS: dict[str, type[SamplingFields]] = {
     "completions": CompletionRequest,
     "chat": ChatCompletionRequest,
@@ -118,14 +119,19 @@ def _first_error(exc: ValidationError, body: Any) -> ApiError:
     return bad_request(msg, param=loc)
 
 
-def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
-    """Validate a parsed JSON body; raise :class:`ApiError` 400 naming the first bad field."""
+def validate_as(schema: type[_M], body: Any) -> _M:
+    """``body`` (parsed JSON) as ``schema``, or :class:`ApiError` 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
     try:
-        req = _MODELS[endpoint].model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise _first_error(exc, body) from None
+
+
+def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
+    """Validate a parsed JSON body; raise :class:`ApiError` 400 naming the first bad field."""
+    req = validate_as(_MODELS[endpoint], body)
     if isinstance(req, CompletionRequest):
         if req.prompt is None and body.get("prompt_embeds") is None:
             raise bad_request("either `prompt` or `prompt_embeds` must be provided", param="prompt")

@@ -80,9 +80,10 @@ class RequestContext:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int | None = None
-    chunks: int = 0
+    chunks: int = 0  # stream events with output relayed (no role chunk, no [DONE])
     error: str | None = None
     model_alias: str | None = None  # the name the answer carries, when it is not the instances' own
+    adapter: str | None = None  # the LoRA adapter the request names (its KV and prefixes are its own)
     decode_only: str | None = None  # why no remote prefill ran ("short", "cached", "busy"), else None
     work_tokens: int = 0  # typical estimate of the prompt tokens to compute (prefill backlog accounting)
     points: PrefixPoints | None = None  # the prompt's prefix hashes, for the decode-side tracker
@@ -177,6 +178,13 @@ def decode_body(raw: bytes, body: dict[str, Any], kvtp: dict[str, Any] | None) -
         if stripped.endswith(b"}"):
             return stripped[:-1] + b',"kv_transfer_params":' + dumps(kvtp) + b"}"
     return dumps({**body, "kv_transfer_params": kvtp})
+
+
+def token_events(events: bytes) -> int:
+    """The stream events in ``events`` that carry output: every ``data:`` event but ``[DONE]`` and
+    chat's role chunks (a role delta carries no token; an escaped ``"role":`` in a text cannot
+    match)."""
+    return events.count(b"data: {") - events.count(b'"role":')
 
 
 def _describe(exc: BaseException) -> str:
@@ -413,7 +421,7 @@ class PDFlow:
                             events: bytes) -> web.StreamResponse:
         """Open the client's stream with events the scheduler built (its first token is out)."""
         out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
-        ctx.chunks += events.count(b"data: {")  # ([DONE] is no chunk)
+        ctx.chunks += token_events(events)
         if ctx.capture is not None:
             ctx.capture.chunks.append(events)
         await self._write(ctx, out, relay.transform(events))
@@ -655,10 +663,9 @@ class PDFlow:
                     events = self._fix_usage_events(ctx, pre, events)
                 if tap is not None:
                     events = tap.take(events)
-                n = events.count(b"data: ")
+                n = token_events(events)
                 if events.endswith(DONE):
                     saw_done = True
-                    n -= 1
                 now = time.perf_counter()
                 if handover:  # the decode instance's first event
                     self.metrics.kv_handover.observe(now - ctx.prefill_done)  # type: ignore[operator]

@@ -169,6 +169,7 @@ class InstancePool:
         self.health_timeout = health_timeout
         self._task: asyncio.Task[None] | None = None
         self.on_down: list[Callable[[Instance], None]] = []  # e.g. forget what its cache held
+        self.on_up: list[Callable[[Instance], None]] = []  # e.g. load again what a restart lost
 
     def _went_down(self, inst: Instance, reason: str | None) -> None:
         log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
@@ -192,6 +193,8 @@ class InstancePool:
         if inst.set_health(ok, reason):
             if ok:
                 log.info("instance %s is healthy again; back in the pool", inst.spec.name)
+                for cb in self.on_up:
+                    cb(inst)
             else:
                 self._went_down(inst, reason)
         return ok

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
 
 from pdserve.errors import ConfigError
 from pdserve.identity import IDENTITY_PATH, Identity
+from pdserve.scheduler.adapters import AdapterRegistry, adapters_in_models
 from pdserve.scheduler.config import InstanceSpec, SchedulerConfig
 
 log = logging.getLogger("pdserve.scheduler.startup")
@@ -125,29 +127,44 @@ class ModelFacts:
     owned_by: str | None = None
 
 
-async def model_facts_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> ModelFacts:
-    """The first answer of vLLM's /v1/models: the scheduler rejects too-long prompts early with
-    ``max_model_len``, calls the instances by ``name`` and lists the model as vLLM would."""
-    for spec in cfg.decode + cfg.prefill:
+async def models_answers(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> list[tuple[str, Any]]:
+    """Every instance's ``/v1/models`` answer (None where it gave none), decode instances first."""
+    async def one(spec: InstanceSpec) -> Any:
         try:
             async with session.get(spec.url + "/v1/models",
                                    timeout=aiohttp.ClientTimeout(total=cfg.health_timeout)) as resp:
-                if resp.status != 200:
-                    continue
-                data = await resp.json(content_type=None)
-            for m in data.get("data") or ():
-                if isinstance(m, dict) and isinstance(m.get("id"), str):
-                    mml, root, owner = m.get("max_model_len"), m.get("root"), m.get("owned_by")
-                    return ModelFacts(mml if isinstance(mml, int) else None, m["id"],
-                                      root if isinstance(root, str) else None,
-                                      owner if isinstance(owner, str) else None)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, AttributeError):
-            continue
+                return await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            return None
+
+    specs = cfg.decode + cfg.prefill
+    return list(zip([s.name for s in specs], await asyncio.gather(*(one(s) for s in specs)), strict=True))
+
+
+def model_facts(answers: list[tuple[str, Any]]) -> ModelFacts:
+    """The base model's card in the first answer of vLLM's /v1/models: the scheduler rejects
+    too-long prompts early with ``max_model_len``, calls the instances by ``name`` and lists the
+    model as vLLM would."""
+    for _, data in answers:
+        cards = data.get("data") if isinstance(data, dict) else None
+        for m in cards or ():
+            if isinstance(m, dict) and isinstance(m.get("id"), str) and m.get("parent") is None:
+                mml, root, owner = m.get("max_model_len"), m.get("root"), m.get("owned_by")
+                return ModelFacts(mml if isinstance(mml, int) else None, m["id"],
+                                  root if isinstance(root, str) else None,
+                                  owner if isinstance(owner, str) else None)
     return ModelFacts()
 
 
-async def max_model_len_from_instances(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> int | None:
-    return (await model_facts_from_instances(session, cfg)).max_model_len
+def learn_adapters(cfg: SchedulerConfig, answers: list[tuple[str, Any]]) -> None:
+    """The LoRA adapters every answering instance serves become model names clients may use."""
+    registry = AdapterRegistry()
+    for warning in registry.set_from_instances([(name, adapters_in_models(data))
+                                                for name, data in answers if data is not None]):
+        log.warning("%s", warning)
+    cfg.lora_adapters = list(registry.served.values())
+    if cfg.lora_adapters:
+        log.info("LoRA adapter(s) on every instance: %s", ", ".join(a.name for a in cfg.lora_adapters))
 
 
 async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
@@ -174,7 +191,9 @@ async def prepare(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> None:
         else:
             log.info("all %d instances answer with the role and index of their --prefill-url/--decode-url "
                      "(no ranktable: digests not compared)", len(idents))
-    facts = await model_facts_from_instances(session, cfg)
+    answers = await models_answers(session, cfg)
+    facts = model_facts(answers)
+    learn_adapters(cfg, answers)
     if cfg.max_model_len is None and facts.max_model_len:
         cfg.max_model_len = facts.max_model_len
         log.info("max model length %d (from the instances)", cfg.max_model_len)

