@@ -50,9 +50,15 @@ _ENDPOINTS = {
     "/generate": "generate",
     "/v1/models": "models",
     "/health": "health",
+    "/ping": "health",
     "/metrics": "metrics",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/version": "version",
+    "/v1/load_lora_adapter": "lora",
+    "/v1/unload_lora_adapter": "lora",
 }
-_UNTRACKED = frozenset({"/health", "/metrics"})
+_UNTRACKED = frozenset({"/health", "/ping", "/metrics"})
 _INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
@@ -458,6 +464,40 @@ def model_permission(created: int) -> dict[str, Any]:
             "organization": "*", "group": None, "is_blocking": False}
 
 
+async def on_an_instance(request: web.Request) -> web.Response:
+    """``/tokenize``, ``/detokenize``, ``/version``: no KV involved, so one healthy instance
+    answers, as it would answer the client itself (an alias is renamed, a system prompt added)."""
+    state = _state(request)
+    raw = await request.read() if request.method == "POST" else None
+    if raw is not None:
+        if request.content_type != "application/json":
+            raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
+                                "with 'Content-Type: application/json'")
+        try:
+            body = loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise bad_request(f"invalid JSON body: {exc}") from None
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model not in state.cfg.served_model_names and model not in state.adapters:
+            raise model_not_found(model)
+        if state.shaper.shape(_ENDPOINTS[request.path], body).changed:
+            raw = dumps(body)
+    insts = state.pool.decode.healthy() or state.pool.prefill.healthy()
+    if not insts:
+        raise ApiError(503, "no healthy instance")
+    inst = min(insts, key=lambda i: i.inflight)
+    try:
+        async with state.session.request(  # type: ignore[union-attr]
+                request.method, inst.url + request.path, data=raw,
+                headers={"Content-Type": "application/json"} if raw is not None else None,
+                timeout=aiohttp.ClientTimeout(total=state.cfg.prefill_timeout,
+                                              sock_connect=state.cfg.connect_timeout)) as resp:
+            return web.Response(status=resp.status, body=await resp.read(),
+                                content_type=(resp.content_type or "application/json"))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ApiError(502, f"{inst.spec.name} failed: {type(exc).__name__} {exc}".strip()) from None
+
+
 async def health(request: web.Request) -> web.Response:
     state = _state(request)
     if state.drain.draining:  # load balancers take this replica out while it drains
@@ -495,9 +535,13 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         app.router.add_get("/v1/models", list_models)
         app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
         app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+        app.router.add_post("/tokenize", on_an_instance)
+        app.router.add_post("/detokenize", on_an_instance)
+        app.router.add_get("/version", on_an_instance)
     else:
         app.router.add_post("/generate", generate)
     app.router.add_get("/health", health)
+    app.router.add_route("*", "/ping", health)  # SageMaker's health route, as vLLM serves it (GET and POST)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/pdserve/v1/instances", instances)
 

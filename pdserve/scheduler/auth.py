@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pdserve.errors import ConfigError
 from pdserve.scheduler.errors import ApiError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping"})
 
 
 def read_key_file(path: str) -> list[str]:

@@ -83,13 +83,13 @@ class RequestShaper:
                     answer = model
             elif model is None and self.primary and self.primary != self.upstream:
                 answer = self.primary
-        for key, value in self.defaults.items():
+        for key, value in self.defaults.items() if endpoint in ("chat", "completions", "generate") else ():
             if key not in body:
                 if key == "max_tokens" and "max_completion_tokens" in body:
                     continue
                 body[key] = value
                 changed = True
-        if self.system_prompt and endpoint == "chat":
+        if self.system_prompt and (endpoint == "chat" or (endpoint == "tokenize" and "messages" in body)):
             changed |= self._system(body)
         return Shaped(changed, answer)
 

@@ -131,6 +131,8 @@ class FakeInstance:
         app.router.add_post("/v1/chat/completions", self._inference)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/version", self._version)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/health", self._health)
         app.router.add_get(IDENTITY_PATH, self._identity)
@@ -189,6 +191,19 @@ class FakeInstance:
              "max_model_len": self.max_model_len}] + [
             {"id": name, "object": "model", "created": 0, "owned_by": "fake", "root": path, "parent": self.model,
              "max_model_len": None} for name, path in self.config.lora_adapters.items()]})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append({"path": request.path, "body": body})
+        if body.get("model") not in (None, self.model, *self.config.lora_adapters):
+            return self._error(404, f"The model `{body.get('model')}` does not exist.")
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        ids = [_token_id(t) for t in _prompt_tokens(path, body)]
+        return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                                  "token_strs": None})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": f"fake-{self.role}{self.index}"})
 
     async def _load_lora(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path, "body": await request.json()})

@@ -42,6 +42,25 @@ def test_identity_endpoints(pd_cluster) -> None:
         assert ident["kv_side_channel"] == f"127.0.0.1:{int(url.rsplit(':', 1)[1]) + 10000}"
 
 
+def test_tokenize_detokenize_version_as_an_instance_answers(pd_cluster) -> None:
+    """The routes one instance answers for the scheduler give what the instance itself gives."""
+    model = pd_cluster.served_model_name
+    for body in ({"model": model, "prompt": "The capital of France is"},
+                 {"model": model, "messages": [{"role": "user", "content": "Hi there"}]}):
+        got = requests.post(f"{pd_cluster.scheduler_url}/tokenize", json=body, timeout=30)
+        want = requests.post(f"{pd_cluster.decode_url}/tokenize", json=body, timeout=30)
+        assert got.status_code == want.status_code == 200, got.text
+        assert got.json() == want.json() and got.json()["count"] > 3
+    tokens = got.json()["tokens"]
+    text = requests.post(f"{pd_cluster.scheduler_url}/detokenize", json={"model": model, "tokens": tokens},
+                         timeout=30)
+    assert text.status_code == 200 and "Hi there" in text.json()["prompt"]
+    import vllm
+
+    assert requests.get(f"{pd_cluster.scheduler_url}/version", timeout=10).json() == {"version": vllm.__version__}
+    assert requests.post(f"{pd_cluster.scheduler_url}/ping", timeout=10).status_code == 200
+
+
 SCHEMA = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 40},
