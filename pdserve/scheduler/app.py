@@ -14,7 +14,6 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
@@ -22,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.scheduler import models
-from pdserve.scheduler.adapters import AdapterAdmin, AdapterRegistry, LoadRequest, UnloadRequest
+from pdserve.scheduler.adapters import AdapterAdmin, LoadRequest, UnloadRequest
 from pdserve.scheduler.admission import Admission
 from pdserve.scheduler.affinity import (CHAT_OVERHEAD_TOKENS, AffinityFirst, PrefixPoints, PrefixTracker,
                                         prompt_upper_tokens, upper_tokens)
@@ -98,10 +97,11 @@ class Scheduler:
         self.keys = ApiKeys(cfg.api_keys, cfg.protect_metrics)
         self.drain = Drain(self.metrics.draining)
         self.shaper = RequestShaper(cfg)
-        self.adapters = AdapterRegistry()
-        self.adapters.served = {a.name: a for a in cfg.lora_adapters}
-        self.adapter_admin: AdapterAdmin | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self.adapters = AdapterAdmin(self.pool.all, cfg.served_model_names, cfg.upstream_model,
+                                     cfg.prefill_timeout, cfg.health_timeout, cfg.lora_adapters)
+        self.adapters.on_unload.append(self.metrics.forget_model)
+        self.pool.on_recover.append(self.adapters.reload)
+        self._refresher: asyncio.Task[None] | None = None
         up = self.shaper.upstream_bytes()
         self.rename_prefix = up
         self.capture: CaptureSink | None = None
@@ -115,24 +115,17 @@ class Scheduler:
         if self.cfg.capture is not None and self.capture is None:
             self.capture = CaptureSink(self.cfg.capture, on_drop=self.metrics.capture_dropped.inc)
         self.flow = PDFlow(self.cfg, self.pool, self.metrics, self.session, self.tracker, LeaseReleaser())
-        self.adapter_admin = admin = AdapterAdmin(
-            self.adapters, self.session, [(i.spec.name, i.url) for i in self.pool.all], self.cfg.served_model_names,
-            self.cfg.upstream_model, self.cfg.prefill_timeout)
-        self.pool.on_up.append(lambda inst: self._spawn(admin.reload(inst.spec.name, inst.url)))
+        self.adapters.session = self.session
         self.pool.start(self.session)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        if not self.adapters.loaded_here:
-            work.close()
-            return
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if self.cfg.use_openai and self.cfg.health_interval > 0:
+            self._refresher = asyncio.create_task(self.adapters.refresh_every(self.cfg.health_interval),
+                                                  name="pdserve-lora-refresh")
 
     async def close(self) -> None:
         await self.pool.stop()
-        for task in list(self._background):
-            task.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.adapters.close()
         if self.flow is not None and self.flow.releaser is not None:
             self.flow.releaser.close()
         if self.capture is not None:
@@ -445,15 +438,13 @@ async def _admin_body(request: web.Request, schema: type[_Admin]) -> _Admin:
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
     """Load a LoRA adapter on every instance (all or none), as vLLM's own route does on one."""
-    admin = _state(request).adapter_admin
-    assert admin is not None
-    return web.Response(text=await admin.load(await _admin_body(request, LoadRequest)))
+    adapters = _state(request).adapters
+    return web.Response(text=await adapters.load(await _admin_body(request, LoadRequest)))
 
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
-    admin = _state(request).adapter_admin
-    assert admin is not None
-    return web.Response(text=await admin.unload(await _admin_body(request, UnloadRequest)))
+    adapters = _state(request).adapters
+    return web.Response(text=await adapters.unload(await _admin_body(request, UnloadRequest)))
 
 
 def model_permission(created: int) -> dict[str, Any]:
@@ -533,8 +524,9 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         app.router.add_post("/v1/completions", completions)
         app.router.add_post("/v1/chat/completions", chat_completions)
         app.router.add_get("/v1/models", list_models)
-        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
-        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+        if cfg.runtime_lora_updating:  # vLLM's switch: without it, vLLM has no such routes either
+            app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+            app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
         app.router.add_post("/tokenize", on_an_instance)
         app.router.add_post("/detokenize", on_an_instance)
         app.router.add_get("/version", on_an_instance)

@@ -109,6 +109,7 @@ class SchedulerConfig:
     # access control and shutdown
     api_keys: list[str] = field(default_factory=list, repr=False)  # never printed
     protect_metrics: bool = False
+    runtime_lora_updating: bool = False  # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
     instance_api_key: str | None = field(default=None, repr=False)
     drain_seconds: float = 30.0
     # serving features
@@ -184,6 +185,10 @@ OPTIONS: tuple[Opt, ...] = (
         help="file with one API key per line (blank lines and # comments ignored)"),
     Opt("protect_metrics", ("--protect-metrics",), "bool", "access control", env="PDSERVE_PROTECT_METRICS",
         help="require an API key for /metrics too (/health always stays open)"),
+    Opt("runtime_lora_updating", ("--allow-runtime-lora-updating",), "bool", "access control",
+        env="VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, sent on to every instance (which "
+             "need VLLM_ALLOW_RUNTIME_LORA_UPDATING=True too); off by default, as in vLLM"),
     Opt("drain_seconds", ("--drain-seconds",), "float", "shutdown", env="PDSERVE_DRAIN_SECONDS",
         help=f"on SIGTERM/SIGINT, refuse new requests (503) and let in-flight ones finish for up to this "
              f"long, then exit 0 (default {_D.drain_seconds:g})"),
@@ -504,6 +509,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         access_log=not v["no_access_log"],
         api_keys=_api_keys(v, environ),
         protect_metrics=bool(v["protect_metrics"]),
+        runtime_lora_updating=bool(v["runtime_lora_updating"]),
         instance_api_key=v["instance_api_key"] or None,
         drain_seconds=pick("drain_seconds", d.drain_seconds),
         defaults=_defaults(v, deploy.defaults or {}),

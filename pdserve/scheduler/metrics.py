@@ -79,5 +79,12 @@ class SchedulerMetrics:
                 self._children[key] = child
         return child
 
+    def forget_model(self, model: str) -> None:
+        """Drop the request series of a model name that is gone (an unloaded LoRA adapter), so
+        loading and unloading adapters cannot grow the label set without bound."""
+        for key in [k for k in self._children if k[0] == id(self.requests) and k[1][-1] == model]:
+            del self._children[key]
+            self.requests.remove(*key[1])
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

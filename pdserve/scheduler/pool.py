@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -169,7 +169,9 @@ class InstancePool:
         self.health_timeout = health_timeout
         self._task: asyncio.Task[None] | None = None
         self.on_down: list[Callable[[Instance], None]] = []  # e.g. forget what its cache held
-        self.on_up: list[Callable[[Instance], None]] = []  # e.g. load again what a restart lost
+        # awaited before an instance that failed its health check takes requests again (e.g. load
+        # again the LoRA adapters a restart lost)
+        self.on_recover: list[Callable[[Instance], Awaitable[None]]] = []
 
     def _went_down(self, inst: Instance, reason: str | None) -> None:
         log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
@@ -190,11 +192,15 @@ class InstancePool:
                 reason = None if ok else f"GET /health answered {resp.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             ok, reason = False, f"GET /health failed: {type(exc).__name__} {exc}".strip()
+        if ok and not inst.healthy:
+            for hook in self.on_recover:
+                try:
+                    await hook(inst)
+                except Exception:  # a failed hook must not keep a healthy instance out for ever
+                    log.exception("preparing instance %s to rejoin failed", inst.spec.name)
         if inst.set_health(ok, reason):
             if ok:
                 log.info("instance %s is healthy again; back in the pool", inst.spec.name)
-                for cb in self.on_up:
-                    cb(inst)
             else:
                 self._went_down(inst, reason)
         return ok

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from pdserve.errors import ConfigError
 from pdserve.identity import IDENTITY_PATH, Identity
-from pdserve.scheduler.adapters import AdapterRegistry, adapters_in_models
+from pdserve.scheduler.adapters import adapters_in_models, common_adapters
 from pdserve.scheduler.config import InstanceSpec, SchedulerConfig
 
 log = logging.getLogger("pdserve.scheduler.startup")
@@ -157,12 +157,12 @@ def model_facts(answers: list[tuple[str, Any]]) -> ModelFacts:
 
 
 def learn_adapters(cfg: SchedulerConfig, answers: list[tuple[str, Any]]) -> None:
-    """The LoRA adapters every answering instance serves become model names clients may use."""
-    registry = AdapterRegistry()
-    for warning in registry.set_from_instances([(name, adapters_in_models(data))
-                                                for name, data in answers if data is not None]):
+    """The LoRA adapters every instance serves (from the same path) become model names clients may
+    use; an instance whose /v1/models failed counts as serving none."""
+    common, warnings = common_adapters([(name, adapters_in_models(data)) for name, data in answers])
+    for warning in warnings:
         log.warning("%s", warning)
-    cfg.lora_adapters = list(registry.served.values())
+    cfg.lora_adapters = list(common.values())
     if cfg.lora_adapters:
         log.info("LoRA adapter(s) on every instance: %s", ", ".join(a.name for a in cfg.lora_adapters))
 

@@ -63,6 +63,8 @@ class FakeConfig:
     lora_adapters: dict[str, str] = field(default_factory=dict)
     runtime_lora: bool = False
     lora_fail_status: int | None = None
+    lora_unload_fail_status: int | None = None  # fail every unload with it
+    lora_load_delay: float = 0.0  # seconds a load takes; it completes even if the caller left, as in vLLM
 
 
 def _dumps(obj: Any) -> bytes:
@@ -215,7 +217,12 @@ class FakeInstance:
             return self._error(self.config.lora_fail_status, f"injected failure loading {name}")
         if name in self.config.lora_adapters and not body.get("load_inplace"):
             return self._error(400, f"The lora adapter '{name}' has already been loaded.")
-        self.config.lora_adapters[name] = body["lora_path"]
+
+        async def load() -> None:
+            await asyncio.sleep(self.config.lora_load_delay)
+            self.config.lora_adapters[name] = body["lora_path"]
+
+        await asyncio.shield(asyncio.ensure_future(load()))
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def _unload_lora(self, request: web.Request) -> web.Response:
@@ -223,6 +230,8 @@ class FakeInstance:
         if not self.config.runtime_lora:
             return web.json_response({"detail": "Not Found"}, status=404)
         name = self.requests[-1]["body"]["lora_name"]
+        if self.config.lora_unload_fail_status is not None:
+            return self._error(self.config.lora_unload_fail_status, f"injected failure unloading {name}")
         if self.config.lora_adapters.pop(name, None) is None:
             return self._error(404, f"The lora adapter '{name}' cannot be found.")
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")

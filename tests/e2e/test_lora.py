@@ -27,7 +27,7 @@ HOST = "127.0.0.1"
 NAME = "demo"
 PROMPTS = ["The capital of France is a city where", "Write one sentence about the sea. " * 20]
 LORA_ARGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
-RUNTIME = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+RUNTIME = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # the instances' and the scheduler's switch
 
 
 def make_adapter(out: Path, seed: int) -> Path:
@@ -91,9 +91,13 @@ def test_lora_through_pd_matches_one_server(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         for inst in (base, base + 1):  # both instances have it now
             assert "a2" in [m["id"] for m in requests.get(f"http://{HOST}:{inst}/v1/models", timeout=10).json()["data"]]
-        got = answers(url)
         decode_url = f"http://{HOST}:{base + 1}"
-        # the decode instance computed no prompt: every request's KV came from the prefill instance
+        computed_before = metric(decode_url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+        got = answers(url)
+        # the decode instance computed no prompt (at most the token it continues from, and a last
+        # prompt token): every request's KV came from the prefill instance
+        computed = metric(decode_url, "vllm:prompt_tokens_by_source_total", source="local_compute") - computed_before
+        assert computed <= 2 * 3 * len(PROMPTS), computed
         assert metric(decode_url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") > 300
     finally:
         stop(up)
