@@ -213,7 +213,7 @@ class AdapterAdmin:
             failed = [a for a in answers if not a.ok]
             if not failed:
                 self.served[name] = Adapter(name, req.lora_path, self.parent)
-                self.loaded_here[name] = req.model_dump()
+                self.loaded_here[name] = {**req.model_dump(), "load_inplace": False}  # reloads: only if missing
                 log.info("LoRA adapter %r loaded from %s on %d instance(s)", name, req.lora_path, len(answers))
                 return f"Success: LoRA adapter '{name}' added successfully."
             note = await self._undo_load(req, targets, answers)

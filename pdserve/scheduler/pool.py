@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pdserve.scheduler.policies import Policy, RouteKey
 
 log = logging.getLogger("pdserve.scheduler.pool")
+REJOIN_TIMEOUT = 60.0  # seconds the on_recover hooks may take before an instance rejoins
 
 
 class Instance:
@@ -194,8 +195,12 @@ class InstancePool:
             ok, reason = False, f"GET /health failed: {type(exc).__name__} {exc}".strip()
         if ok and not inst.healthy:
             for hook in self.on_recover:
-                try:
-                    await hook(inst)
+                try:  # bounded: the other instances' checks wait for this round
+                    await asyncio.wait_for(hook(inst), REJOIN_TIMEOUT)
+                except TimeoutError:  # still out; the next round tries again
+                    log.warning("instance %s: preparing it to rejoin took over %g s; trying again",
+                                inst.spec.name, REJOIN_TIMEOUT)
+                    return False
                 except Exception:  # a failed hook must not keep a healthy instance out for ever
                     log.exception("preparing instance %s to rejoin failed", inst.spec.name)
         if inst.set_health(ok, reason):

@@ -270,3 +270,22 @@ async def test_adapters_loaded_elsewhere_are_seen_and_lost_ones_refused(make_clu
     c.decode[1].config.lora_adapters.clear()
     await wait_for(lambda: "ext" not in c.state.adapters.served, what="ext refused")
     assert (await _complete(c, "ext"))[0] == 404
+
+
+async def test_a_slow_reload_keeps_the_instance_out_without_stalling_health_checks(
+        make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdserve.scheduler.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "REJOIN_TIMEOUT", 0.1)
+    c = await _runtime(make_cluster, health_interval=0)
+    pool, session = c.state.pool, c.state.session
+    assert (await _load(c))[0] == 200
+    decode, inst = c.decode[0], pool.decode.instances[0]
+    decode.config.healthy = False
+    decode.config.lora_adapters.clear()
+    assert not await pool.check_one(session, inst)
+    decode.config.healthy, decode.config.lora_load_delay = True, 0.3
+    assert not await pool.check_one(session, inst)  # its reload outlasted the bound: still out
+    assert not inst.healthy
+    await wait_for(lambda: "a2" in decode.config.lora_adapters, what="the slow reload finishing")
+    assert await pool.check_one(session, inst) and inst.healthy  # has it now: rejoins at once
