@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.scheduler import models
+from pdserve.scheduler import membership, models
 from pdserve.scheduler.adapters import AdapterAdmin, LoadRequest, UnloadRequest
 from pdserve.scheduler.admission import Admission
 from pdserve.scheduler.affinity import (CHAT_OVERHEAD_TOKENS, AffinityFirst, PrefixPoints, PrefixTracker,
@@ -102,6 +102,7 @@ class Scheduler:
         self.adapters.on_unload.append(self.metrics.forget_model)
         self.pool.on_recover.append(self.adapters.reload)
         self._refresher: asyncio.Task[None] | None = None
+        self.membership_lock = asyncio.Lock()
         up = self.shaper.upstream_bytes()
         self.rename_prefix = up
         self.capture: CaptureSink | None = None
@@ -515,6 +516,23 @@ async def instances(request: web.Request) -> web.Response:
          "inflight": i.inflight, "last_error": i.last_error} for i in pool.all]})
 
 
+async def add_instance(request: web.Request) -> web.Response:
+    """Scale out: one more instance, checked as at start-up (see :mod:`membership`)."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'")
+    try:
+        body = loads(await request.read())
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+    return web.json_response(await membership.add(_state(request), body), status=201)
+
+
+async def remove_instance(request: web.Request) -> web.Response:
+    """Scale in: out of routing at once, then a bounded wait for its requests in flight."""
+    status, answer = await membership.remove(_state(request), request.query.get("url"), request.query.get("wait"))
+    return web.json_response(answer, status=status)
+
+
 def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None) -> web.Application:
     """The aiohttp app; the pool's health loop and session start with the app."""
     app = web.Application(middlewares=[_middleware], client_max_size=cfg.max_body_bytes)
@@ -536,6 +554,9 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
     app.router.add_route("*", "/ping", health)  # SageMaker's health route, as vLLM serves it (GET and POST)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/pdserve/v1/instances", instances)
+    if cfg.instance_updates:
+        app.router.add_post("/pdserve/v1/instances", add_instance)
+        app.router.add_delete("/pdserve/v1/instances", remove_instance)
 
     async def _lifecycle(_app: web.Application):  # type: ignore[no-untyped-def]
         await state.start()

@@ -110,6 +110,7 @@ class SchedulerConfig:
     api_keys: list[str] = field(default_factory=list, repr=False)  # never printed
     protect_metrics: bool = False
     runtime_lora_updating: bool = False  # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
+    instance_updates: bool = False  # serve POST/DELETE /pdserve/v1/instances (add/remove instances)
     instance_api_key: str | None = field(default=None, repr=False)
     drain_seconds: float = 30.0
     # serving features
@@ -189,6 +190,10 @@ OPTIONS: tuple[Opt, ...] = (
         env="VLLM_ALLOW_RUNTIME_LORA_UPDATING",
         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, sent on to every instance (which "
              "need VLLM_ALLOW_RUNTIME_LORA_UPDATING=True too); off by default, as in vLLM"),
+    Opt("instance_updates", ("--allow-instance-updates",), "bool", "access control",
+        env="PDSERVE_ALLOW_INSTANCE_UPDATES",
+        help="serve POST and DELETE /pdserve/v1/instances: add and remove instances while running (off by "
+             "default: whoever may call them decides where prompts go; set API keys too)"),
     Opt("drain_seconds", ("--drain-seconds",), "float", "shutdown", env="PDSERVE_DRAIN_SECONDS",
         help=f"on SIGTERM/SIGINT, refuse new requests (503) and let in-flight ones finish for up to this "
              f"long, then exit 0 (default {_D.drain_seconds:g})"),
@@ -358,7 +363,7 @@ def resolve_with_origins(args: argparse.Namespace, environ: Mapping[str, str],
     return out, origins
 
 
-def _parse_url(text: str, flag: str) -> tuple[str, int]:
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
     t = text.strip()
     for prefix in ("http://", "https://"):
         if t.startswith(prefix):
@@ -466,7 +471,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         for role, urls, flag in (("prefill", v["prefill_url"], "--prefill-url"),
                                  ("decode", v["decode_url"], "--decode-url")):
             for i, u in enumerate(urls):
-                host, port = _parse_url(u, flag)
+                host, port = parse_host_port(u, flag)
                 specs.append(InstanceSpec(role, i, len(specs), host, port))
     else:
         specs, digest = instances_from_ranktable(environ)
@@ -510,6 +515,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.e
         api_keys=_api_keys(v, environ),
         protect_metrics=bool(v["protect_metrics"]),
         runtime_lora_updating=bool(v["runtime_lora_updating"]),
+        instance_updates=bool(v["instance_updates"]),
         instance_api_key=v["instance_api_key"] or None,
         drain_seconds=pick("drain_seconds", d.drain_seconds),
         defaults=_defaults(v, deploy.defaults or {}),

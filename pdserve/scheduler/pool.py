@@ -174,6 +174,31 @@ class InstancePool:
         # again the LoRA adapters a restart lost)
         self.on_recover: list[Callable[[Instance], Awaitable[None]]] = []
 
+    def instance_for(self, spec: InstanceSpec) -> Instance:
+        return Instance(spec, self.metrics)
+
+    def _role(self, inst: Instance) -> RolePool:
+        return self.prefill if inst.spec.role == "prefill" else self.decode
+
+    def add(self, inst: Instance) -> None:
+        """Into routing (and health checks) from now on."""
+        self.all.append(inst)
+        self._role(inst).instances.append(inst)
+
+    def remove(self, inst: Instance) -> None:
+        """Out of routing and health checks at once; its requests in flight run to their end."""
+        self.all.remove(inst)
+        self._role(inst).instances.remove(inst)
+        for cb in self.on_down:
+            cb(inst)
+        labels = (inst.spec.role, inst.spec.name)
+        for gauge in (self.metrics.instance_inflight, self.metrics.instance_healthy,
+                      self.metrics.instance_prefill_backlog):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
     def _went_down(self, inst: Instance, reason: str | None) -> None:
         log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
         for cb in self.on_down:

@@ -1,0 +1,125 @@
+"""Adding and removing instances while the scheduler runs (``--allow-instance-updates``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.testing.fake_instance import FakeInstance
+from tests.integration.conftest import MODEL, Cluster, MakeCluster, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+async def _cluster(make_cluster: MakeCluster, **kw: object) -> Cluster:
+    return await make_cluster(1, 1, instance_updates=True, **kw)
+
+
+async def _fake(role: str, index: int = 7, **kw: object) -> FakeInstance:
+    return await FakeInstance(role, index, index, model=kw.pop("model", MODEL), **kw).start()  # type: ignore[arg-type]
+
+
+async def _add(c: Cluster, role: str, url: str) -> tuple[int, dict]:
+    async with c.post("/pdserve/v1/instances", json={"role": role, "url": url}) as r:
+        return r.status, await r.json()
+
+
+async def _names(c: Cluster) -> list[str]:
+    async with c.get("/pdserve/v1/instances") as r:
+        return [i["name"] for i in (await r.json())["instances"]]
+
+
+async def _complete(c: Cluster, prompt: str = "a b c") -> int:
+    async with c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}) as r:
+        await r.read()
+        return r.status
+
+
+async def test_an_added_decode_instance_takes_requests(make_cluster: MakeCluster) -> None:
+    c = await _cluster(make_cluster, decode_policy="round-robin")
+    extra = await _fake("decode")
+    try:
+        status, answer = await _add(c, "decode", f"http://127.0.0.1:{extra.port}")
+        assert status == 201, answer
+        assert answer["name"] == f"decode[1]@127.0.0.1:{extra.port}" and answer["role"] == "decode"
+        assert answer["name"] in await _names(c)
+        for k in range(4):  # other prompts each: no conversation affinity
+            assert await _complete(c, f"prompt {k}") == 200
+        # round-robin over both decode instances: the new one got half, with the prefill's KV
+        got = extra.inference_requests()
+        assert len(got) == 2 and all(r["kv_transfer_params"] for r in got)
+        async with c.get("/metrics") as r:
+            assert f'instance="{answer["name"]}"' in await r.text()
+        # the same URL twice is refused
+        assert (await _add(c, "decode", f"127.0.0.1:{extra.port}"))[0] == 409
+    finally:
+        await extra.stop()
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("wrong role", "is a prefill instance, not a decode one"),
+    ("other model", "every instance must serve the same model"),
+    ("unhealthy", "is not healthy"),
+    ("unreachable", "cannot be reached"),
+    ("bad url", "is not HOST:PORT"),
+])
+async def test_an_instance_that_fails_the_start_up_checks_is_refused(make_cluster: MakeCluster, case: str,
+                                                                    fragment: str) -> None:
+    c = await _cluster(make_cluster)
+    extra = await _fake("prefill" if case == "wrong role" else "decode",
+                        model="other" if case == "other model" else MODEL, healthy=case != "unhealthy")
+    port = extra.port
+    if case == "unreachable":
+        await extra.stop()
+    try:
+        url = "no-port" if case == "bad url" else f"127.0.0.1:{port}"
+        status, answer = await _add(c, "decode", url)
+        assert status == 400, answer
+        assert fragment in answer["error"]["message"], answer
+        assert len(await _names(c)) == 2
+    finally:
+        if case != "unreachable":
+            await extra.stop()
+
+
+async def test_removal_stops_routing_at_once_and_waits_for_requests_in_flight(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 2, instance_updates=True)
+    slow = c.decode[1]
+    slow.config.token_latency = 0.05
+    c.decode[0].config.healthy = False  # every request goes to decode[1] first
+    await c.state.pool.check_all(c.state.session)
+    stream = asyncio.ensure_future(_complete(c))
+    await wait_for(lambda: slow.inference_requests(), what="a request in flight on decode[1]")
+    c.decode[0].config.healthy = True
+    await c.state.pool.check_all(c.state.session)
+    async with c.http.delete(c.url + "/pdserve/v1/instances", params={"url": f"127.0.0.1:{slow.port}"}) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    # the answer came once the request in flight there had finished, and that request succeeded
+    assert answer["drained"] and answer["inflight"] == 0
+    assert stream.done() and stream.result() == 200
+    assert all(f"{slow.port}" not in n for n in await _names(c))
+    before = len(slow.inference_requests())
+    for k in range(3):
+        assert await _complete(c, f"prompt {k}") == 200
+    assert len(slow.inference_requests()) == before  # no new request reached it
+
+
+async def test_removal_refuses_the_last_of_a_role_and_unknown_urls(make_cluster: MakeCluster) -> None:
+    c = await _cluster(make_cluster)
+    async with c.http.delete(c.url + "/pdserve/v1/instances", params={"url": f"127.0.0.1:{c.decode[0].port}"}) as r:
+        assert r.status == 409
+        assert "last decode instance" in (await r.json())["error"]["message"]
+    async with c.http.delete(c.url + "/pdserve/v1/instances", params={"url": "127.0.0.1:1"}) as r:
+        assert r.status == 404
+    async with c.http.delete(c.url + "/pdserve/v1/instances") as r:
+        assert r.status == 400
+    assert len(await _names(c)) == 2
+
+
+async def test_the_routes_are_off_by_default_and_need_the_api_key(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1)
+    assert (await _add(c, "decode", "127.0.0.1:9"))[0] == 405  # GET only: no one can redirect prompts
+    keyed = await make_cluster(1, 1, instance_updates=True, api_keys=["k1"])
+    assert (await _add(keyed, "decode", "127.0.0.1:9"))[0] == 401
