@@ -266,14 +266,20 @@ class AdapterAdmin:
     async def reload(self, inst: Instance) -> None:
         """``inst`` is back (perhaps restarted, without what was loaded at run time): load again
         what was loaded through the scheduler, before it takes requests."""
+        for failure in await self.load_missing(inst):
+            log.warning("LoRA adapter %s", failure)
+
+    async def load_missing(self, inst: Instance) -> list[str]:
+        """Load on ``inst`` what was loaded through the scheduler; one line per failure."""
+        failures = []
         async with self._lock:
             for name, body in self.loaded_here.items():
                 answer = await self._post(inst, LOAD_PATH, body)
                 if answer.ok:
-                    log.info("LoRA adapter %r loaded again on %s", name, inst.spec.name)
+                    log.info("LoRA adapter %r loaded on %s", name, inst.spec.name)
                 elif not answer.already_loaded:  # (it kept it: nothing lost)
-                    log.warning("LoRA adapter %r could not be loaded again on %s: %s", name, inst.spec.name,
-                                describe([answer]))
+                    failures.append(f"{name!r} on {describe([answer])}")
+        return failures
 
     async def refresh(self) -> None:
         """Re-read which adapters every healthy instance serves. An adapter loaded through this

@@ -335,6 +335,8 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
     finally:
         state.metrics.inflight.dec()
         state.admission.release()
+        for inst in ctx.prefills:
+            inst.users -= 1
 
 
 def _uncached_tokens(endpoint: str, pp: PrefixPoints, matched: int) -> int:
@@ -529,7 +531,9 @@ async def add_instance(request: web.Request) -> web.Response:
 
 async def remove_instance(request: web.Request) -> web.Response:
     """Scale in: out of routing at once, then a bounded wait for its requests in flight."""
-    status, answer = await membership.remove(_state(request), request.query.get("url"), request.query.get("wait"))
+    q = request.query
+    status, answer = await membership.remove(_state(request), q.get("url"), q.get("wait"),
+                                             q.get("force", "").lower() in ("1", "true", "yes"))
     return web.json_response(answer, status=status)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pdserve.errors import ConfigError
 from pdserve.identity import IDENTITY_PATH, Identity
+from pdserve.scheduler.adapters import adapters_in_models
 from pdserve.scheduler.config import InstanceSpec, parse_host_port
 from pdserve.scheduler.errors import ApiError, bad_request
 from pdserve.scheduler.relay import loads
@@ -42,8 +44,21 @@ def _host_port(url: str, param: str = "url") -> tuple[str, int]:
         raise bad_request(f"{exc.found}; e.g. 127.0.0.1:8101", param=param) from None
 
 
-def _find(state: Scheduler, host: str, port: int) -> Instance | None:
-    return next((i for i in state.pool.all if (i.spec.host, i.spec.port) == (host, port)), None)
+async def _address(host: str, port: int) -> tuple[str, int]:
+    """The address ``host`` resolves to: ``localhost:P`` and ``127.0.0.1:P`` are one instance."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return host, port
+    return (str(infos[0][4][0]), port) if infos else (host, port)
+
+
+async def _find(state: Scheduler, host: str, port: int) -> Instance | None:
+    where = await _address(host, port)
+    for inst in state.pool.all:
+        if await _address(inst.spec.host, inst.spec.port) == where:
+            return inst
+    return None
 
 
 async def _get(session: aiohttp.ClientSession, url: str, timeout: float) -> tuple[int, bytes]:
@@ -51,17 +66,22 @@ async def _get(session: aiohttp.ClientSession, url: str, timeout: float) -> tupl
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             return resp.status, await resp.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise ApiError(400, f"{url} cannot be reached: {type(exc).__name__} {exc}".strip(), param="url") from None
+        raise ApiError(502, f"{url} cannot be reached: {type(exc).__name__} {exc}".strip()) from None
+
+
+def _refuse(spec: InstanceSpec, why: str) -> ApiError:
+    return ApiError(400, f"{spec.url} {why}", param="url")
 
 
 async def _check(state: Scheduler, spec: InstanceSpec) -> None:
-    """The start-up checks for one instance: healthy, the role it is added as, the same model."""
+    """What start-up checks, for one instance: healthy, the role it is added as, the same model,
+    room for the context the scheduler admits, the same chat default, the start-up LoRA adapters.
+    (The ranktable digest is not compared: a new host comes with a merged ranktable.)"""
     cfg, session = state.cfg, state.session
     assert session is not None
     status, _ = await _get(session, spec.url + "/health", cfg.health_timeout)
     if status != 200:
-        raise ApiError(400, f"{spec.url} is not healthy (GET /health answered {status}); add it once it is",
-                       param="url")
+        raise _refuse(spec, f"is not healthy (GET /health answered {status}); add it once it is")
     names: list[str] = []
     if cfg.identity_check:
         status, body = await _get(session, spec.url + IDENTITY_PATH, cfg.health_timeout)
@@ -70,21 +90,36 @@ async def _check(state: Scheduler, spec: InstanceSpec) -> None:
         except ValidationError:
             ident = None
         if ident is None:
-            raise ApiError(400, f"{spec.url} gave no pdserve identity (GET {IDENTITY_PATH} answered {status}): start "
-                                "it with `pdserve serve`, or run the scheduler with --no-identity-check", param="url")
+            raise _refuse(spec, f"gave no pdserve identity (GET {IDENTITY_PATH} answered {status}): start it with "
+                                "`pdserve serve`, or run the scheduler with --no-identity-check")
         if ident.role != spec.role:
             raise ApiError(400, f"{spec.url} is a {ident.role} instance, not a {spec.role} one", param="role")
         names = ident.served_model_names
-    if not names:
-        status, body = await _get(session, spec.url + "/v1/models", cfg.health_timeout)
-        try:
-            data = loads(body) if status == 200 else {}
-            names = [m["id"] for m in data.get("data", ()) if m.get("parent") is None]
-        except (ValueError, TypeError, KeyError, AttributeError):
-            names = []
+        if cfg.chat_default_is_context and ident.chat_default_max_tokens != "context":
+            cfg.chat_default_is_context = False  # as start-up decides when any instance differs
+            log.info("%s has another chat default max_tokens: chat answers without max_tokens no longer "
+                     "continue from the prefill's token", spec.url)
+    status, body = await _get(session, spec.url + "/v1/models", cfg.health_timeout)
+    try:
+        data = loads(body) if status == 200 else {}
+        cards = [m for m in data.get("data", ()) if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        cards = []
+    base = [m for m in cards if m.get("parent") is None]
+    names = names or [m.get("id") for m in base]
     if cfg.upstream_model and cfg.upstream_model not in names:
-        raise ApiError(400, f"{spec.url} serves {names or 'no model it names'}, not {cfg.upstream_model!r}: every "
-                            "instance must serve the same model", param="url")
+        raise _refuse(spec, f"serves {names or 'no model it names'}, not {cfg.upstream_model!r}: every instance "
+                            "must serve the same model")
+    mml = next((m.get("max_model_len") for m in base if m.get("id") in names), None)
+    if cfg.max_model_len and isinstance(mml, int) and mml < cfg.max_model_len:
+        raise _refuse(spec, f"has max_model_len {mml}, less than the {cfg.max_model_len} the scheduler admits: "
+                            "start it with the same --max-model-len")
+    has = {a.name: a.path for a in adapters_in_models(data if cards else {})}
+    missing = [n for n, a in state.adapters.served.items()
+               if n not in state.adapters.loaded_here and has.get(n) != a.path]
+    if missing:
+        raise _refuse(spec, f"lacks the LoRA adapter(s) {', '.join(missing)} every other instance serves: start it "
+                            "with the same --lora-modules")
 
 
 async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
@@ -96,21 +131,24 @@ async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
     host, port = _host_port(req.url)
     async with state.membership_lock:  # two adds of one URL: the second sees the first
-        if (known := _find(state, host, port)) is not None:
+        if (known := await _find(state, host, port)) is not None:
             raise ApiError(409, f"{known.spec.name} is already in the pool", param="url")
         role = state.pool.prefill if req.role == "prefill" else state.pool.decode
         spec = InstanceSpec(req.role, 1 + max((i.spec.index for i in role.instances), default=-1),
                             1 + max((i.spec.global_index for i in state.pool.all), default=-1), host, port)
         await _check(state, spec)
         inst = state.pool.instance_for(spec)
-        for hook in state.pool.on_recover:  # e.g. the LoRA adapters loaded through the scheduler
-            await hook(inst)
+        failed = await state.adapters.load_missing(inst)  # those loaded through the scheduler
+        if failed:
+            state.metrics.forget_instance(spec.role, spec.name)
+            raise ApiError(502, f"{spec.url} could not load the LoRA adapter(s) loaded through the scheduler: "
+                                f"{'; '.join(failed)}; it was not added", param="url")
         state.pool.add(inst)
     log.info("instance %s added to the %s pool (%d now)", spec.name, req.role, len(role.instances))
     return {"name": spec.name, "role": spec.role, "url": spec.url}
 
 
-async def remove(state: Scheduler, url: str | None, wait: str | None) -> tuple[int, dict[str, Any]]:
+async def remove(state: Scheduler, url: str | None, wait: str | None, force: bool = False) -> tuple[int, dict[str, Any]]:
     """Out of routing at once; then wait up to ``wait`` seconds [30] for its requests in flight.
     200 when none is left, 202 when some still run (the instance is out of the pool either way)."""
     if not url:
@@ -123,19 +161,25 @@ async def remove(state: Scheduler, url: str | None, wait: str | None) -> tuple[i
     if not 0 <= limit <= 3600:
         raise bad_request("wait: give 0 to 3600 seconds", param="wait")
     async with state.membership_lock:
-        inst = _find(state, host, port)
+        inst = await _find(state, host, port)
         if inst is None:
             raise ApiError(404, f"no instance at {host}:{port} in the pool", param="url")
         role = state.pool.prefill if inst.spec.role == "prefill" else state.pool.decode
-        if len(role.instances) == 1:
-            raise ApiError(409, f"{inst.spec.name} is the last {inst.spec.role} instance; add another first",
-                           param="url")
+        if not force and not any(i.healthy for i in role.instances if i is not inst):
+            raise ApiError(409, f"{inst.spec.name} is the last healthy {inst.spec.role} instance: add another "
+                                "first (or pass force=1)", param="url")
         state.pool.remove(inst)
-    log.info("instance %s removed from the %s pool; %d request(s) still in flight there", inst.spec.name,
-             inst.spec.role, inst.inflight)
+    log.info("instance %s removed from the %s pool; %d request(s) still use it", inst.spec.name,
+             inst.spec.role, _busy(inst))
     deadline = time.monotonic() + limit
-    while inst.inflight > 0 and time.monotonic() < deadline:
+    while _busy(inst) > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    drained = inst.inflight == 0
-    return (200 if drained else 202), {"name": inst.spec.name, "removed": True, "inflight": inst.inflight,
+    drained = _busy(inst) == 0
+    return (200 if drained else 202), {"name": inst.spec.name, "removed": True, "inflight": _busy(inst),
                                        "drained": drained}
+
+
+def _busy(inst: Instance) -> int:
+    """Requests that still need the instance: its slots, and for a prefill instance the requests
+    whose KV lease it holds until they end (the decode side pulls it after the prefill's answer)."""
+    return inst.inflight + inst.users

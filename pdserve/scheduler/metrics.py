@@ -86,5 +86,15 @@ class SchedulerMetrics:
             del self._children[key]
             self.requests.remove(*key[1])
 
+    def forget_instance(self, role: str, name: str) -> None:
+        """Drop the series of an instance taken out of the pool."""
+        for metric, labels in ((self.instance_inflight, (role, name)), (self.instance_healthy, (role, name)),
+                               (self.instance_prefill_backlog, (role, name)), (self.prefill, (name,))):
+            self._children.pop((id(metric), labels), None)
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

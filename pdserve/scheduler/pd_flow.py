@@ -93,6 +93,7 @@ class RequestContext:
     client: asyncio.BaseTransport | None = None  # the client's connection, once its stream is open
     trace: dict[str, str] = field(default_factory=dict)  # the client's trace context, passed on to both calls
     last_chunk: float | None = None  # perf_counter of the last stream chunk relayed (inter-token latency)
+    prefills: list[Instance] = field(default_factory=list)  # prefill instances whose answers it used
 
 
 @dataclass(slots=True)
@@ -260,6 +261,8 @@ class PDFlow:
                 _refused_credentials(status, "prefill", inst.spec.name)
                 raise UpstreamClientError(status, payload, "application/json")
             ctx.prefill_done = time.perf_counter()
+            inst.users += 1  # its KV lease is this request's until the request ends
+            ctx.prefills.append(inst)
             ctx.prefill_s = ctx.prefill_done - t
             self.metrics.child(self.metrics.prefill, inst.spec.name).observe(ctx.prefill_s)
             try:

@@ -102,12 +102,12 @@ class PrefixAffinity:
         self.load_factor = load_factor
         self.vnodes = vnodes
         self._fallback = LeastLoad()
-        self._ring_key: tuple[str, ...] = ()
+        self._ring_key: tuple[int, ...] = ()  # the instances' ids: a removed one re-added under its old name is new
         self._ring_hashes: list[int] = []
         self._ring_insts: list[Instance] = []
 
     def _ring(self, healthy: Sequence[Instance]) -> tuple[list[int], list[Instance]]:
-        names = tuple(i.spec.name for i in healthy)
+        names = tuple(map(id, healthy))  # (the cached ring holds them, so no id is reused meanwhile)
         if names != self._ring_key:
             points = sorted(
                 ((_h64(f"{inst.spec.name}#{v}".encode()), inst) for inst in healthy for v in range(self.vnodes)),

@@ -29,7 +29,7 @@ REJOIN_TIMEOUT = 60.0  # seconds the on_recover hooks may take before an instanc
 
 class Instance:
     __slots__ = ("spec", "url", "healthy", "inflight", "inflight_tokens", "prefill_backlog", "last_error",
-                 "since", "_g_inflight", "_g_healthy", "_g_backlog")
+                 "since", "users", "removed", "_g_inflight", "_g_healthy", "_g_backlog")
 
     def __init__(self, spec: InstanceSpec, metrics: SchedulerMetrics) -> None:
         self.spec = spec
@@ -40,6 +40,8 @@ class Instance:
         self.prefill_backlog = 0  # estimated prompt tokens this instance has yet to compute
         self.last_error: str | None = None
         self.since = time.monotonic()
+        self.users = 0  # requests still using what it answered (a prefill's KV lease) after its slot
+        self.removed = False  # taken out of the pool: no health checks or callbacks any more
         self._g_inflight = metrics.instance_inflight.labels(spec.role, spec.name)
         self._g_healthy = metrics.instance_healthy.labels(spec.role, spec.name)
         self._g_healthy.set(1)
@@ -183,21 +185,18 @@ class InstancePool:
     def add(self, inst: Instance) -> None:
         """Into routing (and health checks) from now on."""
         self.all.append(inst)
-        self._role(inst).instances.append(inst)
+        role = self._role(inst)
+        role.instances.append(inst)
+        role._freed.set()  # requests waiting for a slot may take one there
 
     def remove(self, inst: Instance) -> None:
         """Out of routing and health checks at once; its requests in flight run to their end."""
+        inst.removed = True
         self.all.remove(inst)
         self._role(inst).instances.remove(inst)
         for cb in self.on_down:
             cb(inst)
-        labels = (inst.spec.role, inst.spec.name)
-        for gauge in (self.metrics.instance_inflight, self.metrics.instance_healthy,
-                      self.metrics.instance_prefill_backlog):
-            try:
-                gauge.remove(*labels)
-            except KeyError:
-                pass
+        self.metrics.forget_instance(inst.spec.role, inst.spec.name)
 
     def _went_down(self, inst: Instance, reason: str | None) -> None:
         log.warning("instance %s taken out of the pool: %s", inst.spec.name, reason)
@@ -206,7 +205,7 @@ class InstancePool:
 
     def mark_down(self, inst: Instance, reason: str) -> None:
         """Passive health: a request could not reach the instance; the health loop puts it back."""
-        if inst.set_health(False, reason):
+        if not inst.removed and inst.set_health(False, reason):
             self._went_down(inst, reason)
 
     async def check_one(self, session: aiohttp.ClientSession, inst: Instance) -> bool:
@@ -218,6 +217,8 @@ class InstancePool:
                 reason = None if ok else f"GET /health answered {resp.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             ok, reason = False, f"GET /health failed: {type(exc).__name__} {exc}".strip()
+        if inst.removed:  # taken out while this check ran: nothing to update
+            return False
         if ok and not inst.healthy:
             for hook in self.on_recover:
                 try:  # bounded: the other instances' checks wait for this round
@@ -228,6 +229,8 @@ class InstancePool:
                     return False
                 except Exception:  # a failed hook must not keep a healthy instance out for ever
                     log.exception("preparing instance %s to rejoin failed", inst.spec.name)
+            if inst.removed:
+                return False
         if inst.set_health(ok, reason):
             if ok:
                 log.info("instance %s is healthy again; back in the pool", inst.spec.name)
