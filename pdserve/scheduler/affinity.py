@@ -31,8 +31,29 @@ if TYPE_CHECKING:
 CHAT_OVERHEAD_TOKENS = 8  # per message: role markers of the chat template
 
 
+def as_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A ``/v1/responses`` request as chat messages, for routing and estimates: ``instructions``
+    is the system message, a string ``input`` one user message, input items keep their role."""
+    msgs: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        msgs.append({"role": "system", "content": body["instructions"]})
+    inp = body.get("input")
+    if isinstance(inp, str):
+        msgs.append({"role": "user", "content": inp})
+    elif isinstance(inp, list):
+        msgs += [{"role": item.get("role", item.get("type")), "content": item.get("content")}
+                 for item in inp if isinstance(item, dict)]
+    return {"messages": msgs}
+
+
+def chat_view(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(endpoint, body) with a responses request seen as the chat request it renders like."""
+    return ("chat", as_chat(body)) if endpoint == "responses" else (endpoint, body)
+
+
 def prompt_pieces(endpoint: str, body: dict[str, Any]) -> list[str]:
     """The prompt as text pieces (one per chat message), a stand-in for the rendered template."""
+    endpoint, body = chat_view(endpoint, body)
     if endpoint == "chat":
         out = []
         for m in body.get("messages") or ():
@@ -75,7 +96,7 @@ def batch_prompts(endpoint: str, body: dict[str, Any]) -> tuple[str, list[Any]] 
     """A completions ``prompt`` given as a list, as (kind, prompts): ("ids", [token-id list, ...])
     or ("text", [str, ...]); None for one text prompt or chat (see :func:`prompt_pieces`)."""
     p = body.get("prompt")
-    if endpoint == "chat" or not isinstance(p, list) or not p:
+    if endpoint in ("chat", "responses") or not isinstance(p, list) or not p:
         return None
     if isinstance(p[0], int):
         return "ids", [p]
@@ -94,7 +115,7 @@ def prompt_upper_tokens(endpoint: str, body: dict[str, Any], limit: int) -> int:
         return max(len(x) if kind == "ids" else _capped(x, limit) for x in prompts)
     total = 0
     for piece in prompt_pieces(endpoint, body):
-        total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint == "chat" else 0)
+        total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint in ("chat", "responses") else 0)
         if total >= limit:
             break
     return total

@@ -37,7 +37,7 @@ from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import TRACE_HEADERS, PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
 from pdserve.scheduler.pool import InstancePool
-from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, dumps, loads
+from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, ResponsesRelay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler")
 access_log = logging.getLogger("pdserve.scheduler.access")
@@ -46,6 +46,7 @@ _RID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
+    "/v1/responses": "responses",
     "/generate": "generate",
     "/v1/models": "models",
     "/health": "health",
@@ -58,7 +59,7 @@ _ENDPOINTS = {
     "/v1/unload_lora_adapter": "lora",
 }
 _UNTRACKED = frozenset({"/health", "/ping", "/metrics"})
-_INFERENCE = frozenset({"completions", "chat", "generate"})  # never refused while draining, not waited for
+_INFERENCE = frozenset({"completions", "chat", "generate", "responses"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
@@ -134,10 +135,11 @@ class Scheduler:
         if self._own_session and self.session is not None:
             await self.session.close()
 
-    def relay_for(self, answer_model: str | None) -> OpenAIRelay:
+    def relay_for(self, answer_model: str | None, endpoint: str = "completions") -> OpenAIRelay:
+        kind = ResponsesRelay if endpoint == "responses" else OpenAIRelay
         if answer_model is None or self.rename_prefix is None:
-            return OpenAIRelay()
-        return OpenAIRelay((self.rename_prefix, b'"model":' + dumps(answer_model)))
+            return kind()
+        return kind((self.rename_prefix, b'"model":' + dumps(answer_model)))
 
 
 def make_session(cfg: SchedulerConfig) -> aiohttp.ClientSession:
@@ -219,6 +221,13 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
             return web.Response(status=499)
         log.exception("request %s failed", rid)
         err = ApiError(500, f"internal scheduler error: {type(exc).__name__}")
+        ctx_ = request.get(CTX)
+        if ctx_ is not None and ctx_.client is not None:
+            # its stream had started, so no error answer can follow: cut the connection, or the
+            # client would wait for the rest of the stream until its own timeout
+            ctx_.client.close()
+            _finish(state, request, 500, t0, err.message)
+            return web.Response(status=500)
         resp, status = err.response(rid), 500
     finally:
         if tracked:
@@ -307,7 +316,7 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
             upstream["model"] = default_model
         body, raw, path = upstream, dumps(upstream), "/v1/completions"
     else:
-        relay = state.relay_for(shaped.answer_model)
+        relay = state.relay_for(shaped.answer_model, endpoint)
         path = request.path
     ctx = RequestContext(request_id=request[RID], endpoint=endpoint, path=path, body=body, raw=raw,
                          stream=bool(req.stream), key=key,
@@ -404,6 +413,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _inference(request, "chat")
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "responses")
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -546,6 +559,7 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         app.router.add_post("/v1/completions", completions)
         app.router.add_post("/v1/chat/completions", chat_completions)
         app.router.add_get("/v1/models", list_models)
+        app.router.add_post("/v1/responses", responses)
         if cfg.runtime_lora_updating:  # vLLM's switch: without it, vLLM has no such routes either
             app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
             app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)

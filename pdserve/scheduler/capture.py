@@ -58,13 +58,16 @@ class CaptureRecord:
 
 
 def assemble_stream(chunks: Iterable[bytes]) -> dict[str, Any]:
-    """Text, finish reason and usage of an OpenAI SSE stream (completions or chat, n choices)."""
+    """Text, finish reason and usage of an OpenAI SSE stream (completions or chat, n choices; or
+    a responses stream: its text deltas, and status and usage from its last event)."""
     texts: dict[int, list[str]] = {}
     finish: dict[int, Any] = {}
     usage: Any = None
     error: Any = None
     model: Any = None
     for ev in b"".join(chunks).split(b"\n\n"):
+        if ev.startswith(b"event: "):  # a responses event: `event: <type>` then its data line
+            ev = ev.partition(b"\n")[2]
         if not ev.startswith(b"data: {"):
             continue
         try:
@@ -73,6 +76,15 @@ def assemble_stream(chunks: Iterable[bytes]) -> dict[str, Any]:
             continue
         if not isinstance(obj, dict):
             continue
+        kind = obj.get("type")
+        if kind == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+            texts.setdefault(0, []).append(obj["delta"])
+        elif kind in ("response.completed", "response.incomplete", "response.failed") \
+                and isinstance(obj.get("response"), dict):
+            resp = obj["response"]
+            usage, model, finish[0] = resp.get("usage"), resp.get("model"), resp.get("status")
+        elif kind == "error":
+            error = {k: v for k, v in obj.items() if k != "type"}
         if "error" in obj:
             error = obj["error"]
         if obj.get("usage"):

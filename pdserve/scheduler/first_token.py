@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pdserve.scheduler.jsonio import dumps, loads
+from pdserve.scheduler.relay import ReadsOpenAIStream
 
 __all__ = ["FirstToken", "ChatFromCompletion", "SameCreated", "TokenTap", "complete_answer", "eligible",
            "from_prefill", "stream_events", "MAX_TOKENS_DEFAULT"]
@@ -366,7 +367,7 @@ def _clients_copy(answer: dict[str, Any], keep_ids: bool) -> tuple[dict[str, Any
     return out, choice
 
 
-class ChatFromCompletion:
+class ChatFromCompletion(ReadsOpenAIStream):
     """Rewrites the decode instance's completion stream into chat chunks (id, created and model of
     the prefill's answer; errors and [DONE] unchanged), then hands them to the client's relay."""
 
@@ -459,7 +460,7 @@ _CREATED = re.compile(rb'"created":\d+')
 _FINGERPRINT = re.compile(rb'"system_fingerprint":"[^"\\]*"')
 
 
-class SameCreated:
+class SameCreated(ReadsOpenAIStream):
     """A completion stream's later chunks come from the decode instance, whose ``created`` can be
     a second past the prefill's on the first chunk: every chunk gets the first one's, as from one
     server, and the prefill's ``system_fingerprint`` (the decode instance's config hashes

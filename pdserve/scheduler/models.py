@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from pdserve.scheduler.affinity import chat_view
 from pdserve.scheduler.errors import ApiError, bad_request
 
 
@@ -84,12 +85,23 @@ class GenerateRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=_I64_MAX)
 
 
-Endpoint = Literal["completions", "chat", "generate"]
+class ResponsesRequest(SamplingFields):
+    """vLLM's ``/v1/responses`` (stateless: the answer is not stored for a later request)."""
+
+    input: StrictStr | list[Any]
+    instructions: StrictStr | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=_I64_MAX)
+    previous_response_id: StrictStr | None = None
+    background: bool | None = None
+
+
+Endpoint = Literal["completions", "chat", "generate", "responses"]
 _M = TypeVar("_M", bound=BaseModel)
 _MODELS: dict[str, type[SamplingFields]] = {
     "completions": CompletionRequest,
     "chat": ChatCompletionRequest,
     "generate": GenerateRequest,
+    "responses": ResponsesRequest,
 }
 
 
@@ -137,6 +149,14 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
             raise bad_request("either `prompt` or `prompt_embeds` must be provided", param="prompt")
         if isinstance(req.prompt, list) and len(req.prompt) == 0:
             raise bad_request("prompt must not be empty", param="prompt")
+    if isinstance(req, ResponsesRequest):
+        if req.previous_response_id is not None:
+            raise bad_request("previous_response_id is not served: a stored response lives on the one instance that "
+                              "answered it, and prefill and decode are two. Send the conversation in `input` (or "
+                              "vLLM's previous_input_messages) instead", param="previous_response_id")
+        if req.background:
+            raise bad_request("background responses are not served through the scheduler (they are stored on one "
+                              "instance); send them to an instance directly", param="background")
     if req.best_of is not None and req.best_of < (req.n or 1):
         raise bad_request("best_of must be greater than or equal to n", param="best_of")
     if body.get("kv_transfer_params") is not None:
@@ -144,7 +164,7 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
         raise bad_request("kv_transfer_params are set by the scheduler, which pairs the prefill and "
                           "decode instances itself; leave them out (to drive a hand-over yourself, "
                           "send them to the instances directly)", param="kv_transfer_params")
-    limit = max_tokens_of(endpoint, req) or (None if endpoint == "chat" else 16)  # vLLM's defaults
+    limit = max_tokens_of(endpoint, req) or (None if endpoint in ("chat", "responses") else 16)  # vLLM's defaults
     if req.min_tokens and limit is not None and req.min_tokens > limit:
         raise bad_request(f"min_tokens must be less than or equal to max_tokens={limit}, got {req.min_tokens}.",
                           param="min_tokens")
@@ -160,6 +180,7 @@ def prompt_text_for_routing(endpoint: Endpoint, body: dict[str, Any], limit: int
     vLLM's prefix cache already holds its KV. For chat, role and content of the leading messages
     stand in for the rendered chat template (the template is a deterministic function of them).
     """
+    endpoint, body = chat_view(endpoint, body)
     if endpoint == "chat":
         parts: list[str] = []
         size = 0
@@ -213,6 +234,7 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any], chars_per_t
     ``chars_per_token`` is an upper bound on the characters one token covers, which is how the
     max-model-len check uses it (it must never reject a prompt that fits).
     """
+    endpoint, body = chat_view(endpoint, body)
     if endpoint == "chat":
         chars = 0
         for m in body.get("messages") or ():
@@ -258,6 +280,8 @@ def max_tokens_of(endpoint: Endpoint, req: SamplingFields) -> int | None:
     the other endpoints it is an unknown, unvalidated pass-through field)."""
     if endpoint == "chat":
         return req.max_completion_tokens or req.max_tokens  # type: ignore[attr-defined]
+    if isinstance(req, ResponsesRequest):
+        return req.max_output_tokens
     return req.max_tokens
 
 
@@ -270,10 +294,9 @@ def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], 
         return est
     max_tokens = max_tokens_of(endpoint, req)
     if max_tokens is not None and max_tokens > max_model_len:
-        raise bad_request(
-            f"max_tokens={max_tokens} is larger than the model's context length ({max_model_len} tokens)",
-            param="max_tokens",
-        )
+        name = "max_output_tokens" if endpoint == "responses" else "max_tokens"
+        raise bad_request(f"{name}={max_tokens} is larger than the model's context length ({max_model_len} tokens)",
+                          param=name)
     # like vLLM 0.32, max_tokens is cut to what the context leaves; only a prompt that leaves no room
     # for one token is refused
     if est >= max_model_len:
@@ -281,6 +304,6 @@ def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], 
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
             f"{what}, which leaves no room for an answer. Please reduce the length of the prompt.",
-            param="prompt" if endpoint != "chat" else "messages",
+            param={"chat": "messages", "responses": "input"}.get(endpoint, "prompt"),
         )
     return est

@@ -43,7 +43,7 @@ from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.policies import RouteKey
 from pdserve.scheduler.pool import Instance, InstancePool
-from pdserve.scheduler.relay import DONE, OpenAIRelay, Relay, dumps, loads
+from pdserve.scheduler.relay import OpenAIRelay, Relay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler.flow")
 
@@ -159,7 +159,10 @@ def prefill_body(body: dict[str, Any], endpoint: str, token_ids: bool = False) -
     b = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
     if token_ids:
         b["return_token_ids"] = True
-    b["max_tokens"] = 1
+    if endpoint == "responses":
+        b["max_output_tokens"], b["store"] = 1, False  # (nothing of the 1-token answer is kept)
+    else:
+        b["max_tokens"] = 1
     if "max_completion_tokens" in b:
         b["max_completion_tokens"] = 1
     b["stream"] = False
@@ -181,11 +184,11 @@ def decode_body(raw: bytes, body: dict[str, Any], kvtp: dict[str, Any] | None) -
     return dumps({**body, "kv_transfer_params": kvtp})
 
 
-def token_events(events: bytes) -> int:
-    """The stream events in ``events`` that carry output: every ``data:`` event but ``[DONE]`` and
-    chat's role chunks (a role delta carries no token; an escaped ``"role":`` in a text cannot
-    match)."""
-    return events.count(b"data: {") - events.count(b'"role":')
+def usage_keys(endpoint: str) -> tuple[str, str, str]:
+    """The names of the prompt tokens, output tokens and prompt-token details in ``usage``."""
+    if endpoint == "responses":
+        return "input_tokens", "output_tokens", "input_tokens_details"
+    return "prompt_tokens", "completion_tokens", "prompt_tokens_details"
 
 
 def _describe(exc: BaseException) -> str:
@@ -273,8 +276,9 @@ class PDFlow:
             usage = data.get("usage") if isinstance(data, dict) else None
             cached = prompt = created = None
             if isinstance(usage, dict):
-                prompt = usage.get("prompt_tokens")
-                details = usage.get("prompt_tokens_details")
+                prompt_key, _, details_key = usage_keys(ctx.endpoint)
+                prompt = usage.get(prompt_key)
+                details = usage.get(details_key)
                 if isinstance(details, dict):
                     cached, created = details.get("cached_tokens"), details.get("created_cache_tokens")
             if not isinstance(kvtp, dict):
@@ -424,7 +428,7 @@ class PDFlow:
                             events: bytes) -> web.StreamResponse:
         """Open the client's stream with events the scheduler built (its first token is out)."""
         out = await self._open_stream(ctx, request, relay.stream_content_type or "text/event-stream")
-        ctx.chunks += token_events(events)
+        ctx.chunks += relay.tokens(events)
         if ctx.capture is not None:
             ctx.capture.chunks.append(events)
         await self._write(ctx, out, relay.transform(events))
@@ -561,8 +565,9 @@ class PDFlow:
             data = loads(payload)
         except ValueError:
             raise ApiError(502, "decode instance answered invalid JSON") from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise ApiError(502, f"decode instance answered without choices: {payload[:200]!r}")
+        what = "output" if ctx.endpoint == "responses" else "choices"
+        if not isinstance(data, dict) or not isinstance(data.get(what), list):
+            raise ApiError(502, f"decode instance answered without {what}: {payload[:200]!r}")
         fixed = False
         if pre.first is not None and pre.first.prefill_answer is not None:
             data, fixed = pre.first.answer(data), True
@@ -590,17 +595,18 @@ class PDFlow:
         changed = pre.first is not None
         if pre.first is not None:
             pre.first.fix_usage(usage)
-        ctx.prompt_tokens = usage.get("prompt_tokens")
-        ctx.completion_tokens = usage.get("completion_tokens")
+        prompt_key, completion_key, details_key = usage_keys(ctx.endpoint)
+        ctx.prompt_tokens = usage.get(prompt_key)
+        ctx.completion_tokens = usage.get(completion_key)
         # the prefill computed the client's prompt, also when the decode instance got prompt + the
         # moved tokens to compute itself (a retry or a resume): its cache hits are the prompt's
         if pre.cached_tokens is None or (pre.kv_transfer_params is None and pre.first is None):
-            details = usage.get("prompt_tokens_details")
+            details = usage.get(details_key)
             if isinstance(details, dict):
                 ctx.cached_tokens = details.get("cached_tokens")
             return changed
         ctx.cached_tokens = pre.cached_tokens
-        details = usage.get("prompt_tokens_details")
+        details = usage.get(details_key)
         if isinstance(details, dict):
             # the prompt's cache facts are the prefill side's: it computed (and cached) the prompt
             wanted = {"cached_tokens": pre.cached_tokens}
@@ -611,7 +617,7 @@ class PDFlow:
                 return changed
             details.update(wanted)
         elif add_details:
-            usage["prompt_tokens_details"] = {"cached_tokens": pre.cached_tokens}
+            usage[details_key] = {"cached_tokens": pre.cached_tokens}
         else:
             return changed
         return True
@@ -620,17 +626,22 @@ class PDFlow:
         parts = events.split(b"\n\n")
         changed = False
         for i, ev in enumerate(parts):
-            if b'"usage"' not in ev or not ev.startswith(b"data: {"):
+            at = 0 if ev.startswith(b"data: {") else ev.find(b"\ndata: {") + 1  # (after an `event:` line)
+            if b'"usage"' not in ev or not ev.startswith(b"data: {", at):
                 continue
             try:
-                obj = loads(ev[6:])
+                obj = loads(ev[at + 6:])
             except ValueError:
                 continue
-            usage = obj.get("usage") if isinstance(obj, dict) else None
+            if not isinstance(obj, dict):
+                continue
+            # a responses stream's usage is in its last event's response object
+            holder = obj.get("response") if ctx.endpoint == "responses" else obj
+            usage = holder.get("usage") if isinstance(holder, dict) else None
             # per-chunk usage (continuous_usage_stats) has no prompt_tokens_details in vLLM: only
             # the final usage chunk (no choices) gets the prefill side's cached tokens added
             if isinstance(usage, dict) and self._fix_usage(ctx, pre, usage, add_details=not obj.get("choices")):
-                parts[i] = b"data: " + dumps(obj)
+                parts[i] = ev[:at] + b"data: " + dumps(obj)
                 changed = True
         return b"\n\n".join(parts) if changed else events
 
@@ -666,8 +677,8 @@ class PDFlow:
                     events = self._fix_usage_events(ctx, pre, events)
                 if tap is not None:
                     events = tap.take(events)
-                n = token_events(events)
-                if events.endswith(DONE):
+                n = relay.tokens(events)
+                if relay.ended(events):
                     saw_done = True
                 now = time.perf_counter()
                 if handover:  # the decode instance's first event
@@ -699,7 +710,7 @@ class PDFlow:
                 break
             buf += chunk
         if err is None and not saw_done:
-            err = ApiError(502, f"decode instance {name} ended the stream without [DONE]")
+            err = ApiError(502, f"decode instance {name} ended the stream without {relay.last_event}")
         if err is not None and resumable and tap is not None and not tap.finished:
             raise _StreamBroke(err, tap.ids)
         if err is not None:

@@ -13,14 +13,34 @@ from typing import Any
 from pdserve.scheduler.errors import ApiError
 from pdserve.scheduler.jsonio import dumps, loads
 
-__all__ = ["DONE", "GenerateRelay", "OpenAIRelay", "Relay", "dumps", "loads"]
+__all__ = ["DONE", "GenerateRelay", "OpenAIRelay", "ReadsOpenAIStream", "Relay", "ResponsesRelay", "dumps",
+           "loads"]
 
 DONE = b"data: [DONE]\n\n"
 
 
 
 
-class OpenAIRelay:
+class ReadsOpenAIStream:
+    """How a relay that reads a completions or chat stream from the decode instance counts its
+    output events and sees its end."""
+
+    last_event = "[DONE]"
+
+    @staticmethod
+    def tokens(events: bytes) -> int:
+        """The stream events in ``events`` that carry output: every ``data:`` event but ``[DONE]``
+        and chat's role chunks (a role delta carries no token; an escaped ``"role":`` in a text
+        cannot match)."""
+        return events.count(b"data: {") - events.count(b'"role":')
+
+    @staticmethod
+    def ended(events: bytes) -> bool:
+        """``events`` end the stream (vLLM's last event)."""
+        return events.endswith(DONE)
+
+
+class OpenAIRelay(ReadsOpenAIStream):
     """Bytes as the decode instance wrote them; with a model alias, ``"model":"<instance name>"``
     becomes ``"model":"<the name the client used>"`` (a byte replace: the pattern, with its
     unescaped quotes, cannot occur inside a JSON string value such as generated text)."""
@@ -44,7 +64,28 @@ class OpenAIRelay:
         return self.transform(dumps(data))
 
 
-class GenerateRelay:
+class ResponsesRelay(OpenAIRelay):
+    """``/v1/responses`` streams: ``event: <type>`` lines, no ``[DONE]``; the stream ends with
+    ``response.completed`` (or ``.incomplete``/``.failed``), and text comes in
+    ``response.output_text.delta`` events."""
+
+    last_event = "response.completed"
+    _END = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n")
+
+    def error(self, err: ApiError) -> bytes:
+        return b"event: error\ndata: " + dumps({"type": "error", "code": str(err.status), "message": err.message,
+                                               "param": err.param}) + b"\n\n"
+
+    @staticmethod
+    def tokens(events: bytes) -> int:
+        return events.count(b"event: response.output_text.delta\n")
+
+    @staticmethod
+    def ended(events: bytes) -> bool:
+        return any(end in events for end in ResponsesRelay._END)
+
+
+class GenerateRelay(ReadsOpenAIStream):
     passthrough = False
     stream_content_type = "application/octet-stream"
 
@@ -77,6 +118,7 @@ class GenerateRelay:
 
     def error(self, err: ApiError) -> bytes:
         return err.to_bytes() + b"\0"
+
 
     def json_body(self, data: dict[str, Any]) -> bytes:
         choices = sorted(data.get("choices") or (), key=lambda c: c.get("index", 0))

@@ -87,6 +87,10 @@ def _token_id(tok: str) -> int:
 
 def _prompt_tokens(path: str, body: dict[str, Any]) -> list[str]:
     """A deterministic stand-in for tokenization: whitespace words (token ids as themselves)."""
+    if path.endswith("/responses"):
+        inp = body.get("input")
+        items = [{"role": "user", "content": inp}] if isinstance(inp, str) else inp if isinstance(inp, list) else []
+        return _prompt_tokens("chat/completions", {"messages": items})
     if path.endswith("chat/completions"):
         toks: list[str] = []
         for m in body.get("messages") or ():
@@ -131,6 +135,7 @@ class FakeInstance:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._inference)
         app.router.add_post("/v1/chat/completions", self._inference)
+        app.router.add_post("/v1/responses", self._inference)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/tokenize", self._tokenize)
@@ -168,7 +173,7 @@ class FakeInstance:
             setattr(self.config, k, v)
 
     def inference_requests(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"].endswith("/completions")]
+        return [r for r in self.requests if r["path"].endswith(("/completions", "/responses"))]
 
     # -- small endpoints -------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
@@ -350,6 +355,8 @@ class FakeInstance:
                 return self._error(400, "fake decode instance: request has no kv_transfer_params from a prefill")
             # like vLLM, the decode side counts the KV it pulled as cached
             cached = n_prompt if kvtp_in else self._cached(toks)
+        if request.path.endswith("/responses"):
+            return await self._responses(request, body, rec, n_prompt, cached, kvtp_out)
         # like vLLM: max_completion_tokens exists for chat only (elsewhere an ignored extra field)
         max_tokens = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens") or 16
         n_out = min(cfg.output_tokens, max_tokens) if cfg.output_tokens is not None else max_tokens
@@ -402,6 +409,51 @@ class FakeInstance:
             rec["tokens_sent"] = n_out
             return web.Response(body=_dumps(obj), content_type="application/json")
         return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage, first_k)
+
+    async def _responses(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], n_prompt: int,
+                         cached: int, kvtp_out: dict[str, Any] | None) -> web.StreamResponse:
+        """``/v1/responses`` as vLLM answers it: one message of ``output_text``; streamed as
+        ``event: <type>`` events, the text in ``response.output_text.delta``, ending with
+        ``response.completed`` (no [DONE])."""
+        cfg = self.config
+        limit = int(body.get("max_output_tokens") or 16)
+        n_out = min(cfg.output_tokens, limit) if cfg.output_tokens is not None else limit
+        deltas = [f" r{k}" for k in range(n_out)]
+        usage = {"input_tokens": n_prompt, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": n_prompt + n_out}
+        resp = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+                "model": body.get("model") or self.model, "status": "completed", "output": [], "usage": None,
+                "kv_transfer_params": kvtp_out}
+        message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": "".join(deltas), "annotations": []}]}
+        if cfg.ttft:
+            await asyncio.sleep(cfg.ttft)
+        if not body.get("stream"):
+            rec["tokens_sent"] = n_out
+            return web.Response(body=_dumps({**resp, "output": [message], "usage": usage}),
+                                content_type="application/json")
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+
+        async def event(kind: str, **fields: Any) -> None:
+            await out.write(f"event: {kind}\n".encode() + b"data: " + _dumps({"type": kind, **fields}) + b"\n\n")
+
+        await event("response.created", response={**resp, "status": "in_progress"})
+        for k, delta in enumerate(deltas):
+            if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
+                rec["status"] = "dropped"
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            if k and cfg.token_latency:
+                await asyncio.sleep(cfg.token_latency)
+            await event("response.output_text.delta", item_id=message["id"], output_index=0, content_index=0,
+                        delta=delta)
+            rec["tokens_sent"] = k + 1
+        await event("response.completed", response={**resp, "output": [message], "usage": usage})
+        await out.write_eof()
+        return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], head: dict[str, Any],
                       chat: bool, n_out: int, n_choices: int, finish: str, usage: dict[str, Any],

@@ -325,3 +325,25 @@ def test_a_stream_cut_mid_way_resumes_after_exactly_the_tokens_the_client_has(pd
         finally:
             stop(proc)
             proxy.close()
+
+
+def test_responses_api_matches_reference(pd_cluster, reference):
+    """``/v1/responses`` (the `openai` package's ``responses.create``), stream and not, gets the
+    single server's greedy text; the decode instance pulled the prompt's KV."""
+    from openai import OpenAI
+
+    via_pd = OpenAI(base_url=f"{pd_cluster.scheduler_url}/v1", api_key="unused", max_retries=0)
+    plain = OpenAI(base_url=f"{reference}/v1", api_key="unused", max_retries=0)
+    pulled_before = metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    for inp in ("What is the capital of France?", _SENTENCE * 12 + "Retell this in one sentence."):
+        kwargs = {"model": pd_cluster.served_model_name, "input": inp, "max_output_tokens": 24, "temperature": 0}
+        want = plain.responses.create(**kwargs)
+        got = via_pd.responses.create(**kwargs)
+        assert got.output_text == want.output_text and got.output_text
+        assert got.usage.input_tokens == want.usage.input_tokens
+        assert got.usage.output_tokens == want.usage.output_tokens
+        streamed = [e for e in via_pd.responses.create(stream=True, **kwargs)]
+        assert streamed[-1].type == "response.completed"
+        assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == want.output_text
+    assert metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total",
+                  source="external_kv_transfer") - pulled_before > 100

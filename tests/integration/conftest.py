@@ -50,6 +50,12 @@ class Cluster:
         return sum(len(f.inference_requests()) for f in self.all())
 
 
+def sample(c: Cluster, name: str, **labels: str) -> float:
+    """One sample of the scheduler's metrics (0 when it has none yet)."""
+    value = c.state.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
 def specs_for(prefill: list[FakeInstance], decode: list[FakeInstance]) -> list[InstanceSpec]:
     specs = [InstanceSpec("prefill", i, i, "127.0.0.1", f.port) for i, f in enumerate(prefill)]  # type: ignore[arg-type]
     specs += [InstanceSpec("decode", i, len(prefill) + i, "127.0.0.1", f.port)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pdserve.testing.fake_instance import OUTPUT_ID_BASE, FakeInstance
-from tests.integration.conftest import MODEL, Cluster, MakeCluster, wait_for
+from tests.integration.conftest import MODEL, Cluster, MakeCluster, sample, wait_for
 from tests.integration.test_scheduler_api import sse_events
 
 pytestmark = pytest.mark.integration
@@ -31,11 +31,6 @@ TOKEN_LATENCY = 0.04  # each streamed token its own chunk (the fake sleeps betwe
 
 def reqs(fakes: list[FakeInstance]) -> list[dict[str, Any]]:
     return [r for f in fakes for r in f.inference_requests()]
-
-
-def sample(c: Cluster, name: str, **labels: str) -> float:
-    value = c.state.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 class _OnArrival(list):  # type: ignore[type-arg]

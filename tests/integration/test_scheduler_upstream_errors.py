@@ -103,3 +103,34 @@ async def test_decode_retry_with_no_other_healthy_decode_is_502(make_cluster: Ma
     assert error(raw)["message"] == "decode failed and no other decode instance is healthy"
     assert len(reqs(c.prefill)) == 1
     assert not c.state.pool.decode.instances[0].healthy
+
+
+async def test_a_scheduler_bug_mid_stream_cuts_the_connection_instead_of_hanging(
+        make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a stream started no error answer can follow; the client must not wait for more."""
+    import asyncio
+
+    import aiohttp
+
+    from pdserve.scheduler.relay import OpenAIRelay
+
+    c = await make_cluster(1, 1, prefill_first_token=False)
+    calls = []
+
+    def broken(self: OpenAIRelay, events: bytes) -> bytes:
+        calls.append(events)
+        if len(calls) > 1:
+            raise RuntimeError("injected bug")
+        return events
+
+    monkeypatch.setattr(OpenAIRelay, "transform", broken)
+    c.decode[0].config.token_latency = 0.02
+
+    async def read() -> bytes:
+        async with c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 5, "stream": True}) as r:
+            assert r.status == 200
+            return await r.read()
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(read(), 5)
+    assert len(calls) >= 2

@@ -81,6 +81,19 @@ def test_assemble_stream_chat_and_completions() -> None:
     assert assemble_json(b"not json")["raw"] == "not json"
 
 
+def test_assemble_stream_responses() -> None:
+    chunks = [b'event: response.created\ndata: {"type":"response.created","response":{"model":"m"}}\n\n'
+              b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hel"}\n\n',
+              b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"lo"}\n\n'
+              b'event: response.completed\ndata: {"type":"response.completed","response":{"model":"m",'
+              b'"status":"completed","usage":{"output_tokens":2}}}\n\n']
+    out = assemble_stream(chunks)
+    assert out["choices"] == [{"index": 0, "text": "Hello", "finish_reason": "completed"}]
+    assert out["usage"] == {"output_tokens": 2} and out["model"] == "m" and out["error"] is None
+    out = assemble_stream([b'event: error\ndata: {"type":"error","code":"502","message":"x"}\n\n'])
+    assert out["error"] == {"code": "502", "message": "x"}
+
+
 def test_redactor() -> None:
     r = Redactor(["prompt"], [r"\d{3}"])
     assert r.apply({"prompt": "x", "a": [{"prompt": 1, "b": "id 123 ok"}]}) == \
