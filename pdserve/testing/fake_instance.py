@@ -410,6 +410,19 @@ class FakeInstance:
             return web.Response(body=_dumps(obj), content_type="application/json")
         return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage, first_k)
 
+    async def _before_token(self, request: web.Request, rec: dict[str, Any], k: int) -> bool:
+        """Wait the per-token latency before token ``k``; False (connection dropped) when the
+        instance is set to die before it."""
+        cfg = self.config
+        if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
+            rec["status"] = "died"
+            if request.transport is not None:
+                request.transport.close()
+            return False
+        if k and cfg.token_latency:
+            await asyncio.sleep(cfg.token_latency)
+        return True
+
     async def _responses(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], n_prompt: int,
                          cached: int, kvtp_out: dict[str, Any] | None) -> web.StreamResponse:
         """``/v1/responses`` as vLLM answers it: one message of ``output_text``; streamed as
@@ -441,13 +454,8 @@ class FakeInstance:
 
         await event("response.created", response={**resp, "status": "in_progress"})
         for k, delta in enumerate(deltas):
-            if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
-                rec["status"] = "dropped"
-                if request.transport is not None:
-                    request.transport.close()
+            if not await self._before_token(request, rec, k):
                 return out
-            if k and cfg.token_latency:
-                await asyncio.sleep(cfg.token_latency)
             await event("response.output_text.delta", item_id=message["id"], output_index=0, content_index=0,
                         delta=delta)
             rec["tokens_sent"] = k + 1
@@ -476,13 +484,8 @@ class FakeInstance:
             await resp.write(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None} for i in range(n_choices)], 0))
         for k in range(n_out):
-            if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
-                rec["status"] = "died"
-                if request.transport is not None:
-                    request.transport.close()
+            if not await self._before_token(request, rec, k):
                 return resp
-            if k and cfg.token_latency:
-                await asyncio.sleep(cfg.token_latency)
             last = k == n_out - 1
             fr = finish if last else None
             for i in range(n_choices):
