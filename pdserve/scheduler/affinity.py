@@ -41,8 +41,14 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(inp, str):
         msgs.append({"role": "user", "content": inp})
     elif isinstance(inp, list):
-        msgs += [{"role": item.get("role", item.get("type")), "content": item.get("content")}
-                 for item in inp if isinstance(item, dict)]
+        for item in inp:
+            if not isinstance(item, dict):
+                continue
+            # a message has content; tool calls, their outputs and reasoning items have their text elsewhere
+            text = next((item[k] for k in ("content", "output", "arguments", "text", "summary")
+                         if item.get(k) is not None), None)
+            msgs.append({"role": item.get("role", item.get("type")),
+                         "content": text if text is not None else repr(item)})
     return {"messages": msgs}
 
 

@@ -225,7 +225,7 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         if ctx_ is not None and ctx_.client is not None:
             # its stream had started, so no error answer can follow: cut the connection, or the
             # client would wait for the rest of the stream until its own timeout
-            ctx_.client.close()
+            ctx_.client.abort()  # (not close(): a client that stopped reading would keep it open)
             _finish(state, request, 500, t0, err.message)
             return web.Response(status=500)
         resp, status = err.response(rid), 500
@@ -298,7 +298,10 @@ async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.Str
         raise model_not_found(client_model)
     shaped = state.shaper.shape(endpoint, body)  # aliases, defaults, system prompt (no-op when unset)
     req = models.validate(endpoint, body)
-    if models.normalize_flags(body, req) or shaped.changed:
+    stateless = endpoint == "responses" and body.get("store") is not False
+    if stateless:  # nothing can read a stored response back through the scheduler (see models)
+        body["store"] = False
+    if models.normalize_flags(body, req) or shaped.changed or stateless:
         raw = dumps(body)
     est = models.check_length(endpoint, req, body, cfg.max_model_len, cfg.chars_per_token_bound)
     max_tokens = models.max_tokens_of(endpoint, req) or 16

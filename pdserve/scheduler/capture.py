@@ -123,6 +123,10 @@ def assemble_json(payload: bytes) -> dict[str, Any]:
         msg = c.get("message")
         text = msg.get("content") if isinstance(msg, dict) else c.get("text")
         choices.append({"index": c.get("index", 0), "text": text, "finish_reason": c.get("finish_reason")})
+    if obj.get("object") == "response":  # /v1/responses: the output messages' text
+        text = "".join(part.get("text") or "" for item in obj.get("output") or () if isinstance(item, dict)
+                       for part in item.get("content") or () if isinstance(part, dict))
+        choices = [{"index": 0, "text": text, "finish_reason": obj.get("status")}]
     return {"model": obj.get("model"), "choices": choices, "usage": obj.get("usage"), "error": obj.get("error")}
 
 

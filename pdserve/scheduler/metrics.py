@@ -53,7 +53,7 @@ class SchedulerMetrics:
                                      registry=r)
         self.decode_only = Counter(p + "decode_only_total", "Requests served by a decode instance alone, without "
                                    "a remote prefill, by reason (short prompt, cached prefix, busy prefill pool, batch of "
-                                   "prompts, prompt_logprobs, prefill failed)", ["reason"], registry=r)
+                                   "prompts, prompt_logprobs, built-in tools, prefill failed)", ["reason"], registry=r)
         self.first_from_prefill = Counter(p + "first_token_from_prefill_total", "Answers whose first token came "
                                           "from the prefill instance's answer (the decode instance continued "
                                           "after it; streams and non-stream)", registry=r)

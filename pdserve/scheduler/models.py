@@ -164,7 +164,9 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
         raise bad_request("kv_transfer_params are set by the scheduler, which pairs the prefill and "
                           "decode instances itself; leave them out (to drive a hand-over yourself, "
                           "send them to the instances directly)", param="kv_transfer_params")
-    limit = max_tokens_of(endpoint, req) or (None if endpoint in ("chat", "responses") else 16)  # vLLM's defaults
+    if endpoint == "responses":
+        return req  # (vLLM's responses request has no min_tokens or stream_options to check)
+    limit = max_tokens_of(endpoint, req) or (None if endpoint == "chat" else 16)  # vLLM's defaults
     if req.min_tokens and limit is not None and req.min_tokens > limit:
         raise bad_request(f"min_tokens must be less than or equal to max_tokens={limit}, got {req.min_tokens}.",
                           param="min_tokens")
@@ -208,6 +210,11 @@ def prompt_text_for_routing(endpoint: Endpoint, body: dict[str, Any], limit: int
     return ""
 
 
+# vLLM runs these tools between engine turns of one response, each turn with the request's
+# kv_transfer_params: a later turn would pull KV the prefill side has freed
+_BUILTIN_TOOLS = frozenset({"web_search_preview", "code_interpreter", "container", "mcp"})
+
+
 def decode_only_reason(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
     """Why a request must skip the prefill instance, or None.
 
@@ -215,9 +222,13 @@ def decode_only_reason(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
     prompt only, so the others' prefilled blocks would wait on the prefill side until their lease
     expires, and the decode instance computes those prompts anyway. ``prompt_logprobs`` (also
     ``echo`` with logprobs, which vLLM turns into them): vLLM reads no external (or cached) KV for
-    such a request; the prefill would be computed twice."""
+    such a request; the prefill would be computed twice. ``builtin_tools``: a response that runs
+    vLLM's built-in tools takes several engine turns (see ``_BUILTIN_TOOLS``)."""
     if body.get("prompt_logprobs") is not None:
         return "prompt_logprobs"
+    if endpoint == "responses" and any(isinstance(t, dict) and t.get("type") in _BUILTIN_TOOLS
+                                       for t in body.get("tools") or ()):
+        return "builtin_tools"
     # vLLM turns echo into prompt logprobs: completions with logprobs, chat always (top_logprobs is 0 by default)
     if body.get("echo") is True and (endpoint == "chat" or body.get("logprobs") is not None):
         return "prompt_logprobs"
@@ -298,8 +309,8 @@ def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], 
         raise bad_request(f"{name}={max_tokens} is larger than the model's context length ({max_model_len} tokens)",
                           param=name)
     # like vLLM 0.32, max_tokens is cut to what the context leaves; only a prompt that leaves no room
-    # for one token is refused
-    if est >= max_model_len:
+    # for one token is refused (a response with truncation "auto": vLLM drops the oldest input)
+    if est >= max_model_len and not (endpoint == "responses" and body.get("truncation") == "auto"):
         what = f"{est} prompt tokens" if exact else f"at least {est} prompt tokens (estimated)"
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "

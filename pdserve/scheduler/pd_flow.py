@@ -184,11 +184,24 @@ def decode_body(raw: bytes, body: dict[str, Any], kvtp: dict[str, Any] | None) -
     return dumps({**body, "kv_transfer_params": kvtp})
 
 
-def usage_keys(endpoint: str) -> tuple[str, str, str]:
-    """The names of the prompt tokens, output tokens and prompt-token details in ``usage``."""
+async def _first_bytes(resp: aiohttp.ClientResponse, relay: Relay) -> bytes:
+    """The stream's first bytes past its opening (a responses stream announces itself before the
+    engine has computed anything, so the opening says nothing about the KV pull or the first
+    step); b"" when the stream ended before."""
+    buf = b""
+    while chunk := await resp.content.readany():
+        buf += chunk
+        if not relay.opening_only(buf):
+            return buf
+    return b""
+
+
+def usage_keys(endpoint: str) -> tuple[str, str, str, str]:
+    """The names, in ``usage``, of the prompt tokens, the output tokens, the prompt-token details
+    and (in those details) the tokens written to the prefix cache."""
     if endpoint == "responses":
-        return "input_tokens", "output_tokens", "input_tokens_details"
-    return "prompt_tokens", "completion_tokens", "prompt_tokens_details"
+        return "input_tokens", "output_tokens", "input_tokens_details", "cache_write_tokens"
+    return "prompt_tokens", "completion_tokens", "prompt_tokens_details", "created_cache_tokens"
 
 
 def _describe(exc: BaseException) -> str:
@@ -276,11 +289,11 @@ class PDFlow:
             usage = data.get("usage") if isinstance(data, dict) else None
             cached = prompt = created = None
             if isinstance(usage, dict):
-                prompt_key, _, details_key = usage_keys(ctx.endpoint)
+                prompt_key, _, details_key, created_key = usage_keys(ctx.endpoint)
                 prompt = usage.get(prompt_key)
                 details = usage.get(details_key)
                 if isinstance(details, dict):
-                    cached, created = details.get("cached_tokens"), details.get("created_cache_tokens")
+                    cached, created = details.get("cached_tokens"), details.get(created_key)
             if not isinstance(kvtp, dict):
                 kvtp = None
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
@@ -506,7 +519,7 @@ class PDFlow:
                     if 400 <= resp.status < 500:  # refused before its engine saw it: still ours
                         ctx.lease = lease
                     if ctx.stream and resp.status == 200:
-                        first = await resp.content.readany()
+                        first = await _first_bytes(resp, relay)
                     else:
                         payload = await resp.read()
                         finished = True
@@ -595,7 +608,7 @@ class PDFlow:
         changed = pre.first is not None
         if pre.first is not None:
             pre.first.fix_usage(usage)
-        prompt_key, completion_key, details_key = usage_keys(ctx.endpoint)
+        prompt_key, completion_key, details_key, created_key = usage_keys(ctx.endpoint)
         ctx.prompt_tokens = usage.get(prompt_key)
         ctx.completion_tokens = usage.get(completion_key)
         # the prefill computed the client's prompt, also when the decode instance got prompt + the
@@ -611,8 +624,8 @@ class PDFlow:
             # the prompt's cache facts are the prefill side's: it computed (and cached) the prompt
             wanted = {"cached_tokens": pre.cached_tokens}
             # vLLM's chat answers report it (a continued chat stream's usage comes from a completion stream)
-            if pre.created_cache_tokens is not None and ("created_cache_tokens" in details or ctx.endpoint == "chat"):
-                wanted["created_cache_tokens"] = pre.created_cache_tokens
+            if pre.created_cache_tokens is not None and (created_key in details or ctx.endpoint == "chat"):
+                wanted[created_key] = pre.created_cache_tokens
             if all(details.get(k) == v for k, v in wanted.items()):
                 return changed
             details.update(wanted)
@@ -719,7 +732,7 @@ class PDFlow:
             await self._write(ctx, out, relay.error(err))
         self._observe_tokens(ctx)
         if err is None and ctx.ttft_s is not None:
-            choices = ctx.body.get("n") or 1
+            choices = (ctx.body.get("n") or 1) if ctx.endpoint != "responses" else 1  # (vLLM ignores its n)
             per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
             if per_choice > 1:
                 self.metrics.child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))

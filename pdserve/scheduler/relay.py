@@ -8,6 +8,7 @@ OpenAI server, which the instances run, has no ``/generate`` of its own.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pdserve.scheduler.errors import ApiError
@@ -39,6 +40,11 @@ class ReadsOpenAIStream:
         """``events`` end the stream (vLLM's last event)."""
         return events.endswith(DONE)
 
+    @staticmethod
+    def opening_only(buf: bytes) -> bool:
+        """``buf`` (the stream's first bytes) has nothing but the stream's opening yet."""
+        return False
+
 
 class OpenAIRelay(ReadsOpenAIStream):
     """Bytes as the decode instance wrote them; with a model alias, ``"model":"<instance name>"``
@@ -65,24 +71,46 @@ class OpenAIRelay(ReadsOpenAIStream):
 
 
 class ResponsesRelay(OpenAIRelay):
-    """``/v1/responses`` streams: ``event: <type>`` lines, no ``[DONE]``; the stream ends with
-    ``response.completed`` (or ``.incomplete``/``.failed``), and text comes in
-    ``response.output_text.delta`` events."""
+    """``/v1/responses`` streams: ``event: <type>`` lines, no ``[DONE]``; they open with
+    ``response.created`` and ``response.in_progress`` before any token, end with
+    ``response.completed`` (or ``.incomplete``/``.failed``), and carry output in ``*.delta``
+    events. Events are numbered (``sequence_number``): an error event the scheduler adds goes on
+    from the last one relayed."""
 
     last_event = "response.completed"
     _END = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n")
+    _OPENING = (b"event: response.created\n", b"event: response.in_progress\n")
+    _DELTA = re.compile(rb"^event: response\.[a-z_.]*delta$", re.MULTILINE)
+    _SEQ = re.compile(rb'"sequence_number":(\d+)')
+
+    def __init__(self, rename: tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(rename)
+        self.sequence = -1
+
+    def transform(self, events: bytes) -> bytes:
+        if seqs := self._SEQ.findall(events):
+            self.sequence = int(seqs[-1])
+        return super().transform(events)
 
     def error(self, err: ApiError) -> bytes:
-        return b"event: error\ndata: " + dumps({"type": "error", "code": str(err.status), "message": err.message,
-                                               "param": err.param}) + b"\n\n"
+        return b"event: error\ndata: " + dumps({
+            "type": "error", "code": "server_error" if err.status >= 500 else "invalid_request_error",
+            "message": err.message, "param": err.param, "sequence_number": self.sequence + 1}) + b"\n\n"
 
-    @staticmethod
-    def tokens(events: bytes) -> int:
-        return events.count(b"event: response.output_text.delta\n")
+    @classmethod
+    def tokens(cls, events: bytes) -> int:
+        return len(cls._DELTA.findall(events))
 
-    @staticmethod
-    def ended(events: bytes) -> bool:
-        return any(end in events for end in ResponsesRelay._END)
+    @classmethod
+    def ended(cls, events: bytes) -> bool:
+        return any(end in events for end in cls._END)
+
+    @classmethod
+    def opening_only(cls, buf: bytes) -> bool:
+        *done, rest = buf.split(b"\n\n")
+        if not all(ev.startswith(cls._OPENING) for ev in done if ev):
+            return False
+        return not rest or any(p.startswith(rest[:len(p)]) for p in cls._OPENING)
 
 
 class GenerateRelay(ReadsOpenAIStream):

@@ -296,11 +296,9 @@ class FakeInstance:
             if not self._authorized(request):
                 rec["status"] = 401
                 return web.json_response({"error": "Unauthorized"}, status=401)
-            if cfg.refuse or cfg.die_after_tokens == 0:
-                rec["status"] = "dropped"
-                if request.transport is not None:
-                    request.transport.close()
-                return web.Response(status=500)
+            # (a responses stream opens before its first token: it dies after its opening, below)
+            if cfg.refuse or (cfg.die_after_tokens == 0 and not request.path.endswith("/responses")):
+                return self._drop(request, rec, "dropped")
             rec["raw"] = raw = await request.read()
             try:
                 body = json.loads(raw)
@@ -382,10 +380,7 @@ class FakeInstance:
             if cfg.token_latency and n_out > 1:
                 await asyncio.sleep(cfg.token_latency * (n_out - 1))
             if cfg.die_after_tokens is not None:
-                rec["status"] = "dropped"
-                if request.transport is not None:
-                    request.transport.close()
-                return web.Response(status=500)
+                return self._drop(request, rec, "dropped")
             ks = range(first_k, first_k + n_out)
             texts = ["".join(f" c{i}t{k}" for k in ks) for i in range(n_choices)]
             if chat:
@@ -410,14 +405,20 @@ class FakeInstance:
             return web.Response(body=_dumps(obj), content_type="application/json")
         return await self._stream(request, body, rec, head, chat, n_out, n_choices, finish, usage, first_k)
 
+    @staticmethod
+    def _drop(request: web.Request, rec: dict[str, Any], status: str) -> web.Response:
+        """Drop the connection (an instance dying mid-answer)."""
+        rec["status"] = status
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)
+
     async def _before_token(self, request: web.Request, rec: dict[str, Any], k: int) -> bool:
         """Wait the per-token latency before token ``k``; False (connection dropped) when the
         instance is set to die before it."""
         cfg = self.config
         if cfg.die_after_tokens is not None and k >= cfg.die_after_tokens:
-            rec["status"] = "died"
-            if request.transport is not None:
-                request.transport.close()
+            self._drop(request, rec, "died")
             return False
         if k and cfg.token_latency:
             await asyncio.sleep(cfg.token_latency)
@@ -425,14 +426,15 @@ class FakeInstance:
 
     async def _responses(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], n_prompt: int,
                          cached: int, kvtp_out: dict[str, Any] | None) -> web.StreamResponse:
-        """``/v1/responses`` as vLLM answers it: one message of ``output_text``; streamed as
-        ``event: <type>`` events, the text in ``response.output_text.delta``, ending with
+        """``/v1/responses`` as vLLM 0.32 answers it: one message of ``output_text``; streamed as
+        numbered ``event: <type>`` events that open (created, in_progress) before the engine has
+        computed anything, carry the text in ``response.output_text.delta`` and end with
         ``response.completed`` (no [DONE])."""
         cfg = self.config
         limit = int(body.get("max_output_tokens") or 16)
         n_out = min(cfg.output_tokens, limit) if cfg.output_tokens is not None else limit
         deltas = [f" r{k}" for k in range(n_out)]
-        usage = {"input_tokens": n_prompt, "input_tokens_details": {"cached_tokens": cached},
+        usage = {"input_tokens": n_prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                  "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": n_prompt + n_out}
         resp = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
@@ -440,22 +442,31 @@ class FakeInstance:
                 "kv_transfer_params": kvtp_out}
         message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": "".join(deltas), "annotations": []}]}
-        if cfg.ttft:
-            await asyncio.sleep(cfg.ttft)
         if not body.get("stream"):
+            if cfg.ttft:
+                await asyncio.sleep(cfg.ttft)
+            if cfg.die_after_tokens is not None:
+                return self._drop(request, rec, "dropped")
             rec["tokens_sent"] = n_out
             return web.Response(body=_dumps({**resp, "output": [message], "usage": usage}),
                                 content_type="application/json")
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
+        seq = iter(range(1_000_000))
 
         async def event(kind: str, **fields: Any) -> None:
-            await out.write(f"event: {kind}\n".encode() + b"data: " + _dumps({"type": kind, **fields}) + b"\n\n")
+            data = _dumps({"type": kind, **fields, "sequence_number": next(seq)})
+            await out.write(f"event: {kind}\n".encode() + b"data: " + data + b"\n\n")
 
         await event("response.created", response={**resp, "status": "in_progress"})
+        await event("response.in_progress", response={**resp, "status": "in_progress"})
+        if cfg.ttft:
+            await asyncio.sleep(cfg.ttft)
         for k, delta in enumerate(deltas):
             if not await self._before_token(request, rec, k):
                 return out
+            if k == 0:  # (vLLM adds the output item with the first token)
+                await event("response.output_item.added", output_index=0, item={**message, "content": []})
             await event("response.output_text.delta", item_id=message["id"], output_index=0, content_index=0,
                         delta=delta)
             rec["tokens_sent"] = k + 1

@@ -41,7 +41,7 @@ async def test_a_response_is_prefilled_then_decoded(make_cluster: MakeCluster) -
     assert (pre["max_output_tokens"], pre["store"], pre["stream"]) == (1, False, False)
     assert pre["kv_transfer_params"]["do_remote_decode"] is True
     dec = c.decode[0].inference_requests()[-1]
-    assert dec["body"]["max_output_tokens"] == 4 and "store" not in dec["body"]
+    assert dec["body"]["max_output_tokens"] == 4 and dec["body"]["store"] is False
     assert dec["kv_transfer_params"]["do_remote_prefill"]
     assert sample(c, "pdserve_scheduler_prompt_tokens_total") == 14
 
@@ -67,9 +67,42 @@ async def test_a_decode_failure_mid_stream_ends_with_an_error_event(make_cluster
     c.prefill[0].config.die_after_tokens = None
     async with c.post("/v1/responses", json={**BODY, "stream": True}) as r:
         got = events(await r.read())
-    assert [k for k, _ in got][-1] == "error"
-    assert got[-1][1]["code"] == "502" and "decode instance" in got[-1][1]["message"]
-    assert "response.completed" not in [k for k, _ in got]
+    kinds = [k for k, _ in got]
+    assert kinds.count("response.output_text.delta") == 2 and kinds[-1] == "error"
+    err = got[-1][1]
+    assert err["code"] == "server_error" and "decode instance" in err["message"]
+    assert err["sequence_number"] == got[-2][1]["sequence_number"] + 1  # numbered on from the last event
+
+
+async def test_a_decode_instance_that_dies_after_the_opening_is_retried(make_cluster: MakeCluster) -> None:
+    """vLLM opens a responses stream before its engine computed anything: a failure between the
+    opening and the first token is still before the first token, and another instance answers."""
+    c = await make_cluster(1, 2, decode_policy="round-robin")
+    c.decode[0].config.die_after_tokens = 0
+    async with c.post("/v1/responses", json={**BODY, "stream": True}) as r:
+        assert r.status == 200
+        got = events(await r.read())
+    assert [k for k, _ in got][-1] == "response.completed"
+    assert "".join(e["delta"] for k, e in got if k == "response.output_text.delta") == " r0 r1 r2 r3"
+    assert [len(f.inference_requests()) for f in c.decode] == [1, 1]
+    assert sample(c, "pdserve_scheduler_retries_total", stage="decode", reason="disconnect") == 1
+
+
+async def test_time_to_first_token_waits_for_the_first_token_not_the_opening(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, fake_kw={"ttft": 0.3})
+    c.prefill[0].config.ttft = 0
+    async with c.post("/v1/responses", json={**BODY, "stream": True}) as r:
+        await r.read()
+    assert sample(c, "pdserve_scheduler_time_to_first_token_seconds_sum", endpoint="responses") >= 0.3
+    assert sample(c, "pdserve_scheduler_inter_token_latency_seconds_sum", endpoint="responses") < 0.3
+
+
+async def test_responses_that_run_built_in_tools_skip_the_prefill(make_cluster: MakeCluster) -> None:
+    c = await make_cluster(1, 1, fake_kw={"require_kv_params": False})
+    async with c.post("/v1/responses", json={**BODY, "tools": [{"type": "code_interpreter"}]}) as r:
+        assert r.status == 200
+    assert c.prefill[0].inference_requests() == []
+    assert sample(c, "pdserve_scheduler_decode_only_total", reason="builtin_tools") == 1
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -91,6 +124,18 @@ async def test_bad_responses_requests_are_refused_before_any_instance(make_clust
 async def test_an_alias_is_renamed_both_ways(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, served_model_names=["alias"])
     async with c.post("/v1/responses", json={**BODY, "model": "alias", "stream": True}) as r:
+        assert r.status == 200
         raw = await r.read()
     assert c.decode[0].inference_requests()[-1]["body"]["model"] == MODEL
-    assert all(e["response"]["model"] == "alias" for k, e in events(raw) if "response" in e)
+    models = [e["response"]["model"] for k, e in events(raw) if "response" in e]
+    assert len(models) == 3 and set(models) == {"alias"}  # created, in_progress, completed
+
+
+async def test_nothing_is_stored_and_vllm_only_checks_are_skipped(make_cluster: MakeCluster) -> None:
+    """vLLM's responses request has no min_tokens or stream_options; truncation "auto" drops the
+    oldest input instead of refusing a long one; a stored response could never be read back."""
+    c = await make_cluster(1, 1, max_model_len=64, chars_per_token_bound=1.0)
+    body = {**BODY, "input": "w " * 100, "truncation": "auto", "min_tokens": 9, "stream_options": {}}
+    async with c.post("/v1/responses", json=body) as r:
+        assert r.status == 200, await r.text()
+    assert c.decode[0].inference_requests()[-1]["body"]["store"] is False

@@ -51,6 +51,16 @@ def test_an_adapters_prefixes_are_its_own() -> None:
     assert t.matched("d1", t.points("completions", prompt)) == 0
 
 
+def test_a_responses_input_counts_every_items_text() -> None:
+    """Tool outputs and calls carry their text outside ``content``: a long one is a long prompt."""
+    body = {"instructions": "be brief", "input": [
+        {"role": "user", "content": "run it"},
+        {"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c"},
+        {"type": "function_call_output", "call_id": "c", "output": "x" * 25_000}]}
+    assert prompt_upper_tokens("responses", body, 100_000) >= 12_500
+    assert PrefixTracker(64).points("responses", body).total_chars > 25_000
+
+
 def test_tracker_is_bounded_lru() -> None:
     t = PrefixTracker(chunk_chars=16, max_entries=10)
     for i in range(50):
