@@ -52,9 +52,36 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any]:
     return {"messages": msgs}
 
 
+def _block_text(content: Any) -> Any:
+    """The text of an Anthropic message's content blocks (text, thinking, tool input and results)."""
+    if not isinstance(content, list):
+        return content
+    parts = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        value = next((block[k] for k in ("text", "thinking", "input", "content") if block.get(k) is not None), "")
+        parts.append(value if isinstance(value, str) else repr(_block_text(value)))
+    return "".join(parts)
+
+
+def messages_as_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic ``/v1/messages`` request as chat messages: ``system`` first, block text joined."""
+    msgs: list[dict[str, Any]] = []
+    if body.get("system") is not None:
+        msgs.append({"role": "system", "content": _block_text(body["system"])})
+    msgs += [{"role": m.get("role"), "content": _block_text(m.get("content"))}
+             for m in body.get("messages") or () if isinstance(m, dict)]
+    return {"messages": msgs}
+
+
 def chat_view(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(endpoint, body) with a responses request seen as the chat request it renders like."""
-    return ("chat", as_chat(body)) if endpoint == "responses" else (endpoint, body)
+    """(endpoint, body) with a responses or messages request seen as the chat request it renders like."""
+    if endpoint == "responses":
+        return "chat", as_chat(body)
+    if endpoint == "messages":
+        return "chat", messages_as_chat(body)
+    return endpoint, body
 
 
 def prompt_pieces(endpoint: str, body: dict[str, Any]) -> list[str]:
@@ -102,7 +129,7 @@ def batch_prompts(endpoint: str, body: dict[str, Any]) -> tuple[str, list[Any]] 
     """A completions ``prompt`` given as a list, as (kind, prompts): ("ids", [token-id list, ...])
     or ("text", [str, ...]); None for one text prompt or chat (see :func:`prompt_pieces`)."""
     p = body.get("prompt")
-    if endpoint in ("chat", "responses") or not isinstance(p, list) or not p:
+    if endpoint in ("chat", "responses", "messages") or not isinstance(p, list) or not p:
         return None
     if isinstance(p[0], int):
         return "ids", [p]
@@ -121,7 +148,7 @@ def prompt_upper_tokens(endpoint: str, body: dict[str, Any], limit: int) -> int:
         return max(len(x) if kind == "ids" else _capped(x, limit) for x in prompts)
     total = 0
     for piece in prompt_pieces(endpoint, body):
-        total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint in ("chat", "responses") else 0)
+        total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint in ("chat", "responses", "messages") else 0)
         if total >= limit:
             break
     return total

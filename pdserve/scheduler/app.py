@@ -37,7 +37,7 @@ from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import TRACE_HEADERS, PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
 from pdserve.scheduler.pool import InstancePool
-from pdserve.scheduler.relay import GenerateRelay, OpenAIRelay, ResponsesRelay, dumps, loads
+from pdserve.scheduler.relay import GenerateRelay, MessagesRelay, OpenAIRelay, ResponsesRelay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler")
 access_log = logging.getLogger("pdserve.scheduler.access")
@@ -47,6 +47,8 @@ _ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
     "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
     "/generate": "generate",
     "/v1/models": "models",
     "/health": "health",
@@ -59,7 +61,7 @@ _ENDPOINTS = {
     "/v1/unload_lora_adapter": "lora",
 }
 _UNTRACKED = frozenset({"/health", "/ping", "/metrics"})
-_INFERENCE = frozenset({"completions", "chat", "generate", "responses"})  # never refused while draining, not waited for
+_INFERENCE = frozenset({"completions", "chat", "generate", "responses", "messages"})  # never refused while draining, not waited for
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
@@ -136,7 +138,7 @@ class Scheduler:
             await self.session.close()
 
     def relay_for(self, answer_model: str | None, endpoint: str = "completions") -> OpenAIRelay:
-        kind = ResponsesRelay if endpoint == "responses" else OpenAIRelay
+        kind: type[OpenAIRelay] = {"responses": ResponsesRelay, "messages": MessagesRelay}.get(endpoint, OpenAIRelay)
         if answer_model is None or self.rename_prefix is None:
             return kind()
         return kind((self.rename_prefix, b'"model":' + dumps(answer_model)))
@@ -190,6 +192,7 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     status = 500
     error: str | None = None
     tracked = request.path not in _UNTRACKED
+    anthropic = request.path.startswith("/v1/messages")  # its clients read Anthropic's error shape
     if tracked:
         state.drain.enter()
     try:
@@ -200,14 +203,14 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         resp = await handler(request)
         status = resp.status
     except ApiError as exc:
-        resp, status, error = exc.response(rid), exc.status, exc.message
+        resp, status, error = exc.response(rid, anthropic), exc.status, exc.message
         if status in (400, 401, 404, 413, 415, 429) or (status == 503 and state.drain.draining):
             state.metrics.rejected.labels(str(status)).inc()
     except UpstreamClientError as exc:
         resp, status = exc.response(rid), exc.status
     except web.HTTPException as exc:
         err = _client_error(exc, request, state.cfg.use_openai)
-        resp, status, error = err.response(rid), err.status, err.message
+        resp, status, error = err.response(rid, anthropic), err.status, err.message
         state.metrics.rejected.labels(str(status)).inc()
     except asyncio.CancelledError:
         status = 499  # client closed the connection
@@ -228,7 +231,7 @@ async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
             ctx_.client.abort()  # (not close(): a client that stopped reading would keep it open)
             _finish(state, request, 500, t0, err.message)
             return web.Response(status=500)
-        resp, status = err.response(rid), 500
+        resp, status = err.response(rid, anthropic), 500
     finally:
         if tracked:
             state.drain.leave()
@@ -422,6 +425,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await _inference(request, "responses")
 
 
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _inference(request, "messages")
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     return await _inference(request, "generate")
 
@@ -563,6 +570,8 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         app.router.add_post("/v1/chat/completions", chat_completions)
         app.router.add_get("/v1/models", list_models)
         app.router.add_post("/v1/responses", responses)
+        app.router.add_post("/v1/messages", messages)
+        app.router.add_post("/v1/messages/count_tokens", on_an_instance)
         if cfg.runtime_lora_updating:  # vLLM's switch: without it, vLLM has no such routes either
             app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
             app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)

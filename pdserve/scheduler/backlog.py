@@ -35,7 +35,7 @@ def work_tokens(endpoint: str, body: dict[str, Any]) -> int:
     for piece in prompt_pieces(endpoint, body):
         chars += len(piece)
         pieces += 1
-    overhead = CHAT_OVERHEAD_TOKENS * pieces if endpoint in ("chat", "responses") else 0
+    overhead = CHAT_OVERHEAD_TOKENS * pieces if endpoint in ("chat", "responses", "messages") else 0
     return int(chars / TYPICAL_CHARS_PER_TOKEN) + overhead
 
 

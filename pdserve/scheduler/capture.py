@@ -58,8 +58,9 @@ class CaptureRecord:
 
 
 def assemble_stream(chunks: Iterable[bytes]) -> dict[str, Any]:
-    """Text, finish reason and usage of an OpenAI SSE stream (completions or chat, n choices; or
-    a responses stream: its text deltas, and status and usage from its last event)."""
+    """Text, finish reason and usage of an OpenAI SSE stream (completions or chat, n choices; a
+    responses stream: its text deltas, and status and usage from its last event; a messages
+    stream: its text deltas and stop reason)."""
     texts: dict[int, list[str]] = {}
     finish: dict[int, Any] = {}
     usage: Any = None
@@ -83,6 +84,13 @@ def assemble_stream(chunks: Iterable[bytes]) -> dict[str, Any]:
                 and isinstance(obj.get("response"), dict):
             resp = obj["response"]
             usage, model, finish[0] = resp.get("usage"), resp.get("model"), resp.get("status")
+        elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):  # /v1/messages
+            if isinstance(obj["delta"].get("text"), str):
+                texts.setdefault(0, []).append(obj["delta"]["text"])
+        elif kind == "message_start" and isinstance(obj.get("message"), dict):
+            model = obj["message"].get("model")
+        elif kind == "message_delta":
+            finish[0] = (obj.get("delta") or {}).get("stop_reason")
         elif kind == "error":
             error = {k: v for k, v in obj.items() if k != "type"}
         if "error" in obj:
@@ -123,6 +131,9 @@ def assemble_json(payload: bytes) -> dict[str, Any]:
         msg = c.get("message")
         text = msg.get("content") if isinstance(msg, dict) else c.get("text")
         choices.append({"index": c.get("index", 0), "text": text, "finish_reason": c.get("finish_reason")})
+    if obj.get("type") == "message":  # /v1/messages: the text blocks
+        text = "".join(b.get("text") or "" for b in obj.get("content") or () if isinstance(b, dict))
+        choices = [{"index": 0, "text": text, "finish_reason": obj.get("stop_reason")}]
     if obj.get("object") == "response":  # /v1/responses: the output messages' text
         text = "".join(part.get("text") or "" for item in obj.get("output") or () if isinstance(item, dict)
                        for part in item.get("content") or () if isinstance(part, dict))

@@ -29,6 +29,10 @@ _TYPES = {
 }
 
 
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
 class ApiError(Exception):
     """An error answered to the client as OpenAI-style JSON (or an SSE error event mid-stream)."""
 
@@ -54,13 +58,17 @@ class ApiError(Exception):
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
 
-    def response(self, request_id: str | None = None) -> web.Response:
+    def anthropic_dict(self) -> dict[str, Any]:
+        """The error in Anthropic's shape, for ``/v1/messages`` clients (as vLLM answers them)."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, request_id: str | None = None, anthropic: bool = False) -> web.Response:
         headers = dict(self.headers)
         if request_id:
             headers["X-Request-Id"] = request_id
-        return web.Response(
-            status=self.status, body=self.to_bytes(), content_type="application/json", headers=headers
-        )
+        body = json.dumps(self.anthropic_dict()).encode() if anthropic else self.to_bytes()
+        return web.Response(status=self.status, body=body, content_type="application/json", headers=headers)
 
     def sse_event(self) -> bytes:
         """The error as one SSE event, as vLLM emits it when a stream fails after it started."""

@@ -95,13 +95,23 @@ class ResponsesRequest(SamplingFields):
     background: bool | None = None
 
 
-Endpoint = Literal["completions", "chat", "generate", "responses"]
+class MessagesRequest(SamplingFields):
+    """Anthropic's Messages API as vLLM serves it (``/v1/messages``)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, le=_I64_MAX)  # required, as in Anthropic's API
+    system: StrictStr | list[Any] | None = None
+    stop_sequences: list[StrictStr] | None = None
+
+
+Endpoint = Literal["completions", "chat", "generate", "responses", "messages"]
 _M = TypeVar("_M", bound=BaseModel)
 _MODELS: dict[str, type[SamplingFields]] = {
     "completions": CompletionRequest,
     "chat": ChatCompletionRequest,
     "generate": GenerateRequest,
     "responses": ResponsesRequest,
+    "messages": MessagesRequest,
 }
 
 
@@ -164,8 +174,8 @@ def validate(endpoint: Endpoint, body: Any) -> SamplingFields:
         raise bad_request("kv_transfer_params are set by the scheduler, which pairs the prefill and "
                           "decode instances itself; leave them out (to drive a hand-over yourself, "
                           "send them to the instances directly)", param="kv_transfer_params")
-    if endpoint == "responses":
-        return req  # (vLLM's responses request has no min_tokens or stream_options to check)
+    if endpoint in ("responses", "messages"):
+        return req  # (vLLM's responses and messages requests have no min_tokens or stream_options to check)
     limit = max_tokens_of(endpoint, req) or (None if endpoint == "chat" else 16)  # vLLM's defaults
     if req.min_tokens and limit is not None and req.min_tokens > limit:
         raise bad_request(f"min_tokens must be less than or equal to max_tokens={limit}, got {req.min_tokens}.",
@@ -315,6 +325,6 @@ def check_length(endpoint: Endpoint, req: SamplingFields, body: dict[str, Any], 
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
             f"{what}, which leaves no room for an answer. Please reduce the length of the prompt.",
-            param={"chat": "messages", "responses": "input"}.get(endpoint, "prompt"),
+            param={"chat": "messages", "messages": "messages", "responses": "input"}.get(endpoint, "prompt"),
         )
     return est

@@ -196,12 +196,31 @@ async def _first_bytes(resp: aiohttp.ClientResponse, relay: Relay) -> bytes:
     return b""
 
 
-def usage_keys(endpoint: str) -> tuple[str, str, str, str]:
-    """The names, in ``usage``, of the prompt tokens, the output tokens, the prompt-token details
-    and (in those details) the tokens written to the prefix cache."""
-    if endpoint == "responses":
-        return "input_tokens", "output_tokens", "input_tokens_details", "cache_write_tokens"
-    return "prompt_tokens", "completion_tokens", "prompt_tokens_details", "created_cache_tokens"
+@dataclass(frozen=True, slots=True)
+class UsageKeys:
+    """Where an endpoint's ``usage`` keeps its counts: prompt and output tokens, and the prompt's
+    prefix-cache facts (in a details object, or, with ``details`` None, in ``usage`` itself)."""
+
+    prompt: str = "prompt_tokens"
+    completion: str = "completion_tokens"
+    details: str | None = "prompt_tokens_details"
+    cached: str = "cached_tokens"
+    created: str = "created_cache_tokens"
+
+    def facts(self, usage: dict[str, Any]) -> Any:
+        return usage.get(self.details) if self.details else usage
+
+
+_USAGE_KEYS = {
+    "responses": UsageKeys("input_tokens", "output_tokens", "input_tokens_details", "cached_tokens",
+                           "cache_write_tokens"),
+    "messages": UsageKeys("input_tokens", "output_tokens", None, "cache_read_input_tokens",
+                          "cache_creation_input_tokens"),
+}
+
+
+def usage_keys(endpoint: str) -> UsageKeys:
+    return _USAGE_KEYS.get(endpoint) or UsageKeys()
 
 
 def _describe(exc: BaseException) -> str:
@@ -289,11 +308,11 @@ class PDFlow:
             usage = data.get("usage") if isinstance(data, dict) else None
             cached = prompt = created = None
             if isinstance(usage, dict):
-                prompt_key, _, details_key, created_key = usage_keys(ctx.endpoint)
-                prompt = usage.get(prompt_key)
-                details = usage.get(details_key)
+                keys = usage_keys(ctx.endpoint)
+                prompt = usage.get(keys.prompt)
+                details = keys.facts(usage)
                 if isinstance(details, dict):
-                    cached, created = details.get("cached_tokens"), details.get(created_key)
+                    cached, created = details.get(keys.cached), details.get(keys.created)
             if not isinstance(kvtp, dict):
                 kvtp = None
                 log.debug("request %s: prefill %s returned no kv_transfer_params; decode computes the prompt",
@@ -578,7 +597,7 @@ class PDFlow:
             data = loads(payload)
         except ValueError:
             raise ApiError(502, "decode instance answered invalid JSON") from None
-        what = "output" if ctx.endpoint == "responses" else "choices"
+        what = {"responses": "output", "messages": "content"}.get(ctx.endpoint, "choices")
         if not isinstance(data, dict) or not isinstance(data.get(what), list):
             raise ApiError(502, f"decode instance answered without {what}: {payload[:200]!r}")
         fixed = False
@@ -608,29 +627,30 @@ class PDFlow:
         changed = pre.first is not None
         if pre.first is not None:
             pre.first.fix_usage(usage)
-        prompt_key, completion_key, details_key, created_key = usage_keys(ctx.endpoint)
-        ctx.prompt_tokens = usage.get(prompt_key)
-        ctx.completion_tokens = usage.get(completion_key)
+        keys = usage_keys(ctx.endpoint)
+        # (a messages stream gives the input tokens in one event and the output tokens in another)
+        ctx.prompt_tokens = usage.get(keys.prompt, ctx.prompt_tokens)
+        ctx.completion_tokens = usage.get(keys.completion, ctx.completion_tokens)
         # the prefill computed the client's prompt, also when the decode instance got prompt + the
         # moved tokens to compute itself (a retry or a resume): its cache hits are the prompt's
         if pre.cached_tokens is None or (pre.kv_transfer_params is None and pre.first is None):
-            details = usage.get(details_key)
+            details = keys.facts(usage)
             if isinstance(details, dict):
-                ctx.cached_tokens = details.get("cached_tokens")
+                ctx.cached_tokens = details.get(keys.cached)
             return changed
         ctx.cached_tokens = pre.cached_tokens
-        details = usage.get(details_key)
+        details = keys.facts(usage)
         if isinstance(details, dict):
             # the prompt's cache facts are the prefill side's: it computed (and cached) the prompt
-            wanted = {"cached_tokens": pre.cached_tokens}
+            wanted = {keys.cached: pre.cached_tokens}
             # vLLM's chat answers report it (a continued chat stream's usage comes from a completion stream)
-            if pre.created_cache_tokens is not None and (created_key in details or ctx.endpoint == "chat"):
-                wanted[created_key] = pre.created_cache_tokens
+            if pre.created_cache_tokens is not None and (keys.created in details or ctx.endpoint == "chat"):
+                wanted[keys.created] = pre.created_cache_tokens
             if all(details.get(k) == v for k, v in wanted.items()):
                 return changed
             details.update(wanted)
-        elif add_details:
-            usage[details_key] = {"cached_tokens": pre.cached_tokens}
+        elif add_details and keys.details:
+            usage[keys.details] = {keys.cached: pre.cached_tokens}
         else:
             return changed
         return True
@@ -648,8 +668,10 @@ class PDFlow:
                 continue
             if not isinstance(obj, dict):
                 continue
-            # a responses stream's usage is in its last event's response object
-            holder = obj.get("response") if ctx.endpoint == "responses" else obj
+            # a responses stream's usage is in its last event's response object, a messages
+            # stream's input usage in message_start's message
+            holder = obj.get("response") if ctx.endpoint == "responses" else obj.get("message") \
+                if ctx.endpoint == "messages" and obj.get("type") == "message_start" else obj
             usage = holder.get("usage") if isinstance(holder, dict) else None
             # per-chunk usage (continuous_usage_stats) has no prompt_tokens_details in vLLM: only
             # the final usage chunk (no choices) gets the prefill side's cached tokens added
@@ -732,7 +754,8 @@ class PDFlow:
             await self._write(ctx, out, relay.error(err))
         self._observe_tokens(ctx)
         if err is None and ctx.ttft_s is not None:
-            choices = (ctx.body.get("n") or 1) if ctx.endpoint != "responses" else 1  # (vLLM ignores its n)
+            # (vLLM ignores an n on responses and messages)
+            choices = (ctx.body.get("n") or 1) if ctx.endpoint not in ("responses", "messages") else 1
             per_choice = (ctx.completion_tokens or ctx.chunks) / (choices if isinstance(choices, int) else 1)
             if per_choice > 1:
                 self.metrics.child(self.metrics.tpot, ctx.endpoint).observe((last - first_at) / (per_choice - 1))

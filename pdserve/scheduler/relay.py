@@ -14,8 +14,8 @@ from typing import Any
 from pdserve.scheduler.errors import ApiError
 from pdserve.scheduler.jsonio import dumps, loads
 
-__all__ = ["DONE", "GenerateRelay", "OpenAIRelay", "ReadsOpenAIStream", "Relay", "ResponsesRelay", "dumps",
-           "loads"]
+__all__ = ["DONE", "GenerateRelay", "MessagesRelay", "OpenAIRelay", "ReadsOpenAIStream", "Relay", "ResponsesRelay",
+           "dumps", "loads"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -107,10 +107,39 @@ class ResponsesRelay(OpenAIRelay):
 
     @classmethod
     def opening_only(cls, buf: bytes) -> bool:
-        *done, rest = buf.split(b"\n\n")
-        if not all(ev.startswith(cls._OPENING) for ev in done if ev):
-            return False
-        return not rest or any(p.startswith(rest[:len(p)]) for p in cls._OPENING)
+        return _opening_only(buf, cls._OPENING)
+
+
+class MessagesRelay(OpenAIRelay):
+    """Anthropic ``/v1/messages`` streams: ``event: <type>`` lines, no ``[DONE]``; they open with
+    ``message_start`` (and maybe ``ping``), carry output in ``content_block_delta`` events and
+    end with ``message_stop``. Errors in Anthropic's shape."""
+
+    last_event = "message_stop"
+    _OPENING = (b"event: message_start\n", b"event: ping\n")
+
+    def error(self, err: ApiError) -> bytes:
+        return b"event: error\ndata: " + dumps(err.anthropic_dict()) + b"\n\n"
+
+    @staticmethod
+    def tokens(events: bytes) -> int:
+        return events.count(b"event: content_block_delta\n")
+
+    @staticmethod
+    def ended(events: bytes) -> bool:
+        return b"event: message_stop\n" in events
+
+    @classmethod
+    def opening_only(cls, buf: bytes) -> bool:
+        return _opening_only(buf, cls._OPENING)
+
+
+def _opening_only(buf: bytes, opening: tuple[bytes, ...]) -> bool:
+    """Every event in ``buf`` so far (the last one maybe partial) is one of ``opening``."""
+    *done, rest = buf.split(b"\n\n")
+    if not all(ev.startswith(opening) for ev in done if ev):
+        return False
+    return not rest or any(p.startswith(rest[:len(p)]) for p in opening)
 
 
 class GenerateRelay(ReadsOpenAIStream):

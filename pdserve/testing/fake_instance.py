@@ -87,6 +87,12 @@ def _token_id(tok: str) -> int:
 
 def _prompt_tokens(path: str, body: dict[str, Any]) -> list[str]:
     """A deterministic stand-in for tokenization: whitespace words (token ids as themselves)."""
+    if path.endswith("/messages") or path.endswith("/count_tokens"):  # Anthropic's: system, then text blocks
+        items = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + \
+            [{"role": m.get("role"), "content": m.get("content") if isinstance(m.get("content"), str) else
+              " ".join(b.get("text", "") for b in m.get("content") or () if isinstance(b, dict))}
+             for m in body.get("messages") or () if isinstance(m, dict)]
+        return _prompt_tokens("chat/completions", {"messages": items})
     if path.endswith("/responses"):
         inp = body.get("input")
         items = [{"role": "user", "content": inp}] if isinstance(inp, str) else inp if isinstance(inp, list) else []
@@ -136,6 +142,8 @@ class FakeInstance:
         app.router.add_post("/v1/completions", self._inference)
         app.router.add_post("/v1/chat/completions", self._inference)
         app.router.add_post("/v1/responses", self._inference)
+        app.router.add_post("/v1/messages", self._inference)
+        app.router.add_post("/v1/messages/count_tokens", self._tokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/tokenize", self._tokenize)
@@ -173,7 +181,7 @@ class FakeInstance:
             setattr(self.config, k, v)
 
     def inference_requests(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"].endswith(("/completions", "/responses"))]
+        return [r for r in self.requests if r["path"].endswith(("/completions", "/responses", "/messages"))]
 
     # -- small endpoints -------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
@@ -204,6 +212,8 @@ class FakeInstance:
         self.requests.append({"path": request.path, "body": body})
         if body.get("model") not in (None, self.model, *self.config.lora_adapters):
             return self._error(404, f"The model `{body.get('model')}` does not exist.")
+        if request.path.endswith("/count_tokens"):  # Anthropic's
+            return web.json_response({"input_tokens": len(_prompt_tokens(request.path, body))})
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         ids = [_token_id(t) for t in _prompt_tokens(path, body)]
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
@@ -296,8 +306,8 @@ class FakeInstance:
             if not self._authorized(request):
                 rec["status"] = 401
                 return web.json_response({"error": "Unauthorized"}, status=401)
-            # (a responses stream opens before its first token: it dies after its opening, below)
-            if cfg.refuse or (cfg.die_after_tokens == 0 and not request.path.endswith("/responses")):
+            # (responses and messages streams open before their first token: they die after it, below)
+            if cfg.refuse or (cfg.die_after_tokens == 0 and not request.path.endswith(("/responses", "/messages"))):
                 return self._drop(request, rec, "dropped")
             rec["raw"] = raw = await request.read()
             try:
@@ -355,6 +365,8 @@ class FakeInstance:
             cached = n_prompt if kvtp_in else self._cached(toks)
         if request.path.endswith("/responses"):
             return await self._responses(request, body, rec, n_prompt, cached, kvtp_out)
+        if request.path.endswith("/messages"):
+            return await self._messages(request, body, rec, n_prompt, cached, kvtp_out)
         # like vLLM: max_completion_tokens exists for chat only (elsewhere an ignored extra field)
         max_tokens = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens") or 16
         n_out = min(cfg.output_tokens, max_tokens) if cfg.output_tokens is not None else max_tokens
@@ -424,6 +436,16 @@ class FakeInstance:
             await asyncio.sleep(cfg.token_latency)
         return True
 
+    async def _whole(self, request: web.Request, rec: dict[str, Any], n_out: int,
+                     answer: dict[str, Any]) -> web.Response:
+        """A non-stream answer of ``n_out`` tokens after the time to first token (or a drop)."""
+        if self.config.ttft:
+            await asyncio.sleep(self.config.ttft)
+        if self.config.die_after_tokens is not None:
+            return self._drop(request, rec, "dropped")
+        rec["tokens_sent"] = n_out
+        return web.Response(body=_dumps(answer), content_type="application/json")
+
     async def _responses(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], n_prompt: int,
                          cached: int, kvtp_out: dict[str, Any] | None) -> web.StreamResponse:
         """``/v1/responses`` as vLLM 0.32 answers it: one message of ``output_text``; streamed as
@@ -443,13 +465,7 @@ class FakeInstance:
         message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": "".join(deltas), "annotations": []}]}
         if not body.get("stream"):
-            if cfg.ttft:
-                await asyncio.sleep(cfg.ttft)
-            if cfg.die_after_tokens is not None:
-                return self._drop(request, rec, "dropped")
-            rec["tokens_sent"] = n_out
-            return web.Response(body=_dumps({**resp, "output": [message], "usage": usage}),
-                                content_type="application/json")
+            return await self._whole(request, rec, n_out, {**resp, "output": [message], "usage": usage})
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         seq = iter(range(1_000_000))
@@ -471,6 +487,46 @@ class FakeInstance:
                         delta=delta)
             rec["tokens_sent"] = k + 1
         await event("response.completed", response={**resp, "output": [message], "usage": usage})
+        await out.write_eof()
+        return out
+
+    async def _messages(self, request: web.Request, body: dict[str, Any], rec: dict[str, Any], n_prompt: int,
+                        cached: int, kvtp_out: dict[str, Any] | None) -> web.StreamResponse:
+        """Anthropic's ``/v1/messages`` as vLLM answers it: one text block; streamed as
+        ``message_start``, ``content_block_*`` (the text in ``content_block_delta``),
+        ``message_delta`` (stop reason, output tokens) and ``message_stop``."""
+        cfg = self.config
+        limit = int(body.get("max_tokens") or 16)
+        n_out = min(cfg.output_tokens, limit) if cfg.output_tokens is not None else limit
+        deltas = [f" m{k}" for k in range(n_out)]
+        stop = "max_tokens" if n_out >= limit else "end_turn"
+        usage = {"input_tokens": n_prompt, "output_tokens": n_out, "cache_read_input_tokens": cached}
+        msg = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "content": [],
+               "model": body.get("model") or self.model, "stop_reason": None, "stop_sequence": None}
+        if not body.get("stream"):
+            return await self._whole(request, rec, n_out, {
+                **msg, "content": [{"type": "text", "text": "".join(deltas)}], "stop_reason": stop, "usage": usage,
+                "kv_transfer_params": kvtp_out})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+
+        async def event(kind: str, **fields: Any) -> None:
+            await out.write(f"event: {kind}\n".encode() + b"data: " + _dumps({"type": kind, **fields}) + b"\n\n")
+
+        await event("message_start", message={**msg, "usage": {**usage, "output_tokens": 0}})
+        if cfg.ttft:
+            await asyncio.sleep(cfg.ttft)
+        for k, delta in enumerate(deltas):
+            if not await self._before_token(request, rec, k):
+                return out
+            if k == 0:
+                await event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            await event("content_block_delta", index=0, delta={"type": "text_delta", "text": delta})
+            rec["tokens_sent"] = k + 1
+        await event("content_block_stop", index=0)
+        await event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                    usage={"output_tokens": n_out})
+        await event("message_stop")
         await out.write_eof()
         return out
 

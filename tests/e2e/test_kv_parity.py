@@ -347,3 +347,30 @@ def test_responses_api_matches_reference(pd_cluster, reference):
         assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == want.output_text
     assert metric(pd_cluster.decode_url, "vllm:prompt_tokens_by_source_total",
                   source="external_kv_transfer") - pulled_before > 100
+
+
+def test_anthropic_messages_api_matches_reference(pd_cluster, reference):
+    """Anthropic's ``/v1/messages``, stream and not, gets the single server's greedy text."""
+    import json
+
+    body = {"model": pd_cluster.served_model_name, "max_tokens": 24, "temperature": 0,
+            "system": "You are terse.", "messages": [{"role": "user", "content": "Name a color."}]}
+    got = requests.post(f"{pd_cluster.scheduler_url}/v1/messages", json=body, timeout=120)
+    want = requests.post(f"{reference}/v1/messages", json=body, timeout=120)
+    assert got.status_code == want.status_code == 200, got.text
+    got, want = got.json(), want.json()
+    assert got["content"] == want["content"] and got["content"][0]["text"]
+    assert (got["stop_reason"], got["usage"]["input_tokens"], got["usage"]["output_tokens"]) == \
+        (want["stop_reason"], want["usage"]["input_tokens"], want["usage"]["output_tokens"])
+    r = requests.post(f"{pd_cluster.scheduler_url}/v1/messages", json={**body, "stream": True}, stream=True,
+                      timeout=120)
+    kinds, text = [], ""
+    for line in r.iter_lines():
+        if line.startswith(b"event: "):
+            kinds.append(line[7:].decode())
+        elif line.startswith(b"data: ") and kinds[-1] == "content_block_delta":
+            text += json.loads(line[6:])["delta"].get("text", "")
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert text == want["content"][0]["text"]
+    count = requests.post(f"{pd_cluster.scheduler_url}/v1/messages/count_tokens", json=body, timeout=30)
+    assert count.status_code == 200 and count.json()["input_tokens"] == want["usage"]["input_tokens"]
