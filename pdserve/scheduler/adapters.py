@@ -303,6 +303,9 @@ class AdapterAdmin:
             if not listed:
                 return
             common, warnings = common_adapters([(i.spec.name, adapters) for i, adapters in listed])
+            for name in set(self.served) - set(common) - set(self.loaded_here):
+                for cb in self.on_unload:  # gone (a start-up adapter unloaded elsewhere): its series too
+                    cb(name)
             self.served = {n: self.served.get(n) or Adapter(n, a.path, self.parent) for n, a in common.items()}
         if frozenset(warnings) != self._warned:  # once per change, not every round
             for w in warnings:

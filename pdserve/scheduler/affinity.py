@@ -52,13 +52,19 @@ def as_chat(body: dict[str, Any]) -> dict[str, Any]:
     return {"messages": msgs}
 
 
+_BILLING_HEADER = "x-anthropic-billing-header"  # per request (Claude Code): vLLM drops it from the prompt
+
+
 def _block_text(content: Any) -> Any:
-    """The text of an Anthropic message's content blocks (text, thinking, tool input and results)."""
+    """The text of an Anthropic message's content blocks (text, thinking, tool input and results),
+    without the billing-header block vLLM strips."""
+    if isinstance(content, str) and content.startswith(_BILLING_HEADER):
+        return ""
     if not isinstance(content, list):
         return content
     parts = []
     for block in content:
-        if not isinstance(block, dict):
+        if not isinstance(block, dict) or str(block.get("text", "")).startswith(_BILLING_HEADER):
             continue
         value = next((block[k] for k in ("text", "thinking", "input", "content") if block.get(k) is not None), "")
         parts.append(value if isinstance(value, str) else repr(_block_text(value)))

@@ -29,10 +29,6 @@ _TYPES = {
 }
 
 
-_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                    413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
-
-
 class ApiError(Exception):
     """An error answered to the client as OpenAI-style JSON (or an SSE error event mid-stream)."""
 
@@ -59,9 +55,9 @@ class ApiError(Exception):
         return json.dumps(self.to_dict()).encode()
 
     def anthropic_dict(self) -> dict[str, Any]:
-        """The error in Anthropic's shape, for ``/v1/messages`` clients (as vLLM answers them)."""
-        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        """The error in Anthropic's shape, for ``/v1/messages`` clients, with the error type names
+        vLLM's Anthropic handler uses (``BadRequestError``, ``NotFoundError``, ...)."""
+        return {"type": "error", "error": {"type": self.type, "message": self.message}}
 
     def response(self, request_id: str | None = None, anthropic: bool = False) -> web.Response:
         headers = dict(self.headers)

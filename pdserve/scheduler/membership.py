@@ -44,19 +44,19 @@ def _host_port(url: str, param: str = "url") -> tuple[str, int]:
         raise bad_request(f"{exc.found}; e.g. 127.0.0.1:8101", param=param) from None
 
 
-async def _address(host: str, port: int) -> tuple[str, int]:
-    """The address ``host`` resolves to: ``localhost:P`` and ``127.0.0.1:P`` are one instance."""
+async def _addresses(host: str, port: int) -> set[tuple[str, int]]:
+    """What ``host`` resolves to: ``localhost:P`` and ``127.0.0.1:P`` are one instance."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
-        return host, port
-    return (str(infos[0][4][0]), port) if infos else (host, port)
+        infos = []
+    return {(str(i[4][0]), port) for i in infos} or {(host, port)}
 
 
 async def _find(state: Scheduler, host: str, port: int) -> Instance | None:
-    where = await _address(host, port)
+    where = await _addresses(host, port)
     for inst in state.pool.all:
-        if await _address(inst.spec.host, inst.spec.port) == where:
+        if where & await _addresses(inst.spec.host, inst.spec.port):
             return inst
     return None
 
@@ -73,10 +73,11 @@ def _refuse(spec: InstanceSpec, why: str) -> ApiError:
     return ApiError(400, f"{spec.url} {why}", param="url")
 
 
-async def _check(state: Scheduler, spec: InstanceSpec) -> None:
+async def _check(state: Scheduler, spec: InstanceSpec) -> bool:
     """What start-up checks, for one instance: healthy, the role it is added as, the same model,
-    room for the context the scheduler admits, the same chat default, the start-up LoRA adapters.
-    (The ranktable digest is not compared: a new host comes with a merged ranktable.)"""
+    room for the context the scheduler admits, the start-up LoRA adapters. Returns whether its chat
+    default is "the rest of the context" (set on the scheduler only once it is added). (The
+    ranktable digest is not compared: a new host comes with a merged ranktable.)"""
     cfg, session = state.cfg, state.session
     assert session is not None
     status, _ = await _get(session, spec.url + "/health", cfg.health_timeout)
@@ -95,10 +96,9 @@ async def _check(state: Scheduler, spec: InstanceSpec) -> None:
         if ident.role != spec.role:
             raise ApiError(400, f"{spec.url} is a {ident.role} instance, not a {spec.role} one", param="role")
         names = ident.served_model_names
-        if cfg.chat_default_is_context and ident.chat_default_max_tokens != "context":
-            cfg.chat_default_is_context = False  # as start-up decides when any instance differs
-            log.info("%s has another chat default max_tokens: chat answers without max_tokens no longer "
-                     "continue from the prefill's token", spec.url)
+        context_default = ident.chat_default_max_tokens == "context"
+    else:
+        context_default = False
     status, body = await _get(session, spec.url + "/v1/models", cfg.health_timeout)
     try:
         data = loads(body) if status == 200 else {}
@@ -120,6 +120,7 @@ async def _check(state: Scheduler, spec: InstanceSpec) -> None:
     if missing:
         raise _refuse(spec, f"lacks the LoRA adapter(s) {', '.join(missing)} every other instance serves: start it "
                             "with the same --lora-modules")
+    return context_default
 
 
 async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
@@ -136,7 +137,7 @@ async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
         role = state.pool.prefill if req.role == "prefill" else state.pool.decode
         spec = InstanceSpec(req.role, 1 + max((i.spec.index for i in role.instances), default=-1),
                             1 + max((i.spec.global_index for i in state.pool.all), default=-1), host, port)
-        await _check(state, spec)
+        context_default = await _check(state, spec)
         inst = state.pool.instance_for(spec)
         failed = await state.adapters.load_missing(inst)  # those loaded through the scheduler
         if failed:
@@ -144,6 +145,10 @@ async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
             raise ApiError(502, f"{spec.url} could not load the LoRA adapter(s) loaded through the scheduler: "
                                 f"{'; '.join(failed)}; it was not added", param="url")
         state.pool.add(inst)
+        if state.cfg.chat_default_is_context and not context_default:
+            state.cfg.chat_default_is_context = False  # as start-up decides when any instance differs
+            log.info("%s has another chat default max_tokens: chat answers without max_tokens no longer "
+                     "continue from the prefill's token", spec.url)
     log.info("instance %s added to the %s pool (%d now)", spec.name, req.role, len(role.instances))
     return {"name": spec.name, "role": spec.role, "url": spec.url}
 

@@ -98,7 +98,7 @@ class ResponsesRequest(SamplingFields):
 class MessagesRequest(SamplingFields):
     """Anthropic's Messages API as vLLM serves it (``/v1/messages``)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage]  # (vLLM accepts an empty list)
     max_tokens: int = Field(ge=1, le=_I64_MAX)  # required, as in Anthropic's API
     system: StrictStr | list[Any] | None = None
     stop_sequences: list[StrictStr] | None = None

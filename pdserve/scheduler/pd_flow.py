@@ -210,6 +210,14 @@ class UsageKeys:
     def facts(self, usage: dict[str, Any]) -> Any:
         return usage.get(self.details) if self.details else usage
 
+    def prompt_total(self, usage: dict[str, Any]) -> Any:
+        """All prompt tokens. (Anthropic's ``input_tokens`` leave out the cache reads and writes,
+        which it counts beside them.)"""
+        n = usage.get(self.prompt)
+        if self.details is None and isinstance(n, int):
+            n += sum(v for k in (self.cached, self.created) if isinstance(v := usage.get(k), int))
+        return n
+
 
 _USAGE_KEYS = {
     "responses": UsageKeys("input_tokens", "output_tokens", "input_tokens_details", "cached_tokens",
@@ -309,7 +317,7 @@ class PDFlow:
             cached = prompt = created = None
             if isinstance(usage, dict):
                 keys = usage_keys(ctx.endpoint)
-                prompt = usage.get(keys.prompt)
+                prompt = keys.prompt_total(usage)
                 details = keys.facts(usage)
                 if isinstance(details, dict):
                     cached, created = details.get(keys.cached), details.get(keys.created)
@@ -628,9 +636,10 @@ class PDFlow:
         if pre.first is not None:
             pre.first.fix_usage(usage)
         keys = usage_keys(ctx.endpoint)
-        # (a messages stream gives the input tokens in one event and the output tokens in another)
-        ctx.prompt_tokens = usage.get(keys.prompt, ctx.prompt_tokens)
-        ctx.completion_tokens = usage.get(keys.completion, ctx.completion_tokens)
+        if keys.details is None:
+            return self._fix_anthropic_usage(ctx, pre, usage, keys)
+        ctx.prompt_tokens = usage.get(keys.prompt)
+        ctx.completion_tokens = usage.get(keys.completion)
         # the prefill computed the client's prompt, also when the decode instance got prompt + the
         # moved tokens to compute itself (a retry or a resume): its cache hits are the prompt's
         if pre.cached_tokens is None or (pre.kv_transfer_params is None and pre.first is None):
@@ -653,6 +662,29 @@ class PDFlow:
             usage[keys.details] = {keys.cached: pre.cached_tokens}
         else:
             return changed
+        return True
+
+    @staticmethod
+    def _fix_anthropic_usage(ctx: RequestContext, pre: PrefillResult, usage: dict[str, Any], keys: UsageKeys) -> bool:
+        """Anthropic's usage counts cache reads and writes beside ``input_tokens`` (vLLM's
+        message_start has only the whole prompt, message_delta the split): where the split is
+        given, the prefill side's reads and writes go in and ``input_tokens`` keeps the total."""
+        total = keys.prompt_total(usage)
+        ctx.prompt_tokens = total if total is not None else ctx.prompt_tokens
+        ctx.completion_tokens = usage.get(keys.completion, ctx.completion_tokens)
+        if keys.cached not in usage or pre.cached_tokens is None or not isinstance(total, int) \
+                or (pre.kv_transfer_params is None and pre.first is None):
+            if isinstance(usage.get(keys.cached), int):
+                ctx.cached_tokens = usage[keys.cached]
+            return False
+        read, written = pre.cached_tokens, pre.created_cache_tokens or 0
+        ctx.cached_tokens = read
+        wanted = {keys.cached: read, keys.prompt: max(0, total - read - written)}
+        if keys.created in usage:
+            wanted[keys.created] = written
+        if all(usage.get(k) == v for k, v in wanted.items()):
+            return False
+        usage.update(wanted)
         return True
 
     def _fix_usage_events(self, ctx: RequestContext, pre: PrefillResult, events: bytes) -> bytes:

@@ -123,7 +123,8 @@ class MessagesRelay(OpenAIRelay):
 
     @staticmethod
     def tokens(events: bytes) -> int:
-        return events.count(b"event: content_block_delta\n")
+        # text and thinking deltas (a tool call's JSON and a signature come in other delta types)
+        return events.count(b'"type":"text_delta"') + events.count(b'"type":"thinking_delta"')
 
     @staticmethod
     def ended(events: bytes) -> bool:

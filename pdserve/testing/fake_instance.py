@@ -500,7 +500,9 @@ class FakeInstance:
         n_out = min(cfg.output_tokens, limit) if cfg.output_tokens is not None else limit
         deltas = [f" m{k}" for k in range(n_out)]
         stop = "max_tokens" if n_out >= limit else "end_turn"
-        usage = {"input_tokens": n_prompt, "output_tokens": n_out, "cache_read_input_tokens": cached}
+        # as vLLM's: input_tokens leave out the cache reads (message_start has the whole prompt only)
+        usage = {"input_tokens": n_prompt - cached, "output_tokens": n_out, "cache_read_input_tokens": cached,
+                 "cache_creation_input_tokens": 0}
         msg = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "content": [],
                "model": body.get("model") or self.model, "stop_reason": None, "stop_sequence": None}
         if not body.get("stream"):
@@ -513,7 +515,7 @@ class FakeInstance:
         async def event(kind: str, **fields: Any) -> None:
             await out.write(f"event: {kind}\n".encode() + b"data: " + _dumps({"type": kind, **fields}) + b"\n\n")
 
-        await event("message_start", message={**msg, "usage": {**usage, "output_tokens": 0}})
+        await event("message_start", message={**msg, "usage": {"input_tokens": n_prompt, "output_tokens": 0}})
         if cfg.ttft:
             await asyncio.sleep(cfg.ttft)
         for k, delta in enumerate(deltas):
@@ -524,8 +526,7 @@ class FakeInstance:
             await event("content_block_delta", index=0, delta={"type": "text_delta", "text": delta})
             rec["tokens_sent"] = k + 1
         await event("content_block_stop", index=0)
-        await event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
-                    usage={"output_tokens": n_out})
+        await event("message_delta", delta={"stop_reason": stop, "stop_sequence": None}, usage=usage)
         await event("message_stop")
         await out.write_eof()
         return out

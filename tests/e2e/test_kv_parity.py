@@ -360,8 +360,11 @@ def test_anthropic_messages_api_matches_reference(pd_cluster, reference):
     assert got.status_code == want.status_code == 200, got.text
     got, want = got.json(), want.json()
     assert got["content"] == want["content"] and got["content"][0]["text"]
-    assert (got["stop_reason"], got["usage"]["input_tokens"], got["usage"]["output_tokens"]) == \
-        (want["stop_reason"], want["usage"]["input_tokens"], want["usage"]["output_tokens"])
+    def prompt(usage: dict) -> int:  # Anthropic counts cache reads and writes beside input_tokens
+        return usage["input_tokens"] + (usage.get("cache_read_input_tokens") or 0) + \
+            (usage.get("cache_creation_input_tokens") or 0)
+    assert (got["stop_reason"], prompt(got["usage"]), got["usage"]["output_tokens"]) == \
+        (want["stop_reason"], prompt(want["usage"]), want["usage"]["output_tokens"])
     r = requests.post(f"{pd_cluster.scheduler_url}/v1/messages", json={**body, "stream": True}, stream=True,
                       timeout=120)
     kinds, text = [], ""
@@ -373,4 +376,4 @@ def test_anthropic_messages_api_matches_reference(pd_cluster, reference):
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert text == want["content"][0]["text"]
     count = requests.post(f"{pd_cluster.scheduler_url}/v1/messages/count_tokens", json=body, timeout=30)
-    assert count.status_code == 200 and count.json()["input_tokens"] == want["usage"]["input_tokens"]
+    assert count.status_code == 200 and count.json()["input_tokens"] == prompt(want["usage"])

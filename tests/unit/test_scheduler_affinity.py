@@ -61,6 +61,19 @@ def test_a_responses_input_counts_every_items_text() -> None:
     assert PrefixTracker(64).points("responses", body).total_chars > 25_000
 
 
+def test_a_messages_request_routes_without_its_billing_header() -> None:
+    """Claude Code's per-request billing header would give every request its own prefix; vLLM
+    drops it from the prompt, so routing does too."""
+    from pdserve.scheduler.models import prompt_text_for_routing
+
+    def body(cch: str) -> dict:
+        return {"system": [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=1; cch={cch}"},
+                           {"type": "text", "text": "You are a coding agent."}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]}]}
+    a, b = (prompt_text_for_routing("messages", body(x), 2048) for x in ("abc1", "def2"))
+    assert a == b == "<system>You are a coding agent.<user>fix the bug"
+
+
 def test_tracker_is_bounded_lru() -> None:
     t = PrefixTracker(chunk_chars=16, max_entries=10)
     for i in range(50):
