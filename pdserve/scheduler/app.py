@@ -61,7 +61,7 @@ _ENDPOINTS = {
     "/v1/unload_lora_adapter": "lora",
 }
 _UNTRACKED = frozenset({"/health", "/ping", "/metrics"})
-_INFERENCE = frozenset({"completions", "chat", "generate", "responses", "messages"})  # never refused while draining, not waited for
+_INFERENCE = frozenset({"completions", "chat", "generate", "responses", "messages"})  # (a refusal of these gets an access-log line)
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)
