@@ -154,7 +154,8 @@ def prompt_upper_tokens(endpoint: str, body: dict[str, Any], limit: int) -> int:
         return max(len(x) if kind == "ids" else _capped(x, limit) for x in prompts)
     total = 0
     for piece in prompt_pieces(endpoint, body):
-        total += _capped(piece, limit - total) + (CHAT_OVERHEAD_TOKENS if endpoint in ("chat", "responses", "messages") else 0)
+        overhead = CHAT_OVERHEAD_TOKENS if endpoint in ("chat", "responses", "messages") else 0
+        total += _capped(piece, limit - total) + overhead
         if total >= limit:
             break
     return total

@@ -61,7 +61,8 @@ _ENDPOINTS = {
     "/v1/unload_lora_adapter": "lora",
 }
 _UNTRACKED = frozenset({"/health", "/ping", "/metrics"})
-_INFERENCE = frozenset({"completions", "chat", "generate", "responses", "messages"})  # (a refusal of these gets an access-log line)
+# the inference endpoints: a refusal of one of these gets an access-log line
+_INFERENCE = frozenset({"completions", "chat", "generate", "responses", "messages"})
 STATE = web.AppKey("pdserve_scheduler", object)
 RID = web.RequestKey("pdserve_request_id", str)
 CTX = web.RequestKey("pdserve_ctx", RequestContext)

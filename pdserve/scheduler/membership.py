@@ -153,7 +153,8 @@ async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
     return {"name": spec.name, "role": spec.role, "url": spec.url}
 
 
-async def remove(state: Scheduler, url: str | None, wait: str | None, force: bool = False) -> tuple[int, dict[str, Any]]:
+async def remove(state: Scheduler, url: str | None, wait: str | None,
+                 force: bool = False) -> tuple[int, dict[str, Any]]:
     """Out of routing at once; then wait up to ``wait`` seconds [30] for its requests in flight.
     200 when none is left, 202 when some still run (the instance is out of the pool either way)."""
     if not url:
