@@ -36,7 +36,7 @@ from pdserve.scheduler.lease_release import LeaseReleaser
 from pdserve.scheduler.metrics import SchedulerMetrics
 from pdserve.scheduler.pd_flow import TRACE_HEADERS, PDFlow, RequestContext
 from pdserve.scheduler.policies import Policy, RouteKey, make_policy
-from pdserve.scheduler.pool import InstancePool
+from pdserve.scheduler.pool import Instance, InstancePool
 from pdserve.scheduler.relay import GenerateRelay, MessagesRelay, OpenAIRelay, ResponsesRelay, dumps, loads
 
 log = logging.getLogger("pdserve.scheduler")
@@ -107,6 +107,7 @@ class Scheduler:
         self.pool.on_recover.append(self.adapters.reload)
         self._refresher: asyncio.Task[None] | None = None
         self.membership_lock = asyncio.Lock()
+        self.leaving: list[Instance] = []  # removed instances still needed by requests in flight
         up = self.shaper.upstream_bytes()
         self.rename_prefix = up
         self.capture: CaptureSink | None = None
@@ -536,10 +537,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def instances(request: web.Request) -> web.Response:
     """The pool as the scheduler sees it: health, load, last error (for operators and tests)."""
-    pool = _state(request).pool
+    state = _state(request)
     return web.json_response({"instances": [
         {"name": i.spec.name, "role": i.spec.role, "index": i.spec.index, "url": i.url, "healthy": i.healthy,
-         "inflight": i.inflight, "last_error": i.last_error} for i in pool.all]})
+         "inflight": i.inflight, "last_error": i.last_error} for i in state.pool.all], "leaving": [
+        {"name": i.spec.name, "role": i.spec.role, "url": i.url, "inflight": i.inflight + i.users}
+        for i in membership.leaving(state)]})
 
 
 async def add_instance(request: web.Request) -> web.Response:
@@ -561,6 +564,13 @@ async def remove_instance(request: web.Request) -> web.Response:
     return web.json_response(answer, status=status)
 
 
+def _off(what: str, switch: str) -> Any:
+    """A route that is off: 404, as when it does not exist, saying which switch turns it on."""
+    async def handler(request: web.Request) -> web.Response:
+        raise ApiError(404, f"not found: {what} is off on this scheduler; start it with {switch}")
+    return handler
+
+
 def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None) -> web.Application:
     """The aiohttp app; the pool's health loop and session start with the app."""
     app = web.Application(middlewares=[_middleware], client_max_size=cfg.max_body_bytes)
@@ -576,6 +586,11 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
         if cfg.runtime_lora_updating:  # vLLM's switch: without it, vLLM has no such routes either
             app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
             app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+        else:
+            off = _off("loading LoRA adapters at run time",
+                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or --allow-runtime-lora-updating)")
+            for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                app.router.add_post(path, off)
         app.router.add_post("/tokenize", on_an_instance)
         app.router.add_post("/detokenize", on_an_instance)
         app.router.add_get("/version", on_an_instance)
@@ -588,6 +603,10 @@ def build_app(cfg: SchedulerConfig, session: aiohttp.ClientSession | None = None
     if cfg.instance_updates:
         app.router.add_post("/pdserve/v1/instances", add_instance)
         app.router.add_delete("/pdserve/v1/instances", remove_instance)
+    else:
+        off = _off("adding and removing instances", "--allow-instance-updates")
+        app.router.add_route("POST", "/pdserve/v1/instances", off)
+        app.router.add_route("DELETE", "/pdserve/v1/instances", off)
 
     async def _lifecycle(_app: web.Application):  # type: ignore[no-untyped-def]
         await state.start()

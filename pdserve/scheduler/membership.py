@@ -53,9 +53,9 @@ async def _addresses(host: str, port: int) -> set[tuple[str, int]]:
     return {(str(i[4][0]), port) for i in infos} or {(host, port)}
 
 
-async def _find(state: Scheduler, host: str, port: int) -> Instance | None:
+async def _find(state: Scheduler, host: str, port: int, among: list[Instance] | None = None) -> Instance | None:
     where = await _addresses(host, port)
-    for inst in state.pool.all:
+    for inst in state.pool.all if among is None else among:
         if where & await _addresses(inst.spec.host, inst.spec.port):
             return inst
     return None
@@ -156,7 +156,8 @@ async def add(state: Scheduler, raw: Any) -> dict[str, Any]:
 async def remove(state: Scheduler, url: str | None, wait: str | None,
                  force: bool = False) -> tuple[int, dict[str, Any]]:
     """Out of routing at once; then wait up to ``wait`` seconds [30] for its requests in flight.
-    200 when none is left, 202 when some still run (the instance is out of the pool either way)."""
+    200 when none is left, 202 when some still run (the instance is out of the pool either way:
+    the same DELETE, or ``GET /pdserve/v1/instances``, tells later whether it has drained)."""
     if not url:
         raise bad_request("give the instance as ?url=HOST:PORT", param="url")
     host, port = _host_port(url)
@@ -168,21 +169,34 @@ async def remove(state: Scheduler, url: str | None, wait: str | None,
         raise bad_request("wait: give 0 to 3600 seconds", param="wait")
     async with state.membership_lock:
         inst = await _find(state, host, port)
-        if inst is None:
-            raise ApiError(404, f"no instance at {host}:{port} in the pool", param="url")
-        role = state.pool.prefill if inst.spec.role == "prefill" else state.pool.decode
-        if not force and not any(i.healthy for i in role.instances if i is not inst):
-            raise ApiError(409, f"{inst.spec.name} is the last healthy {inst.spec.role} instance: add another "
-                                "first (or pass force=1)", param="url")
-        state.pool.remove(inst)
-    log.info("instance %s removed from the %s pool; %d request(s) still use it", inst.spec.name,
-             inst.spec.role, _busy(inst))
+        if inst is None:  # removed before, and maybe still draining: the same DELETE asks again
+            inst = await _find(state, host, port, state.leaving)
+            if inst is None:
+                raise ApiError(404, f"no instance at {host}:{port} in the pool", param="url")
+        else:
+            role = state.pool.prefill if inst.spec.role == "prefill" else state.pool.decode
+            if not force and not any(i.healthy for i in role.instances if i is not inst):
+                raise ApiError(409, f"{inst.spec.name} is the last healthy {inst.spec.role} instance: add another "
+                                    "first (or pass force=1)", param="url")
+            state.pool.remove(inst)
+            state.leaving.append(inst)
+            log.info("instance %s removed from the %s pool; %d request(s) still use it", inst.spec.name,
+                     inst.spec.role, _busy(inst))
     deadline = time.monotonic() + limit
     while _busy(inst) > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     drained = _busy(inst) == 0
+    if drained and inst in state.leaving:
+        state.leaving.remove(inst)
+        log.info("instance %s drained: it may be stopped", inst.spec.name)
     return (200 if drained else 202), {"name": inst.spec.name, "removed": True, "inflight": _busy(inst),
                                        "drained": drained}
+
+
+def leaving(state: Scheduler) -> list[Instance]:
+    """Removed instances that some request still needs (drained ones are dropped here)."""
+    state.leaving[:] = [i for i in state.leaving if _busy(i) > 0]
+    return state.leaving
 
 
 def _busy(inst: Instance) -> int:

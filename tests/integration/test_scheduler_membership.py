@@ -122,7 +122,8 @@ async def test_removal_refuses_the_last_of_a_role_and_unknown_urls(make_cluster:
 
 async def test_the_routes_are_off_by_default_and_need_the_api_key(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1)
-    assert (await _add(c, "decode", "127.0.0.1:9"))[0] == 405  # GET only: no one can redirect prompts
+    status, answer = await _add(c, "decode", "127.0.0.1:9")  # no one can redirect prompts
+    assert status == 404 and "--allow-instance-updates" in answer["error"]["message"], answer
     keyed = await make_cluster(1, 1, instance_updates=True, api_keys=["k1"])
     assert (await _add(keyed, "decode", "127.0.0.1:9"))[0] == 401
 
@@ -143,9 +144,17 @@ async def test_removing_a_prefill_instance_waits_for_the_requests_holding_its_kv
     await wait_for(lambda: c.decode[0].inference_requests(), what="the decode instance has the request")
     status, answer = await _delete(c, prefill.port, wait="0")
     assert (status, answer["drained"], answer["inflight"]) == (202, False, 1)  # its KV is still needed
+    async with c.get("/pdserve/v1/instances") as r:  # listed as leaving until then
+        assert [i["url"] for i in (await r.json())["leaving"]] == [f"http://127.0.0.1:{prefill.port}"]
     status, answer = await _delete(c, c.prefill[1 - c.prefill.index(prefill)].port, wait="0", force="1")
     assert status == 200  # (the other one, forced: nothing used it)
     assert await request == 200
+    # the same DELETE asks again whether it has drained
+    status, answer = await _delete(c, prefill.port, wait="5")
+    assert (status, answer["drained"]) == (200, True)
+    async with c.get("/pdserve/v1/instances") as r:
+        assert (await r.json())["leaving"] == []
+    assert (await _delete(c, prefill.port))[0] == 404  # drained and gone
 
 
 async def test_a_removed_instance_re_added_takes_its_prefixes_again(make_cluster: MakeCluster) -> None:
