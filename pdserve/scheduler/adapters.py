@@ -27,6 +27,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.scheduler.errors import ApiError
+from pdserve.scheduler.probe import models_of
 
 if TYPE_CHECKING:
     from pdserve.scheduler.pool import Instance
@@ -327,12 +328,8 @@ class AdapterAdmin:
 
     async def _adapters_of(self, inst: Instance) -> list[Adapter] | None:
         assert self.session is not None
-        try:
-            async with self.session.get(inst.url + "/v1/models",
-                                        timeout=aiohttp.ClientTimeout(total=self.list_timeout)) as resp:
-                return adapters_in_models(await resp.json(content_type=None)) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            return None
+        data = await models_of(self.session, inst.url, self.list_timeout)
+        return None if data is None else adapters_in_models(data)
 
     async def close(self) -> None:
         for task in list(self._tasks):

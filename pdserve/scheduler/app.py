@@ -284,18 +284,24 @@ def _timings(ctx: RequestContext) -> dict[str, Any]:
                       "completion_tokens": ctx.completion_tokens}, "error": ctx.error}
 
 
+async def _read_json(request: web.Request, check_type: bool = True) -> tuple[bytes, Any]:
+    """The body's bytes and its JSON: 415 when it is not sent as JSON (as vLLM's OpenAI server,
+    which says 400; vLLM's plain /generate never checked it), 400 when it does not parse, 413
+    from client_max_size beyond --max-body-bytes."""
+    if check_type and request.content_type != "application/json":
+        raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
+                            "with 'Content-Type: application/json'")
+    raw = await request.read()
+    try:
+        return raw, loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+
+
 async def _inference(request: web.Request, endpoint: models.Endpoint) -> web.StreamResponse:
     state = _state(request)
     cfg = state.cfg
-    if endpoint != "generate" and request.content_type != "application/json":
-        # as vLLM's OpenAI server (which says 400); vLLM's plain /generate never checked it
-        raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
-                            "with 'Content-Type: application/json'")
-    raw = await request.read()  # 413 from client_max_size beyond --max-body-bytes
-    try:
-        body = loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
+    raw, body = await _read_json(request, check_type=endpoint != "generate")
     client_model = body.get("model") if isinstance(body, dict) else None
     adapter = client_model if isinstance(client_model, str) and client_model in state.adapters else None
     if isinstance(client_model, str) and cfg.served_model_names and client_model not in cfg.served_model_names \
@@ -454,14 +460,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def _admin_body(request: web.Request, schema: type[_Admin]) -> _Admin:
-    if request.content_type != "application/json":
-        raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
-                            "with 'Content-Type: application/json'")
-    try:
-        body = loads(await request.read())
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    return models.validate_as(schema, body)
+    return models.validate_as(schema, (await _read_json(request))[1])
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
@@ -487,15 +486,9 @@ async def on_an_instance(request: web.Request) -> web.Response:
     """``/tokenize``, ``/detokenize``, ``/version``: no KV involved, so one healthy instance
     answers, as it would answer the client itself (an alias is renamed, a system prompt added)."""
     state = _state(request)
-    raw = await request.read() if request.method == "POST" else None
-    if raw is not None:
-        if request.content_type != "application/json":
-            raise ApiError(415, f"unsupported media type {request.content_type!r}: send the body as JSON "
-                                "with 'Content-Type: application/json'")
-        try:
-            body = loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise bad_request(f"invalid JSON body: {exc}") from None
+    raw: bytes | None = None
+    if request.method == "POST":
+        raw, body = await _read_json(request)
         model = body.get("model") if isinstance(body, dict) else None
         if isinstance(model, str) and model not in state.cfg.served_model_names and model not in state.adapters:
             raise model_not_found(model)
@@ -547,13 +540,7 @@ async def instances(request: web.Request) -> web.Response:
 
 async def add_instance(request: web.Request) -> web.Response:
     """Scale out: one more instance, checked as at start-up (see :mod:`membership`)."""
-    if request.content_type != "application/json":
-        raise ApiError(415, "send the body as JSON with 'Content-Type: application/json'")
-    try:
-        body = loads(await request.read())
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    return web.json_response(await membership.add(_state(request), body), status=201)
+    return web.json_response(await membership.add(_state(request), (await _read_json(request))[1]), status=201)
 
 
 async def remove_instance(request: web.Request) -> web.Response:

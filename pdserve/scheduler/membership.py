@@ -23,7 +23,7 @@ from pdserve.identity import IDENTITY_PATH, Identity
 from pdserve.scheduler.adapters import adapters_in_models
 from pdserve.scheduler.config import InstanceSpec, parse_host_port
 from pdserve.scheduler.errors import ApiError, bad_request
-from pdserve.scheduler.relay import loads
+from pdserve.scheduler.probe import models_of
 
 if TYPE_CHECKING:
     from pdserve.scheduler.app import Scheduler
@@ -99,12 +99,8 @@ async def _check(state: Scheduler, spec: InstanceSpec) -> bool:
         context_default = ident.chat_default_max_tokens == "context"
     else:
         context_default = False
-    status, body = await _get(session, spec.url + "/v1/models", cfg.health_timeout)
-    try:
-        data = loads(body) if status == 200 else {}
-        cards = [m for m in data.get("data", ()) if isinstance(m, dict)]
-    except (ValueError, AttributeError):
-        cards = []
+    data = await models_of(session, spec.url, cfg.health_timeout)
+    cards = [m for m in data.get("data") or () if isinstance(m, dict)] if isinstance(data, dict) else []
     base = [m for m in cards if m.get("parent") is None]
     names = names or [m.get("id") for m in base]
     if cfg.upstream_model and cfg.upstream_model not in names:
@@ -114,7 +110,7 @@ async def _check(state: Scheduler, spec: InstanceSpec) -> bool:
     if cfg.max_model_len and isinstance(mml, int) and mml < cfg.max_model_len:
         raise _refuse(spec, f"has max_model_len {mml}, less than the {cfg.max_model_len} the scheduler admits: "
                             "start it with the same --max-model-len")
-    has = {a.name: a.path for a in adapters_in_models(data if cards else {})}
+    has = {a.name: a.path for a in adapters_in_models(data)}
     missing = [n for n, a in state.adapters.served.items()
                if n not in state.adapters.loaded_here and has.get(n) != a.path]
     if missing:

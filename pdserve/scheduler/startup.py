@@ -21,6 +21,7 @@ from pdserve.errors import ConfigError
 from pdserve.identity import IDENTITY_PATH, Identity
 from pdserve.scheduler.adapters import adapters_in_models, common_adapters
 from pdserve.scheduler.config import InstanceSpec, SchedulerConfig
+from pdserve.scheduler.probe import models_of
 
 log = logging.getLogger("pdserve.scheduler.startup")
 
@@ -129,16 +130,9 @@ class ModelFacts:
 
 async def models_answers(session: aiohttp.ClientSession, cfg: SchedulerConfig) -> list[tuple[str, Any]]:
     """Every instance's ``/v1/models`` answer (None where it gave none), decode instances first."""
-    async def one(spec: InstanceSpec) -> Any:
-        try:
-            async with session.get(spec.url + "/v1/models",
-                                   timeout=aiohttp.ClientTimeout(total=cfg.health_timeout)) as resp:
-                return await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            return None
-
     specs = cfg.decode + cfg.prefill
-    return list(zip([s.name for s in specs], await asyncio.gather(*(one(s) for s in specs)), strict=True))
+    answers = await asyncio.gather(*(models_of(session, s.url, cfg.health_timeout) for s in specs))
+    return list(zip([s.name for s in specs], answers, strict=True))
 
 
 def model_facts(answers: list[tuple[str, Any]]) -> ModelFacts:
