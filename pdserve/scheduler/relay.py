@@ -40,10 +40,18 @@ class ReadsOpenAIStream:
         """``events`` end the stream (vLLM's last event)."""
         return events.endswith(DONE)
 
-    @staticmethod
-    def opening_only(buf: bytes) -> bool:
-        """``buf`` (the stream's first bytes) has nothing but the stream's opening yet."""
-        return False
+    _OPENING: tuple[bytes, ...] = ()  # events a stream starts with before its first token
+
+    @classmethod
+    def opening_only(cls, buf: bytes) -> bool:
+        """``buf`` (the stream's first bytes) has nothing but the stream's opening yet: every event
+        so far (the last one maybe partial) is one of ``_OPENING``."""
+        if not cls._OPENING:
+            return False
+        *done, rest = buf.split(b"\n\n")
+        if not all(ev.startswith(cls._OPENING) for ev in done if ev):
+            return False
+        return not rest or any(p.startswith(rest[:len(p)]) for p in cls._OPENING)
 
 
 class OpenAIRelay(ReadsOpenAIStream):
@@ -105,10 +113,6 @@ class ResponsesRelay(OpenAIRelay):
     def ended(cls, events: bytes) -> bool:
         return any(end in events for end in cls._END)
 
-    @classmethod
-    def opening_only(cls, buf: bytes) -> bool:
-        return _opening_only(buf, cls._OPENING)
-
 
 class MessagesRelay(OpenAIRelay):
     """Anthropic ``/v1/messages`` streams: ``event: <type>`` lines, no ``[DONE]``; they open with
@@ -129,18 +133,6 @@ class MessagesRelay(OpenAIRelay):
     @staticmethod
     def ended(events: bytes) -> bool:
         return b"event: message_stop\n" in events
-
-    @classmethod
-    def opening_only(cls, buf: bytes) -> bool:
-        return _opening_only(buf, cls._OPENING)
-
-
-def _opening_only(buf: bytes, opening: tuple[bytes, ...]) -> bool:
-    """Every event in ``buf`` so far (the last one maybe partial) is one of ``opening``."""
-    *done, rest = buf.split(b"\n\n")
-    if not all(ev.startswith(opening) for ev in done if ev):
-        return False
-    return not rest or any(p.startswith(rest[:len(p)]) for p in opening)
 
 
 class GenerateRelay(ReadsOpenAIStream):
