@@ -36,14 +36,25 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def ipv4_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a server_ip, or None. IPv4 only: the AscendCloud format and every
+    ``server_ip:port`` URL built from it (NODE_PORTS, the side channel) assume it."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text!r} is not an IP address"
+    return None if addr.version == 4 else f"{text!r} is an IPv6 address; server_ip must be IPv4"
+
+
 def _check_server_ids(server: Server, src: str, path: str) -> list[ConfigError]:
     errors = []
     if not server.server_id.strip():
         errors.append(ConfigError(src, f"{path}.server_id", "empty string",
                                   "set it to the host's address (the same as server_ip)"))
-    if not _is_ip(server.server_ip):
-        errors.append(ConfigError(src, f"{path}.server_ip", f"{server.server_ip!r} is not an IP address",
-                                  "write the host's IPv4 address, e.g. \"10.0.0.18\""))
+    problem = ipv4_problem(server.server_ip)
+    if problem:
+        errors.append(ConfigError(src, f"{path}.server_ip", problem,
+                                  "write the host's IPv4 address, e.g. \"10.0.0.18\" (127.0.0.1 for one host)"))
     return errors
 
 

@@ -9,11 +9,12 @@ empty (server_count "0") so that ``merge`` with the scheduler host's file yields
 from __future__ import annotations
 
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pdserve.errors import ConfigError, ConfigErrors, plural
 from pdserve.ranktable import devices as devmod
-from pdserve.ranktable.checks import check_global
+from pdserve.ranktable.checks import check_global, ipv4_problem
 from pdserve.ranktable.io import ensure_dir, write
 from pdserve.ranktable.notice import Notify, stderr_notice
 from pdserve.ranktable.schema import Device, GlobalRanktable, LocalRanktable, Server, ServerGroup
@@ -65,6 +66,13 @@ def _check_request(prefill: list[list[int]], decode: list[list[int]], api_server
         raise ConfigErrors(errors)
 
 
+def _hccn_or_error(device_id: int) -> str | ConfigError:
+    try:
+        return devmod.hccn_device_ip(device_id)
+    except ConfigError as exc:
+        return exc
+
+
 def _device_addresses(ids: list[int], host: str, overrides: dict[int, str], notify: Notify) -> dict[int, str]:
     """overrides, then hccn_tool, then the host address (announced once)."""
     out = {d: overrides[d] for d in ids if d in overrides}
@@ -72,14 +80,13 @@ def _device_addresses(ids: list[int], host: str, overrides: dict[int, str], noti
     if not missing:
         return out
     if devmod.have_hccn_tool():
-        errors = []
-        for d in missing:
-            try:
-                out[d] = devmod.hccn_device_ip(d)
-            except ConfigError as exc:
-                errors.append(exc)
+        # one hccn_tool call per device, side by side: a 16-NPU host answers in one call's time
+        with ThreadPoolExecutor(max_workers=min(16, len(missing))) as pool:
+            results = list(pool.map(_hccn_or_error, missing))
+        errors = [r for r in results if isinstance(r, ConfigError)]
         if errors:
             raise ConfigErrors(errors)
+        out.update({d: r for d, r in zip(missing, results) if isinstance(r, str)})
     else:
         notify(f"hccn_tool not found on PATH; device_ip of device(s) {','.join(map(str, missing))} "
                f"is the host address {host} (set them with --device-ip ID=IP)")
@@ -123,11 +130,10 @@ def generate(
     overrides = dict(device_ips or {})
     _check_request(prefill, decode, api_server, overrides)
     host = server_ip or devmod.host_address()
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError("--server-ip", None, f"{host!r} is not an IP address",
-                          "give this host's IPv4 address, e.g. --server-ip 10.0.0.18") from None
+    problem = ipv4_problem(host)
+    if problem:
+        raise ConfigError("--server-ip", None, problem,
+                          "give this host's IPv4 address, e.g. --server-ip 10.0.0.18 (127.0.0.1 for one host)")
     ids = [d for devs in prefill + decode for d in devs]
     addrs = _device_addresses(ids, host, overrides, notify)
     rt, servers, sched = build(prefill, decode, api_server, host, addrs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from pdserve.scheduler.affinity import chat_view
 from pdserve.scheduler.errors import ApiError, bad_request
@@ -95,6 +95,10 @@ class ResponsesRequest(SamplingFields):
     background: bool | None = None
 
 
+# the sampling fields Anthropic's request has; vLLM's /v1/messages ignores the other OpenAI ones
+_ANTHROPIC_SAMPLING = frozenset({"model", "stream", "max_tokens", "temperature", "top_p", "top_k"})
+
+
 class MessagesRequest(SamplingFields):
     """Anthropic's Messages API as vLLM serves it (``/v1/messages``)."""
 
@@ -102,6 +106,16 @@ class MessagesRequest(SamplingFields):
     max_tokens: int = Field(ge=1, le=_I64_MAX)  # required, as in Anthropic's API
     system: StrictStr | list[Any] | None = None
     stop_sequences: list[StrictStr] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_openai_fields(cls, data: Any) -> Any:
+        """vLLM ignores ``n``, ``seed``, ``stop`` ... on this route, so neither checks nor reads them
+        here (they stay in the forwarded body, for vLLM to ignore)."""
+        if not isinstance(data, dict):
+            return data
+        ignored = set(SamplingFields.model_fields) - _ANTHROPIC_SAMPLING
+        return {k: v for k, v in data.items() if k not in ignored}
 
 
 Endpoint = Literal["completions", "chat", "generate", "responses", "messages"]

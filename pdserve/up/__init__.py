@@ -11,7 +11,6 @@ import argparse
 import math
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -202,13 +201,21 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+def dry_run_dir(run_dir: Path) -> Path:
+    """``<run-dir>-dry-run``: beside the run folder (which a cluster on this port may be using right
+    now), and the same folder every time, so that repeated dry runs do not pile up folders."""
+    return run_dir.with_name(f"{run_dir.name}-dry-run")
+
+
 def _dry_run(plan: ClusterPlan, settings: UpSettings) -> int:
-    """Print the plan and paste-able commands; the ranktables go to a new temporary folder, not to
-    the run folder a cluster on this port may be using right now."""
+    """Print the plan and paste-able commands, with the ranktables they name written to
+    ``dry_run_dir`` (an earlier dry run's ranktables there are replaced, not added to)."""
     from pdserve.up.runner import daemon_commands, shell_line, write_ranktables
 
     _print_plan(plan)
-    scratch = Path(tempfile.mkdtemp(prefix="pdserve-up-dry-run-"))
+    scratch = dry_run_dir(settings.run_dir)
+    for old in scratch.glob("*_ranktable_*.json"):
+        old.unlink()
     g, locals_, host = write_ranktables(plan, scratch)
     print(f"ranktables: written to {scratch} for this dry run (a real run writes them to {settings.run_dir})")
     for name, argv, env in daemon_commands(plan, settings, g, locals_, host):

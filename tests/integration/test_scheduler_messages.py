@@ -98,6 +98,17 @@ async def test_the_schedulers_own_errors_come_in_anthropics_shape(make_cluster: 
     assert c.calls() == 0
 
 
+async def test_openai_only_fields_are_left_for_vllm_to_ignore(make_cluster: MakeCluster) -> None:
+    """vLLM's /v1/messages has no n, seed or stop: it ignores them, so the scheduler does too
+    (no 400 for values it would refuse on /v1/chat/completions), and still checks Anthropic's."""
+    c = await make_cluster(1, 1)
+    async with c.post("/v1/messages", json={**BODY, "n": "two", "seed": "x", "stop": 5, "best_of": 0}) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["type"] == "message"
+    async with c.post("/v1/messages", json={**BODY, "top_p": 7}) as r:
+        assert r.status == 400 and (await r.json())["error"]["message"].startswith("top_p")
+
+
 async def test_count_tokens_is_answered_by_an_instance(make_cluster: MakeCluster) -> None:
     c = await make_cluster(1, 1, served_model_names=["alias"])
     async with c.post("/v1/messages/count_tokens", json={**BODY, "model": "alias"}) as r:

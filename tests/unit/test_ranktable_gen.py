@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.errors import ConfigErrors
+from pdserve.errors import ConfigError, ConfigErrors
 from pdserve.ranktable import devices, generate, load_global, validate
 from pdserve.ranktable.devices import parse_hccn_output
 
@@ -102,6 +102,18 @@ def test_hccn_tool_failure_names_device_and_override(fake_hccn: Path, tmp_path: 
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_hccn_tool_is_asked_for_every_device_at_once(fake_hccn: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("FAKE_HCCN_LOG", str(log))
+    paths = generate([[0, 1]], [[2, 3]], False, tmp_path / "out", server_ip="10.0.0.18")
+    calls = log.read_text().split()[::2]
+    assert calls.index("end") == 4  # all four calls started before the first one ended
+    ips = [d["device_ip"] for s in json.loads(paths[0].read_text())["server_group_list"][1:]
+           for d in s["server_list"][0]["device"]]
+    assert ips == ["10.0.9.0", "10.0.9.1", "10.0.9.2", "10.0.9.3"]  # each device its own answer
+
+
 def test_parse_hccn_output() -> None:
     assert parse_hccn_output("ipaddr:10.0.1.22\nnetmask:255.255.255.0\n") == "10.0.1.22"
     assert parse_hccn_output("ipaddr : 10.0.1.22\n") == "10.0.1.22"
@@ -148,6 +160,13 @@ def test_bad_requests(prefill: list, decode: list, api: bool, ips: dict, source:
 def test_bad_server_ip(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not an IP address"):
         generate([[0]], [[1]], True, tmp_path, server_ip="myhost", device_ips={0: "1.2.3.4", 1: "1.2.3.4"})
+
+
+def test_ipv6_server_ip_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="IPv6") as info:
+        generate([[0]], [[1]], True, tmp_path / "out", server_ip="::1", device_ips={0: "1.2.3.4", 1: "1.2.3.4"})
+    assert info.value.source == "--server-ip" and "IPv4" in info.value.fix
+    assert not (tmp_path / "out").exists()
 
 
 def test_p_d_tp_differ_gives_notice(tmp_path: Path) -> None:

@@ -204,6 +204,15 @@ def test_bad_server_ip(tmp_path: Path) -> None:
     assert "not an IP address" in errs[0].found and "IPv4" in errs[0].fix
 
 
+def test_ipv6_server_ip_is_refused(tmp_path: Path) -> None:
+    """server_ip:port URLs (NODE_PORTS, the side channel) are built unbracketed: IPv4 only."""
+    data = design()
+    data["server_group_list"][1]["server_list"][0]["server_ip"] = "::1"
+    errs = errors_of(write(tmp_path, data))
+    assert [e.field for e in errs] == ["server_group_list[1].server_list[0].server_ip"]
+    assert "IPv6" in errs[0].found and "127.0.0.1" in errs[0].fix
+
+
 def test_bad_device_ip(tmp_path: Path) -> None:
     data = design()
     data["server_group_list"][1]["server_list"][0]["device"][0]["device_ip"] = "10.0.1"

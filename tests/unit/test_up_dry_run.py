@@ -4,7 +4,6 @@ nothing while printing commands that reproduce the cluster (with the environment
 from __future__ import annotations
 
 import shlex
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("PDSERVE_PLATFORM", raising=False)
     monkeypatch.setattr("pdserve.platform.detect_platform", lambda *_a, **_k: "cpu")
     monkeypatch.setattr("pdserve.platform.usable_cores", lambda: [0, 1])
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the dry run's scratch folders
     return root
 
 
@@ -87,8 +85,21 @@ def test_dry_run_leaves_the_run_folder_alone(capsys: pytest.CaptureFixture[str],
     assert (live / "global_ranktable_127.0.0.1.json").read_text() == "a running cluster's file"
     line = next(x for x in out.splitlines() if x.startswith("ranktables: written to "))
     scratch = Path(line.split()[3])
-    assert scratch.is_dir() and not scratch.is_relative_to(live) and f"a real run writes them to {live}" in line
+    assert scratch == cache / "up" / "port-9000-dry-run" and f"a real run writes them to {live}" in line
     assert (scratch / "global_ranktable_127.0.0.1.json").is_file()
+
+
+def test_repeated_dry_runs_reuse_one_folder_and_replace_its_ranktables(
+        capsys: pytest.CaptureFixture[str], cache: Path, model: Path) -> None:
+    assert main(["up", "--dry-run", "--model", str(model), "--tp", "2"]) == 0
+    capsys.readouterr()
+    assert main(["up", "--dry-run", "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (cache / "up").iterdir()) == ["port-9000-dry-run"]  # the run folder untouched
+    locals_ = sorted(p.name for p in (cache / "up" / "port-9000-dry-run").glob("local_ranktable_*.json"))
+    assert locals_ == ["local_ranktable_127.0.0.1_0.json", "local_ranktable_127.0.0.1_1.json",
+                       "local_ranktable_127.0.0.1_host.json"]  # the TP 2 run's files are gone
+    assert f"{cache}/up/port-9000-dry-run/local_ranktable_127.0.0.1_1.json" in out  # what the commands name
 
 
 def test_dry_run_does_not_build_the_demo_model(capsys: pytest.CaptureFixture[str], cache: Path,
