@@ -8,6 +8,9 @@ SIGKILLed after a deadline.
 
   pdserve       ``pdserve up`` (ranktables + ``pdserve serve`` role daemons): prefill on core 0,
                 decode on core 1 (the ranktable's CPU device ids), scheduler unbound
+  pdserve-shared  the same with ``--cpu-bind prefill=0-1 --cpu-bind decode=0-1``: each instance's
+                worker runs on both cores, so a lone prefill (or decode step) gets two (not in
+                the default run; README "Benchmarks" has its measurement)
   vllm-example  vLLM servers with ExampleConnector (kv_producer on core 0, kv_consumer on core 1,
                 one shared_storage_path under /dev/shm) behind pd_proxy.py --mode pd
   vllm-nixl     vLLM servers with NixlConnector (kv_both, kv_buffer_device cpu, UCX on host
@@ -42,9 +45,11 @@ PROXY = HERE / "pd_proxy.py"
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 SERVED_NAME = "demo"
 PD_RECIPES = ("vllm-example", "vllm-nixl")
-SYSTEMS = ("pdserve", "vllm-example", "vllm-nixl", "colocated", "colocated-rr")
+PDSERVE_SYSTEMS = ("pdserve", "pdserve-shared")
+SYSTEMS = ("pdserve", "pdserve-shared", "vllm-example", "vllm-nixl", "colocated", "colocated-rr")
 DESCRIPTIONS = {
     "pdserve": "pdserve 1P1D: prefill core 0, decode core 1, scheduler",
+    "pdserve-shared": "pdserve 1P1D, prefill and decode workers each on both cores, scheduler",
     "vllm-example": "vLLM PD recipe, ExampleConnector (shared storage on /dev/shm), P core 0 / D core 1, toy proxy",
     "vllm-nixl": "vLLM PD recipe, NixlConnector (UCX, kv_buffer_device cpu), P core 0 / D core 1, toy proxy",
     "colocated": "one vLLM server on both cores (OMP bind 0-1)",
@@ -118,16 +123,20 @@ def _proxy(c: Common, port: int, mode: str, **targets: Sequence[int]) -> ProcSpe
 def plan_system(name: str, c: Common, ports: Sequence[int], scratch_dir: Path | None = None) -> SystemPlan:
     """The processes of one system (pure). ``ports``: enough free ports (see ``ports_needed``)."""
     desc = DESCRIPTIONS.get(name, name)
-    if name == "pdserve":
+    if name in PDSERVE_SYSTEMS:
         sched, base = ports[0], ports[1]
         run_dir = scratch_dir or Path(tempfile.gettempdir()) / f"pdserve-bench-{sched}"
         argv = [c.python, "-m", "pdserve", "up", "--model", c.model, "--served-model-name", c.served_name,
                 "--max-model-len", str(c.max_model_len), "--prefill", "1", "--decode", "1",
                 "--port", str(sched), "--base-port", str(base), "--run-dir", str(run_dir),
                 "--cores", c.both,  # the recipes' cores on any host (pdserve up would take them all)
-                "--timeout", "1800", "--drain-seconds", "5", "--enforce-eager", *c.vllm_args]
-        proc = ProcSpec("up", argv, c.env(), f"http://{HOST}:{sched}/health",
-                        f"prefill core {c.cores[0]}, decode core {c.cores[1]} (ranktable), scheduler unbound")
+                "--timeout", "1800", "--drain-seconds", "5", "--enforce-eager"]
+        binding = f"prefill core {c.cores[0]}, decode core {c.cores[1]} (ranktable), scheduler unbound"
+        if name == "pdserve-shared":
+            argv += ["--cpu-bind", f"prefill={c.both}", "--cpu-bind", f"decode={c.both}"]
+            binding = f"prefill cores {c.both}, decode cores {c.both}, scheduler unbound"
+        argv += c.vllm_args
+        proc = ProcSpec("up", argv, c.env(), f"http://{HOST}:{sched}/health", binding)
         return SystemPlan(name, f"http://{HOST}:{sched}", [proc], desc, [run_dir])
     if name == "vllm-example":
         proxy, pp, dp = ports[:3]
@@ -158,7 +167,8 @@ def plan_system(name: str, c: Common, ports: Sequence[int], scratch_dir: Path | 
 
 
 def ports_needed(name: str) -> int:
-    return {"pdserve": 2, "vllm-example": 3, "vllm-nixl": 5, "colocated": 1, "colocated-rr": 3}[name]
+    return {"pdserve": 2, "pdserve-shared": 2, "vllm-example": 3, "vllm-nixl": 5, "colocated": 1,
+            "colocated-rr": 3}[name]
 
 
 def free_ports(name: str, start: int = 21000, stop: int = 29000) -> list[int]:
@@ -169,7 +179,7 @@ def free_ports(name: str, start: int = 21000, stop: int = 29000) -> list[int]:
     n = ports_needed(name)
     for _ in range(2000):
         cands = [rng.randrange(start, stop) for _ in range(n)]
-        if name == "pdserve":
+        if name in PDSERVE_SYSTEMS:
             sched, base = cands
             need = [sched, base, base + 1, base + 10000, base + 10001]
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdserve.errors import ConfigError
-from pdserve.up.plan import ClusterPlan, plan_cluster
+from pdserve.up.plan import ClusterPlan, plan_cluster, with_cpu_binds
 
 if TYPE_CHECKING:
     from pdserve.up.runner import UpSettings
@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--cores", metavar="LIST",
                    help="CPU hosts: plan on these cores only, e.g. 0-7 (default: every core this process "
                         "may use); they are split into one block per rank, prefill first")
+    p.add_argument("--cpu-bind", action="append", default=[], metavar="ROLE=CORES",
+                   help="CPU hosts: bind the workers of every ROLE (prefill or decode) instance to CORES "
+                        "instead of the planned block, '|' between TP ranks, e.g. --cpu-bind prefill=0-1 "
+                        "(repeatable; roles may share cores)")
     p.add_argument("--port", type=int, default=9000, help="scheduler port (default 9000)")
     p.add_argument("--base-port", type=int, default=8100,
                    help="instance i listens on BASE+i, its KV side channel on BASE+10000+i*TP (one port per "
@@ -67,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--quiet", action="store_true", help="do not stream the daemons' logs (shown on failure)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and each daemon's command with the environment it gets, start nothing "
-                        "(the ranktables go to a new temporary folder; --demo is not built)")
+                        "(the ranktables go to <run-dir>-dry-run; --demo is not built)")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -89,6 +93,28 @@ def _cores(text: str | None, platform: str) -> list[int] | None:
         raise ConfigError("flags", "--cores", f"core(s) {core_ranges(outside)} not usable here",
                           f"choose from the cores this process may use: {core_ranges(usable)}")
     return cores
+
+
+def _cpu_binds(given: list[str], platform: str, tp: int) -> dict[str, str]:
+    """``--cpu-bind ROLE=CORES`` flags as {role: cores}, each checked as PDSERVE_CPU_BIND is."""
+    from pdserve.worker.command import check_cpu_bind
+
+    out: dict[str, str] = {}
+    for item in given:
+        role, eq, cores = (x.strip() for x in item.partition("="))
+        if not eq or role not in ("prefill", "decode") or not cores:
+            raise ConfigError("flags", "--cpu-bind", f"{item!r}",
+                              "ROLE=CORES with ROLE prefill or decode, e.g. --cpu-bind prefill=0-1")
+        if platform != "cpu":
+            raise ConfigError("flags", "--cpu-bind", f"--cpu-bind {item} on a {platform.upper()} host",
+                              "leave --cpu-bind out: it binds CPU cores")
+        if role in out:
+            raise ConfigError("flags", "--cpu-bind", f"{role} is given twice ({out[role]} and {cores})",
+                              "give each role once")
+        check_cpu_bind(cores, tp, source="flags", field="--cpu-bind",
+                       example=f"--cpu-bind {role}=0-1 (TP 1) or {role}=0|1 (TP 2)")
+        out[role] = cores
+    return out
 
 
 def _model(args: argparse.Namespace) -> tuple[str, int | None]:
@@ -153,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     platform = detect_platform()
     plan = plan_cluster(args.prefill, args.decode, platform, device_count(platform), args.port, args.base_port,
                         args.tp, cores=_cores(args.cores, platform))
+    plan = with_cpu_binds(plan, _cpu_binds(args.cpu_bind, platform, args.tp))
     model, max_len = _model(args)
     from pdserve.model.demo import cache_root
 

@@ -17,8 +17,8 @@ Ports: instance i (NODE_PORTS order: prefill first) listens on base + i, its KV 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pdserve.errors import ConfigError
@@ -123,6 +123,16 @@ def plan_cluster(prefill: int, decode: int, platform: Platform, devices_availabl
     plan = ClusterPlan(platform=platform, tp=tp, scheduler_port=scheduler_port, instances=out)
     _check_ports(plan, base_port)
     return plan
+
+
+def with_cpu_binds(plan: ClusterPlan, binds: Mapping[str, str]) -> ClusterPlan:
+    """The plan with every instance of a role in ``binds`` bound to those cores instead (pure).
+
+    The ranktable keeps the planned device ids; only the workers' binding changes."""
+    if not binds:
+        return plan
+    out = [replace(i, cpu_bind=binds[i.role]) if i.role in binds else i for i in plan.instances]
+    return replace(plan, instances=out)
 
 
 def _check_ports(plan: ClusterPlan, base_port: int) -> None:

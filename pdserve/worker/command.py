@@ -387,21 +387,23 @@ def build_instance_command(ctx: InstanceContext, opts: ServeOptions,
     return argv, child_env
 
 
-def check_cpu_bind(text: str, ranks: int, usable: Sequence[int] | None = None) -> None:
+def check_cpu_bind(text: str, ranks: int, usable: Sequence[int] | None = None, *,
+                   source: str = "environment", field: str = ENV_CPU_BIND,
+                   example: str = "PDSERVE_CPU_BIND=0-3 (TP 1) or 0-1|2-3 (TP 2); or unset it to bind "
+                                  "the ranktable's cores") -> None:
     """PDSERVE_CPU_BIND goes to vLLM as VLLM_CPU_OMP_THREADS_BIND: one core list per TP rank,
     separated by ``|``, each core one this process may use. vLLM's own error for a bad value
-    comes late and reads as an engine failure."""
-    fix = ("one core list per TP rank, '|' between ranks, e.g. PDSERVE_CPU_BIND=0-3 (TP 1) or "
-           "0-1|2-3 (TP 2); or unset it to bind the ranktable's cores")
+    comes late and reads as an engine failure. (``pdserve up --cpu-bind`` is checked the same way.)"""
+    fix = f"one core list per TP rank, '|' between ranks, e.g. {example}"
     groups = text.split("|")
     if len(groups) != ranks:
-        raise ConfigError("environment", ENV_CPU_BIND, f"{text!r} has {plural(len(groups), 'core list')} "
+        raise ConfigError(source, field, f"{text!r} has {plural(len(groups), 'core list')} "
                           f"for {plural(ranks, 'TP rank')}", fix)
-    cores = [c for g in groups for c in parse_core_list(g, "environment", ENV_CPU_BIND)]
+    cores = [c for g in groups for c in parse_core_list(g, source, field)]
     allowed = usable_cores() if usable is None else list(usable)
     outside = sorted(set(cores) - set(allowed))
     if outside:
-        raise ConfigError("environment", ENV_CPU_BIND, f"core(s) {core_ranges(outside)} not usable here",
+        raise ConfigError(source, field, f"core(s) {core_ranges(outside)} not usable here",
                           f"choose from the cores this process may use: {core_ranges(allowed)}")
 
 

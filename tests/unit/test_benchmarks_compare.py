@@ -117,6 +117,15 @@ def test_plan_pdserve_uses_up_on_loopback() -> None:
     assert plan.scratch == [Path("/tmp/x")]
 
 
+def test_plan_pdserve_shared_binds_both_workers_to_both_cores() -> None:
+    plan = _servers.plan_system("pdserve-shared", COMMON, [9000, 8100], Path("/tmp/x"))
+    argv = plan.procs[0].argv
+    assert argv[:4] == ["py", "-m", "pdserve", "up"] and argv[-2:] == ["--max-num-seqs", "16"]
+    binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--cpu-bind"]
+    assert binds == ["prefill=0-1", "decode=0-1"] and plan.url == "http://127.0.0.1:9000"
+    assert _servers.ports_needed("pdserve-shared") == 2
+
+
 def test_plan_vllm_recipes_bind_p_core0_d_core1() -> None:
     ex = _servers.plan_system("vllm-example", COMMON, [8000, 8001, 8002], Path("/dev/shm/s"))
     p, d, proxy = ex.procs

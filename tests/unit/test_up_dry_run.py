@@ -162,6 +162,32 @@ def test_dry_run_refuses_what_the_daemons_would_refuse(capsys: pytest.CaptureFix
     assert f"flags: {named}: " in err and "fix:" in err and "Traceback" not in err
 
 
+def test_cpu_bind_binds_every_instance_of_a_role(capsys: pytest.CaptureFixture[str], cache: Path,
+                                                model: Path) -> None:
+    assert main(["up", "--dry-run", "--model", str(model), "--decode", "2", "--cpu-bind", "decode=0-1"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill0: devices 0 bound to cores 0, port" in out  # as planned (3 instances, 2 cores)
+    assert "decode0: devices 1 bound to cores 0-1" in out and "decode1: devices 2 bound to cores 0-1" in out
+    lines = {block.split("\n")[0]: block for block in out.split("# ")[1:]}
+    assert "PDSERVE_CPU_BIND=0-1" in lines["decode1"] and "PDSERVE_CPU_BIND" not in lines["scheduler"]
+
+
+@pytest.mark.parametrize(("flags", "found"), [
+    (["--cpu-bind", "prefil=0"], "'prefil=0'"),
+    (["--cpu-bind", "prefill"], "'prefill'"),
+    (["--cpu-bind", "prefill=0", "--cpu-bind", "prefill=1"], "prefill is given twice"),
+    (["--cpu-bind", "decode=7"], "core(s) 7 not usable here"),
+    (["--cpu-bind", "decode=0|1"], "'0|1' has 2 core lists for 1 TP rank"),
+    (["--cpu-bind", "decode=0-x"], "is not a core or a range"),
+])
+def test_a_bad_cpu_bind_is_one_message(capsys: pytest.CaptureFixture[str], cache: Path, model: Path,
+                                       flags: list[str], found: str) -> None:
+    assert main(["up", "--dry-run", "--model", str(model), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "flags: --cpu-bind: " in err and found in err and "fix:" in err and "Traceback" not in err
+    assert not (cache / "up").exists()
+
+
 def test_a_misspelt_scheduler_arg_is_an_error(capsys: pytest.CaptureFixture[str], cache: Path, model: Path) -> None:
     assert main(["up", "--dry-run", "--model", str(model), "--scheduler-arg=--decode-only-when-qeued=0"]) == 2
     assert "--scheduler-arg: --decode-only-when-qeued=0 is not a scheduler flag" in capsys.readouterr().err
