@@ -17,10 +17,12 @@ import sys
 from collections.abc import Mapping
 
 from pdserve import ranktable
+from pdserve.env import env_bool
 from pdserve.errors import ConfigError
 from pdserve.model.local import check_local_model
 from pdserve.platform import detect_platform
 from pdserve.worker import command as cmd
+from pdserve.worker.shutdown_noise import SHOW_ENV as SHOW_SHUTDOWN_NOISE_ENV
 
 log = logging.getLogger("pdserve.worker")
 
@@ -101,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     extra = list(getattr(args, "extra", []) or [])
     drain = drain_seconds(args.drain_seconds, os.environ)
+    env_bool(os.environ, SHOW_SHUTDOWN_NOISE_ENV, False)  # a bad value is an error now, not at the stop
     if args.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:  # argparse checks a flag, not its env default
         raise ConfigError("environment", ENV_LOAD_FAILURE_POLICY, f"{args.kv_load_failure_policy!r} is not a policy",
                           f"export {ENV_LOAD_FAILURE_POLICY}=fail or {ENV_LOAD_FAILURE_POLICY}=recompute")

@@ -11,6 +11,7 @@ nobody reads.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import IO
 
+from pdserve.env import env_bool
 from pdserve.worker.process import ManagedProcess
+from pdserve.worker.shutdown_noise import SHOW_ENV, ShutdownNoise
 
 TAIL_LINES = 40
 STARTING_GRACE_S = 3.0
@@ -53,7 +56,8 @@ def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seco
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    child = ManagedProcess(name, argv, env, prefix=prefix, out=out, ring=TAIL_LINES)
+    noise = None if env_bool(env if env is not None else os.environ, SHOW_ENV, False) else ShutdownNoise()
+    child = ManagedProcess(name, argv, env, prefix=prefix, out=out, ring=TAIL_LINES, line_filter=noise)
     try:
         child.start()
         print(f"pdserve serve: started {name} (pid {child.pid})", file=err, flush=True)
@@ -74,7 +78,13 @@ def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seco
                 print(f"pdserve serve: {received[0]}: stopping {name}, draining up to {drain_seconds:g}s",
                       file=err, flush=True)
             t0 = time.monotonic()
+            if noise is not None:
+                noise.stopping = True
             rc = child.stop(deadline)
+            child.join_tee(2.0)
+            said = noise.summary(name) if noise is not None else None
+            if said:
+                print(said, file=err, flush=True)
             print(f"pdserve serve: {name} stopped (exit {rc}) in {time.monotonic() - t0:.1f}s",
                   file=err, flush=True)
             return 0

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from typing import IO, Protocol
 
 PR_SET_PDEATHSIG = 1
 
@@ -43,13 +43,23 @@ def _descendants(pid: int) -> list:
         return []
 
 
+class LineFilter(Protocol):
+    """Decides which of the child's lines are printed (all of them are kept for ``tail``)."""
+
+    def lines(self, line: str) -> list[str]: ...  # what to print now for this line
+
+    def flush(self) -> list[str]: ...  # what to print when the output ends
+
+
 class ManagedProcess:
     """One child in its own session; its output is copied line by line with a prefix."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                  prefix: str | None = None, out: IO[str] | None = None, ring: int = 40,
-                 on_line: Callable[[str], None] | None = None, cwd: str | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, cwd: str | None = None,
+                 line_filter: LineFilter | None = None) -> None:
         self.name = name
+        self.line_filter = line_filter
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.prefix = f"[{name}] " if prefix is None else prefix
@@ -169,13 +179,20 @@ class ManagedProcess:
                 self.lines.append(line)
             if self.on_line is not None:
                 self.on_line(line)
-            out = self.out if self.out is not None else sys.stdout
-            try:
-                out.write(f"{self.prefix}{line}\n")
-                out.flush()
-            except (OSError, ValueError):  # closed terminal: keep draining the pipe regardless
-                pass
+            self._print(self.line_filter.lines(line) if self.line_filter is not None else [line])
+        if self.line_filter is not None:
+            self._print(self.line_filter.flush())
         self.proc.stdout.close()
+
+    def _print(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        out = self.out if self.out is not None else sys.stdout
+        try:
+            out.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            out.flush()
+        except (OSError, ValueError):  # closed terminal: keep draining the pipe regardless
+            pass
 
     def tail(self, n: int | None = None) -> list[str]:
         with self._lock:

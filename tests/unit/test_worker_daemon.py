@@ -31,7 +31,32 @@ CHILD = textwrap.dedent("""
     if mode == "die":
         print("fatal: out of cheese", flush=True)
         sys.exit(3)
-    if mode == "stubborn":
+    NOISE = [  # what vLLM 0.32 prints on every stop
+        "(APIServer pid=7) ERROR 11-25 03:00:53 [async_llm.py:480] AsyncLLM output_handler failed.",
+        "(APIServer pid=7) ERROR 11-25 03:00:53 [async_llm.py:480] Traceback (most recent call last):",
+        '(APIServer pid=7) ERROR 11-25 03:00:53 [async_llm.py:480]   File "/v/async_llm.py", line 440, in h',
+        "(APIServer pid=7) ERROR 11-25 03:00:53 [async_llm.py:480]     outputs = await engine_core.get()",
+        "(APIServer pid=7) ERROR 11-25 03:00:53 [async_llm.py:480] vllm.v1.engine.exceptions.EngineDeadError: "
+        "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+        "nanobind: leaked 4 instances!",
+        ' - leaked instance 0x7fe76d948dc8 of type "triton._C.libtriton.ir.attribute"',
+        " - ... skipped remainder",
+        "nanobind: this is likely caused by a reference counting issue in the binding code.",
+        "See https://nanobind.readthedocs.io/en/latest/refleaks.html/usr/lib/python3.11/multiprocessing/"
+        "resource_tracker.py:254: UserWarning: resource_tracker: There appear to be 2 leaked shared_memory "
+        "objects to clean up at shutdown",
+        "  warnings.warn('resource_tracker: There appear to be %d '",
+    ]
+    REAL = ["a real line", "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+            "ValueError: a real failure"]
+    if mode == "noisy":
+        print("nanobind: before the stop", flush=True)
+        def noisy(*a):
+            print("draining", flush=True)
+            print(chr(10).join(NOISE[:5] + REAL + NOISE[5:]), flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, noisy)
+    elif mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *a: (print("draining", flush=True), sys.exit(0)))
@@ -47,10 +72,11 @@ DAEMON = textwrap.dedent("""
 """)
 
 
-def start(tmp_path: Path, mode: str, drain: float = 5.0, health_url: str | None = None) -> subprocess.Popen[str]:
+def start(tmp_path: Path, mode: str, drain: float = 5.0, health_url: str | None = None,
+          **env_vars: str) -> subprocess.Popen[str]:
     child = tmp_path / "child.py"
     child.write_text(CHILD)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_vars)
     extra = [health_url] if health_url else []
     return subprocess.Popen([sys.executable, "-c", DAEMON, str(child), mode, str(drain), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -96,6 +122,29 @@ def test_sigterm_forwarded_then_exit_0(tmp_path: Path) -> None:
     assert d.returncode == 0, err
     assert "[prefill0] draining" in out and "SIGTERM: stopping prefill0" in err
     assert gone(gc)
+
+
+def test_vllms_shutdown_noise_is_left_out_once_stopping(tmp_path: Path) -> None:
+    d = start(tmp_path, "noisy")
+    lines = wait_for(d, "ready")
+    assert "[prefill0] nanobind: before the stop" in lines  # nothing is hidden before the stop
+    d.send_signal(signal.SIGTERM)
+    out, err = d.communicate(timeout=30)
+    assert d.returncode == 0, err
+    shown = [line.removeprefix("[prefill0] ") for line in out.splitlines()]
+    assert shown == ["draining", "a real line", "Traceback (most recent call last):",
+                     '  File "x.py", line 1, in <module>', "ValueError: a real failure"]
+    assert ("prefill0: left out 11 lines of vLLM's usual shutdown noise (an EngineDeadError traceback after "
+            "the engine stopped, nanobind leak reports, resource_tracker warnings)") in err
+    assert "PDSERVE_SHOW_SHUTDOWN_NOISE=1" in err
+
+
+def test_shutdown_noise_shown_on_request(tmp_path: Path) -> None:
+    d = start(tmp_path, "noisy", PDSERVE_SHOW_SHUTDOWN_NOISE="1")
+    wait_for(d, "ready")
+    d.send_signal(signal.SIGTERM)
+    out, err = d.communicate(timeout=30)
+    assert "EngineDeadError" in out and "nanobind: leaked 4 instances!" in out and "left out" not in err
 
 
 def test_sigint_also_stops(tmp_path: Path) -> None:

@@ -170,6 +170,19 @@ def test_serve_dry_run_bad_lease_is_one_message(monkeypatch: pytest.MonkeyPatch,
     assert "--kv-lease-seconds: 0.0: Input should be greater than 0" in err and "Traceback" not in err
 
 
+def test_serve_checks_the_shutdown_noise_switch_before_starting(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.cli import main
+
+    monkeypatch.setenv("GLOBAL_RANK_TABLE_FILE_PATH", str(DESIGN))
+    monkeypatch.setenv("RANK_TABLE_FILE_PATH", str(GEN / "local_ranktable_10.0.0.18_45.json"))
+    monkeypatch.setenv("PDSERVE_PLATFORM", "npu")
+    monkeypatch.setenv("PDSERVE_SHOW_SHUTDOWN_NOISE", "maybe")
+    assert main(["serve", "--dry-run", "--model", "/m", "--port", "8001"]) == 2
+    err = capsys.readouterr().err
+    assert "environment: PDSERVE_SHOW_SHUTDOWN_NOISE: 'maybe' is not a boolean" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("model, ok", [("/nonexistent/model", False), ("./no-such-dir", False),
                                        ("HuggingFaceTB/SmolLM2", True), ("MODEL_DIR", True)])
 def test_serve_model_path_must_be_a_model_folder(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
