@@ -97,6 +97,7 @@ def _cores(text: str | None, platform: str) -> list[int] | None:
 
 def _cpu_binds(given: list[str], platform: str, tp: int) -> dict[str, str]:
     """``--cpu-bind ROLE=CORES`` flags as {role: cores}, each checked as PDSERVE_CPU_BIND is."""
+    from pdserve import platform as pf
     from pdserve.worker.command import check_cpu_bind
 
     out: dict[str, str] = {}
@@ -111,8 +112,8 @@ def _cpu_binds(given: list[str], platform: str, tp: int) -> dict[str, str]:
         if role in out:
             raise ConfigError("flags", "--cpu-bind", f"{role} is given twice ({out[role]} and {cores})",
                               "give each role once")
-        check_cpu_bind(cores, tp, source="flags", field="--cpu-bind",
-                       example=f"--cpu-bind {role}=0-1 (TP 1) or {role}=0|1 (TP 2)")
+        check_cpu_bind(cores, tp, pf.usable_cores(), source="flags", field="--cpu-bind",
+                       example=f"--cpu-bind {role}=0-1 (TP 1) or '{role}=0|1' (TP 2)")
         out[role] = cores
     return out
 
@@ -231,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
 def dry_run_dir(run_dir: Path) -> Path:
     """``<run-dir>-dry-run``: beside the run folder (which a cluster on this port may be using right
     now), and the same folder every time, so that repeated dry runs do not pile up folders."""
-    return run_dir.with_name(f"{run_dir.name}-dry-run")
+    full = run_dir.resolve()  # (".", ".." and "/" have no usable name of their own)
+    return full.with_name(f"{full.name}-dry-run") if full.name else full / "pdserve-dry-run"
 
 
 def _dry_run(plan: ClusterPlan, settings: UpSettings) -> int:

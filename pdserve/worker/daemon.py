@@ -55,8 +55,8 @@ def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seco
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     noise = None if env_bool(env if env is not None else os.environ, SHOW_ENV, False) else ShutdownNoise()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     child = ManagedProcess(name, argv, env, prefix=prefix, out=out, ring=TAIL_LINES, line_filter=noise)
     try:
         child.start()
@@ -82,6 +82,7 @@ def supervise(name: str, argv: Sequence[str], env: Mapping[str, str], drain_seco
                 noise.stopping = True
             rc = child.stop(deadline)
             child.join_tee(2.0)
+            child.flush_filter()  # a held record is printed even if the output has not ended
             said = noise.summary(name) if noise is not None else None
             if said:
                 print(said, file=err, flush=True)

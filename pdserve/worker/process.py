@@ -180,9 +180,13 @@ class ManagedProcess:
             if self.on_line is not None:
                 self.on_line(line)
             self._print(self.line_filter.lines(line) if self.line_filter is not None else [line])
+        self.flush_filter()
+        self.proc.stdout.close()
+
+    def flush_filter(self) -> None:
+        """Print what the line filter still holds (also called when the output has not ended yet)."""
         if self.line_filter is not None:
             self._print(self.line_filter.flush())
-        self.proc.stdout.close()
 
     def _print(self, lines: list[str]) -> None:
         if not lines:

@@ -106,6 +106,7 @@ def test_hccn_tool_is_asked_for_every_device_at_once(fake_hccn: Path, tmp_path: 
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "calls.log"
     monkeypatch.setenv("FAKE_HCCN_LOG", str(log))
+    monkeypatch.setenv("FAKE_HCCN_WAIT_FOR", "4")
     paths = generate([[0, 1]], [[2, 3]], False, tmp_path / "out", server_ip="10.0.0.18")
     calls = log.read_text().split()[::2]
     assert calls.index("end") == 4  # all four calls started before the first one ended

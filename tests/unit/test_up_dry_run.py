@@ -102,6 +102,15 @@ def test_repeated_dry_runs_reuse_one_folder_and_replace_its_ranktables(
     assert f"{cache}/up/port-9000-dry-run/local_ranktable_127.0.0.1_1.json" in out  # what the commands name
 
 
+def test_dry_run_folder_of_any_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.up import dry_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert dry_run_dir(Path("runs/a")) == tmp_path / "runs" / "a-dry-run"
+    assert dry_run_dir(Path(".")) == tmp_path.parent / f"{tmp_path.name}-dry-run"
+    assert dry_run_dir(Path("/")) == Path("/pdserve-dry-run")
+
+
 def test_dry_run_does_not_build_the_demo_model(capsys: pytest.CaptureFixture[str], cache: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     def no_build(*_a: object, **_k: object) -> Path:
