@@ -37,8 +37,8 @@ def _is_ip(text: str) -> bool:
 
 
 def ipv4_problem(text: str) -> str | None:
-    """Why ``text`` cannot be a server_ip, or None. IPv4 only: the AscendCloud format and every
-    ``server_ip:port`` URL built from it (NODE_PORTS, the side channel) assume it."""
+    """Why ``text`` cannot be a server_ip, or None. IPv4 only: the AscendCloud format assumes it,
+    and the KV side channel's ``server_ip:port`` address is built without IPv6 brackets."""
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:

@@ -95,8 +95,9 @@ class ResponsesRequest(SamplingFields):
     background: bool | None = None
 
 
-# the sampling fields Anthropic's request has; vLLM's /v1/messages ignores the other OpenAI ones
-_ANTHROPIC_SAMPLING = frozenset({"model", "stream", "max_tokens", "temperature", "top_p", "top_k"})
+# the OpenAI sampling fields Anthropic's request lacks: vLLM's /v1/messages ignores them
+_NOT_ANTHROPIC = frozenset(SamplingFields.model_fields) - {"model", "stream", "max_tokens", "temperature",
+                                                          "top_p", "top_k"}
 
 
 class MessagesRequest(SamplingFields):
@@ -114,8 +115,7 @@ class MessagesRequest(SamplingFields):
         here (they stay in the forwarded body, for vLLM to ignore)."""
         if not isinstance(data, dict):
             return data
-        ignored = set(SamplingFields.model_fields) - _ANTHROPIC_SAMPLING
-        return {k: v for k, v in data.items() if k not in ignored}
+        return {k: v for k, v in data.items() if k not in _NOT_ANTHROPIC}
 
 
 Endpoint = Literal["completions", "chat", "generate", "responses", "messages"]

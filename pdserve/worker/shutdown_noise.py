@@ -73,9 +73,9 @@ class ShutdownNoise:
             return []
         url = _NANOBIND_URL.match(line)
         if url:
-            self._hide(0, "nanobind leak reports")
             rest = line[url.end():]
-            return self._lines(rest) if rest.strip() else self._hidden_line()
+            self._hide(0 if rest.strip() else 1, "nanobind leak reports")
+            return self._lines(rest) if rest.strip() else []
         if _NOISE.search(line):
             self._hide(1, "resource_tracker warnings" if "resource_tracker" in line else "nanobind leak reports")
             return []
@@ -84,10 +84,6 @@ class ShutdownNoise:
     def _hide(self, n: int, kind: str) -> None:
         self.hidden += n
         self.kinds[kind] = None
-
-    def _hidden_line(self) -> list[str]:
-        self.hidden += 1
-        return []
 
     def summary(self, name: str) -> str | None:
         if not self.hidden:
